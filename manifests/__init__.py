@@ -1,0 +1,36 @@
+"""The on-disk contract shared by dynaprep (writer) and dynatrain (reader): DESIGN.md §3–5."""
+from .io import (
+    TarWriter,
+    atomic_path,
+    iter_tar_samples,
+    npy_bytes,
+    npy_load,
+    read_dataset_info,
+    read_manifest,
+    read_shards,
+    resolve,
+    sha256_file,
+    write_bytes_atomic,
+    write_dataset_info,
+    write_json_atomic,
+    write_manifest,
+    write_shards,
+)
+from .schema import (
+    FORMAT_VERSION,
+    MANIFEST_SCHEMA,
+    SHARDS_SCHEMA,
+    DatasetInfo,
+    FormatError,
+    KInfo,
+    SplitCounts,
+    image_shard_name,
+    index_dtype_name,
+    index_shard_name,
+    k_count,
+    key_for,
+)
+from .shards import ShardPairWriter
+from .validate import Violation, validate_dataset
+
+__version__ = "0.1.0"

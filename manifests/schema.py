@@ -1,0 +1,169 @@
+"""Typed schemas of the on-disk contract (DESIGN.md §3–4).
+
+`dataset.json` is a dataclass (`DatasetInfo`); the two Parquet manifests are pyarrow
+schemas, so a column that drifts in type is caught at write time, not by the trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+DATASET_JSON = "dataset.json"
+MANIFEST_PARQUET = "manifest.parquet"
+SHARDS_PARQUET = "shards.parquet"
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        # The work unit the input belongs to; failed rows keep it so a re-run knows which
+        # shard to redo. Not a guarantee that the sample is inside that shard.
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("sha256", pa.string()),
+    ]
+)
+
+INDEX_FILE_TYPE = pa.struct(
+    [
+        pa.field("scorer", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
+
+SHARDS_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        # Relative to the dataset directory, or absolute for images kept in the user's own
+        # WebDataset (`--data wds`: only index shards are written).
+        pa.field("images", pa.string(), nullable=False),
+        pa.field("images_bytes", pa.int64(), nullable=False),
+        pa.field("images_sha256", pa.string(), nullable=False),
+        pa.field("index", pa.list_(INDEX_FILE_TYPE), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+    ]
+)
+
+
+@dataclass
+class SplitCounts:
+    ok: int = 0
+    failed: int = 0
+    shards: int = 0
+
+
+@dataclass
+class KInfo:
+    k: int  # percent of patches kept
+    kept: int  # max(1, floor(k·N/100)) patches
+    seq_len: int  # kept + prefix tokens (CLS) of a standard ViT
+
+
+@dataclass
+class DatasetInfo:
+    """`dataset.json`. Written last: its presence means the directory is complete."""
+
+    dataset: str
+    source: str
+    image_size: tuple[int, int]  # (H, W) of every stored image
+    patch_size: int
+    scorers: list[str]
+    ks: list[KInfo]
+    classes: list[str]
+    splits: dict[str, SplitCounts] = field(default_factory=dict)
+    resize: dict[str, Any] = field(default_factory=lambda: {"policy": "center-crop", "crop_pct": 0.875})
+    image_format: str = "jpg"
+    quality: int | None = 95
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    external_images: bool = False
+    shard_size: int = 1000
+    tool_version: str = ""
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    def k_values(self) -> list[int]:
+        return [k.k for k in self.ks]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid)
+        d["image_size"] = list(self.image_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetInfo":
+        version = d.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise FormatError(
+                f"unknown format_version {version!r}: this dynavit reads {list(SUPPORTED_FORMAT_VERSIONS)}"
+            )
+        d = dict(d)
+        d.pop("grid", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FormatError(f"dataset.json has unknown fields {unknown}")
+        try:
+            d["image_size"] = tuple(int(v) for v in d["image_size"])
+            d["mean"] = tuple(float(v) for v in d.get("mean", cls.mean))
+            d["std"] = tuple(float(v) for v in d.get("std", cls.std))
+            d["ks"] = [KInfo(**k) for k in d["ks"]]
+            d["splits"] = {name: SplitCounts(**c) for name, c in d.get("splits", {}).items()}
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"dataset.json is malformed: {e}") from None
+
+
+class FormatError(ValueError):
+    """The on-disk data does not follow the contract (or a version this reader knows)."""
+
+
+def key_for(ordinal: int) -> str:
+    """Keys are the sample's ordinal in its split, zero-padded (decimal, no dots)."""
+    return f"{ordinal:010d}"
+
+
+def image_shard_name(split: str, shard: int) -> str:
+    return f"{split}/images-{shard:06d}.tar"
+
+
+def index_shard_name(split: str, scorer: str, shard: int) -> str:
+    return f"{split}/topk-{scorer}-{shard:06d}.tar"
+
+
+def k_count(k_percent: int, n: int) -> int:
+    return max(1, k_percent * n // 100)
+
+
+def index_dtype_name(n: int) -> str:
+    return "uint8" if n <= 256 else "uint16"

@@ -1,0 +1,197 @@
+"""Check a dataset directory against the contract (DESIGN.md §3–5).
+
+`validate_dataset` reports every violation it finds, each with the file it is in, instead
+of stopping at the first: a user fixing a broken directory wants the whole list.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, read_shards, resolve, sha256_file
+from .schema import (
+    DATASET_JSON,
+    MANIFEST_PARQUET,
+    SHARDS_PARQUET,
+    STATUS_FAILED,
+    STATUS_OK,
+    DatasetInfo,
+    FormatError,
+    index_dtype_name,
+    k_count,
+)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
+
+
+@dataclass(frozen=True)
+class Violation:
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
+    out_dir = Path(out_dir)
+    found: list[Violation] = []
+
+    def bad(file, message):
+        found.append(Violation(str(file), message))
+
+    try:
+        info = read_dataset_info(out_dir)
+    except FormatError as e:
+        bad(DATASET_JSON, str(e))
+        return found
+    try:
+        manifest = read_manifest(out_dir).to_pylist()
+    except (FormatError, OSError) as e:
+        bad(MANIFEST_PARQUET, str(e))
+        manifest = None
+    try:
+        shards = read_shards(out_dir).to_pylist()
+    except (FormatError, OSError) as e:
+        bad(SHARDS_PARQUET, str(e))
+        shards = None
+
+    expected_keys: dict[tuple[str, int], list[str]] = defaultdict(list)
+    if manifest is not None:
+        _check_manifest(info, manifest, bad)
+        for row in manifest:
+            if row["status"] == STATUS_OK:
+                expected_keys[(row["split"], row["shard"])].append(row["key"])
+    if shards is None:
+        return found
+
+    shard_counts = Counter(row["split"] for row in shards)
+    for split, counts in info.splits.items():
+        if shard_counts.get(split, 0) != counts.shards:
+            bad(SHARDS_PARQUET, f"split {split!r}: {shard_counts.get(split, 0)} shard rows, dataset.json says {counts.shards}")
+    seen_shards = set()
+    for row in shards:
+        ident = (row["split"], row["shard"])
+        if ident in seen_shards:
+            bad(SHARDS_PARQUET, f"shard {ident} listed twice")
+        seen_shards.add(ident)
+        keys = _check_shard(out_dir, info, row, bad, check_checksums)
+        if keys is not None and manifest is not None:
+            want = expected_keys.get(ident, [])
+            if keys != want:
+                bad(row["images"], f"keys in shard differ from the manifest's ok rows for {ident} "
+                    f"({len(keys)} in shard, {len(want)} in manifest)")
+    if manifest is not None:
+        for ident in sorted(set(expected_keys) - seen_shards):
+            bad(MANIFEST_PARQUET, f"{len(expected_keys[ident])} ok rows point at shard {ident}, which is not in {SHARDS_PARQUET}")
+    return found
+
+
+def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
+    keys = Counter((r["split"], r["key"]) for r in rows)
+    for (split, key), n in keys.items():
+        if n > 1:
+            bad(MANIFEST_PARQUET, f"key {key!r} appears {n} times in split {split!r}")
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        counts[r["split"]][r["status"]] += 1
+        if r["status"] not in (STATUS_OK, STATUS_FAILED):
+            bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: status {r['status']!r} is not ok|failed")
+        elif r["status"] == STATUS_FAILED and not r["error"]:
+            bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: failed row without an error message")
+        if "." in r["key"]:
+            bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: key contains a dot")
+        if r["label"] is not None and info.classes and not 0 <= r["label"] < len(info.classes):
+            bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: label {r['label']} outside 0..{len(info.classes) - 1}")
+    for split in sorted(set(counts) | set(info.splits)):
+        c, want = counts.get(split, Counter()), info.splits.get(split)
+        if want is None:
+            bad(DATASET_JSON, f"split {split!r} is in the manifest but not in dataset.json")
+        elif (c[STATUS_OK], c[STATUS_FAILED]) != (want.ok, want.failed):
+            bad(MANIFEST_PARQUET, f"split {split!r}: {c[STATUS_OK]} ok / {c[STATUS_FAILED]} failed rows, "
+                f"dataset.json says {want.ok} / {want.failed}")
+
+
+def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums: bool) -> Path | None:
+    path = resolve(out_dir, rel)
+    if not path.is_file():
+        bad(rel, "missing shard file")
+        return None
+    if check_checksums:
+        actual, actual_size = sha256_file(path)
+        if (actual, actual_size) != (digest, size):
+            bad(rel, f"checksum mismatch (sha256 {actual[:12]}…/{actual_size} B, shards.parquet says {digest[:12]}…/{size} B)")
+    return path
+
+
+def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool) -> list[str] | None:
+    """Check one shard pair; return the image shard's keys in order (None if unreadable)."""
+    images = _check_file(out_dir, row["images"], row["images_bytes"], row["images_sha256"], bad, check_checksums)
+    keys = None
+    if images is not None:
+        try:
+            keys = []
+            for key, members in iter_tar_samples(images):
+                keys.append(key)
+                if not any(ext in members for ext in IMAGE_EXTS):
+                    bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
+        except Exception as e:  # a truncated tar raises tarfile/EOF errors of several kinds
+            bad(row["images"], f"unreadable tar: {e}")
+            keys = None
+        if keys is not None and len(keys) != row["count"]:
+            bad(row["images"], f"{len(keys)} samples, shards.parquet says {row['count']}")
+
+    scorers = [entry["scorer"] for entry in row["index"]]
+    if sorted(scorers) != sorted(info.scorers):
+        bad(SHARDS_PARQUET, f"shard {row['split']}/{row['shard']}: index scorers {scorers}, dataset.json says {info.scorers}")
+    for entry in row["index"]:
+        path = _check_file(out_dir, entry["path"], entry["bytes"], entry["sha256"], bad, check_checksums)
+        if path is not None:
+            _check_index_shard(path, entry["path"], info, keys, bad)
+    return keys
+
+
+def _check_index_shard(path: Path, rel: str, info: DatasetInfo, image_keys, bad) -> None:
+    n = info.num_patches
+    dtype = np.dtype(index_dtype_name(n))
+    try:
+        index_keys = []
+        for key, members in iter_tar_samples(path):
+            index_keys.append(key)
+            _check_index_sample(key, members, info, n, dtype, rel, bad)
+    except Exception as e:
+        bad(rel, f"unreadable tar: {e}")
+        return
+    if image_keys is not None and index_keys != image_keys:
+        first = next((i for i, (a, b) in enumerate(zip(index_keys, image_keys)) if a != b), min(len(index_keys), len(image_keys)))
+        bad(rel, f"key order differs from the image shard at position {first} "
+            f"({len(index_keys)} samples here, {len(image_keys)} in the image shard)")
+
+
+def _check_index_sample(key, members, info: DatasetInfo, n: int, dtype, rel: str, bad) -> None:
+    scores = members.get("scores.npy")
+    if scores is None:
+        bad(rel, f"sample {key!r}: no scores.npy")
+    else:
+        arr = npy_load(scores)
+        if arr.dtype != np.float16 or arr.shape != info.grid:
+            bad(rel, f"sample {key!r}: scores.npy is {arr.dtype}{list(arr.shape)}, expected float16{list(info.grid)}")
+    for k in info.ks:
+        data = members.get(f"k{k.k}.npy")
+        if data is None:
+            bad(rel, f"sample {key!r}: no k{k.k}.npy")
+            continue
+        idx = npy_load(data)
+        want = k_count(k.k, n)
+        if idx.dtype != dtype:
+            bad(rel, f"sample {key!r}: k{k.k}.npy dtype {idx.dtype}, expected {dtype}")
+        if idx.ndim != 1 or len(idx) != want:
+            bad(rel, f"sample {key!r}: k{k.k}.npy has shape {list(idx.shape)}, expected [{want}]")
+            continue
+        if len(idx) and (int(idx.max()) >= n):
+            bad(rel, f"sample {key!r}: k{k.k}.npy index {int(idx.max())} out of range 0..{n - 1}")
+        if np.any(np.diff(idx.astype(np.int64)) <= 0):
+            bad(rel, f"sample {key!r}: k{k.k}.npy not strictly increasing")
