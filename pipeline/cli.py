@@ -1,0 +1,189 @@
+"""`dynaprep`: the offline stage. Every argument is checked before anything is written."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dynavit.manifests import validate_dataset
+
+from .sources import SOURCES, SourceError, open_source
+
+DEFAULT_WORKERS = os.cpu_count() or 1
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        ks = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    bad = [k for k in ks if not 1 <= k <= 100]
+    if bad or not ks:
+        raise click.BadParameter(f"K must be integer percents in 1..100, got {value!r}")
+    return sorted(set(ks), reverse=True)
+
+
+def _scorers(ctx, param, value: str) -> list[str]:
+    from .saliency import SCORERS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in SCORERS]
+    if bad or not names:
+        raise click.BadParameter(f"unknown scorer {', '.join(bad) or value!r}; valid: {', '.join(SCORERS)}")
+    return list(dict.fromkeys(names))
+
+
+def _triple(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        t = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        t = ()
+    if len(t) != 3 or (param.name == "std" and min(t) <= 0):
+        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
+    return t
+
+
+def _options(ctx, param, values) -> dict:
+    out = {}
+    for item in values:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = raw
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dynavit")
+def main():
+    """Offline saliency indexing for Dyna-ViT: datasets -> WebDataset shards + top-K patch indices."""
+
+
+@main.command()
+@click.option("--data", type=click.Choice(sorted(SOURCES)), required=True,
+              help="Dataset layout of --src: imagenet/imagefolder (SRC/{train,val}/<class>/*), cifar100 "
+                   "(official python pickles), tinyimagenet, voc5 (VOC2012, 5-class subset), wds (an existing "
+                   "WebDataset: only index shards are written), demo (generated, no --src).")
+@click.option("--src", type=str, default=None, help="Dataset root (a brace pattern, glob, .tar or folder for wds).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset directory.")
+@click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
+              help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
+@click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
+              help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+              help="Side of the stored square image (a multiple of --patch-size). For wds: the size the "
+                   "user's images must already have.")
+@click.option("--patch-size", default=16, show_default=True, type=click.IntRange(min=1), help="ViT patch size.")
+@click.option("--resize", type=click.Choice(["center-crop", "squash"]), default="center-crop", show_default=True,
+              help="center-crop: short side to image_size/crop_pct, then centre crop; squash: resize to a square.")
+@click.option("--crop-pct", default=0.875, show_default=True, type=click.FloatRange(0.05, 1.0),
+              help="Crop fraction for --resize center-crop (timm's eval default).")
+@click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+              help="Stored image format; png is lossless (scores then equal score_patches of the decoded shard).")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Input samples per shard (failed samples leave gaps; a shard is also the unit of work).")
+@click.option("--workers", default=DEFAULT_WORKERS, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes (one shard at a time each).")
+@click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0),
+              help="This machine's index for multi-machine runs: takes shards rank, rank+W, ...")
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Number of machines sharing the work; join them with `dynaprep merge-manifests OUT`.")
+@click.option("--resume", is_flag=True, help="Continue a run in --out: keep committed shards, redo partial ones.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier dynaprep output in --out.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any input failed.")
+@click.option("--mean", default=None, callback=_triple, help="Normalisation mean R,G,B for the l2 score [ImageNet].")
+@click.option("--std", default=None, callback=_triple, help="Normalisation std R,G,B for the l2 score [ImageNet].")
+@click.option("-o", "--option", "options", multiple=True, callback=_options,
+              help="Source option KEY=VALUE, repeatable (demo: n_train, n_val, seed; wds: split, classes_file).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
+          workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
+    """Decode, resize, score and index every split of a dataset into shards + manifests."""
+    from .index import IndexConfig, RunError, run_index
+
+    if image_size % patch_size:
+        raise click.BadParameter(f"{image_size} is not a multiple of --patch-size {patch_size}", param_hint="--image-size")
+    if rank >= world_size:
+        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
+    if world_size > 1 and overwrite:
+        raise click.UsageError("--overwrite with --world-size > 1 would delete other ranks' shards")
+    if data == "demo":
+        options.setdefault("image_size", image_size)
+    elif not src:
+        raise click.UsageError(f"--src is required for --data {data}")
+    try:
+        source = open_source(data, src, **options)
+        for split in source.splits():  # enumerate now: a broken layout is an argument error
+            source.units(split, shard_size)
+    except (SourceError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    cfg = IndexConfig(data=data, src=str(Path(src).resolve()) if src and Path(src).exists() else src, out=out, ks=ks,
+                      scorers=scorers, image_size=image_size, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
+                      image_format=image_format, quality=quality, shard_size=shard_size,
+                      mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
+                      workers=workers, rank=rank, world_size=world_size)
+    try:
+        result = run_index(cfg, source, resume=resume or world_size > 1, overwrite=overwrite,
+                           progress_bar=sys.stderr.isatty() if progress is None else progress)
+    except RunError as e:
+        raise click.UsageError(str(e)) from None
+    for warning in getattr(source, "warnings", lambda: [])():
+        click.echo(f"warning: {warning}", err=True)
+    rate = (result.ok + result.failed) / result.seconds if result.seconds else 0.0
+    click.echo(f"dynaprep index: {result.units_run} shards written, {result.units_done_before} already done "
+               f"({result.ok} ok, {result.failed} failed, {rate:.1f} img/s)")
+    if result.merged:
+        info = json.loads((Path(out) / "dataset.json").read_text())
+        for name, c in info["splits"].items():
+            click.echo(f"  {name}: {c['ok']} ok, {c['failed']} failed, {c['shards']} shards")
+        click.echo(f"  wrote {out}/dataset.json")
+    else:
+        click.echo(f"rank {rank}/{world_size} done; when every rank has finished run: dynaprep merge-manifests {out}")
+    if strict and result.failed:
+        click.echo(f"--strict: {result.failed} inputs failed (see manifest.parquet)", err=True)
+        sys.exit(1)
+
+
+@main.command("merge-manifests")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+def merge_manifests(out):
+    """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
+    from .index import RunError, merge_from_state
+
+    try:
+        info = merge_from_state(out)
+    except RunError as e:
+        raise click.UsageError(str(e)) from None
+    total = {name: (c.ok, c.failed) for name, c in info.splits.items()}
+    click.echo(f"merged {out}: " + ", ".join(f"{n} {ok} ok/{f} failed" for n, (ok, f) in total.items()))
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
+def verify(out, no_checksums):
+    """Check a dataset directory against the on-disk contract; exit 1 on any violation."""
+    violations = validate_dataset(out, check_checksums=not no_checksums)
+    for v in violations:
+        click.echo(str(v))
+    if violations:
+        click.echo(f"{len(violations)} violations in {out}", err=True)
+        sys.exit(1)
+    click.echo(f"{out}: ok")
+
+
+if __name__ == "__main__":
+    main()

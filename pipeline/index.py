@@ -1,0 +1,325 @@
+"""`dynaprep index`: plan work units, run them in worker processes, merge the manifests.
+
+Data flow per work unit (one output shard):
+  source.read_unit → decode/resize → score_patches (each scorer) → top-K for every K
+  → ShardPairWriter (image tar + index tars) → part files in OUT/.dynaprep/parts/.
+
+A unit is done when its part files exist: the tars are renamed into place first, then the
+manifest part, then the shard part. `--resume` redoes every unit without a shard part, so a
+killed run ends byte-identical to an uninterrupted one. `merge` joins the parts of every
+rank into manifest.parquet, shards.parquet and, last, dataset.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from dynavit.manifests import (
+    MANIFEST_SCHEMA,
+    SHARDS_SCHEMA,
+    DatasetInfo,
+    KInfo,
+    ShardPairWriter,
+    SplitCounts,
+    k_count,
+    write_dataset_info,
+    write_json_atomic,
+    write_manifest,
+    write_shards,
+)
+from dynavit.manifests.io import TMP_SUFFIX, write_table_atomic
+from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK
+
+from .decode import DecodeError, encode_image, load_image
+from .saliency import score_patches
+from .sources import open_source
+from .topk import select_topk_multi
+
+STATE_DIR = ".dynaprep"
+BATCH = 64  # images scored per kernel call: large enough to amortise, small enough to bound memory
+
+
+@dataclass
+class IndexConfig:
+    data: str
+    src: str | None
+    out: str
+    ks: list[int]
+    scorers: list[str] = field(default_factory=lambda: ["l2"])
+    image_size: int = 224
+    patch_size: int = 16
+    resize: str = "center-crop"
+    crop_pct: float = 0.875
+    image_format: str = "jpg"
+    quality: int = 95
+    shard_size: int = 1000
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    source_options: dict = field(default_factory=dict)
+    # How the work is run; free to change between a run and its --resume.
+    workers: int = 1
+    rank: int = 0
+    world_size: int = 1
+
+    RUN_ONLY = ("workers", "rank", "world_size")
+
+    def output_settings(self) -> dict:
+        """Everything that determines the bytes written: a resume must not change these."""
+        d = dataclasses.asdict(self)
+        for name in self.RUN_ONLY:
+            d.pop(name)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+class RunError(Exception):
+    """A run-level problem (bad --out state, resume mismatch): reported as one line, exit 2."""
+
+
+# --- planning -----------------------------------------------------------------------------
+
+def plan(cfg: IndexConfig, source):
+    """Every unit of every split, in a fixed order; rank r owns units r, r+W, r+2W, …"""
+    units = [u for split in source.splits() for u in source.units(split, cfg.shard_size)]
+    return units
+
+
+def _state(out) -> Path:
+    return Path(out) / STATE_DIR
+
+
+def _part(out, unit, kind: str) -> Path:
+    return _state(out) / "parts" / f"{unit.split}-{unit.index:06d}.{kind}.parquet"
+
+
+def prepare_out_dir(cfg: IndexConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a non-empty --out needs --resume (same settings) or --overwrite."""
+    out = Path(cfg.out)
+    saved = _state(out) / "config.json"
+    nonempty = out.exists() and any(out.iterdir())
+    if nonempty and not (resume or overwrite):
+        raise RunError(f"--out {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    if nonempty and overwrite and not resume:
+        # Only ever delete what a dynaprep run wrote: --out could be a typo for a home directory.
+        if not saved.exists() and not (out / DATASET_JSON).exists():
+            raise RunError(f"refusing to --overwrite {out}: it does not look like a dynaprep output directory")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif nonempty and resume:
+        if not saved.exists():
+            raise RunError(f"cannot --resume {out}: no {STATE_DIR}/config.json (not a dynaprep run?)")
+        before = json.loads(saved.read_text())
+        now = cfg.output_settings()
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if diff:
+            raise RunError(f"cannot --resume {out} with different settings: {', '.join(diff)} changed")
+        _remove_temp_files(out)
+    (_state(out) / "parts").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, cfg.output_settings())
+
+
+def _remove_temp_files(out: Path) -> None:
+    """A killed run leaves `.name.PID.tmp` files behind; they are never part of the output."""
+    for path in out.rglob(f"*{TMP_SUFFIX}"):
+        path.unlink()
+
+
+def is_done(out, unit) -> bool:
+    return _part(out, unit, "shard").exists()
+
+
+# --- one work unit (runs in a worker process) ---------------------------------------------
+
+_worker_source = None
+_progress = None
+
+
+def _init_worker(cfg: IndexConfig, counter, threads: int) -> None:
+    """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit)."""
+    global _worker_source, _progress
+    _worker_source = open_source(cfg.data, cfg.src, **cfg.source_options)
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    _progress = progress
+    # Workers already use every core; numba's own threads on top would oversubscribe.
+    import numba
+
+    numba.set_num_threads(threads)
+
+
+def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[int, int]:
+    """Write one shard pair and its part files; return (ok, failed) counts."""
+    source = source or _worker_source
+    progress = progress if progress is not None else _progress
+    grid_n = (cfg.image_size // cfg.patch_size) ** 2
+    external = source.image_shard(unit) if source.external_images else None
+    writer = ShardPairWriter(cfg.out, unit.split, unit.index, cfg.scorers, cfg.ks, grid_n,
+                             image_ext=cfg.image_format, external_images=external)
+    rows: list[dict] = []
+    pending: list[tuple[dict, np.ndarray]] = []
+    try:
+        for raw in source.read_unit(unit):
+            row = {"split": unit.split, "key": raw.key, "shard": unit.index, "label": raw.label,
+                   "class_name": raw.class_name, "source": raw.source, "orig_width": None,
+                   "orig_height": None, "status": STATUS_OK, "error": None, "sha256": None}
+            rows.append(row)
+            if raw.error is not None:
+                row.update(status=STATUS_FAILED, error=raw.error)
+                continue
+            row["sha256"] = _sha256(raw.data)
+            try:
+                decoded = load_image(raw.data, cfg.image_size, cfg.resize, cfg.crop_pct, cfg.patch_size,
+                                     keep_size=external is not None)
+            except DecodeError as e:
+                row.update(status=STATUS_FAILED, error=str(e))
+                continue
+            row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
+            pending.append((row, decoded.rgb))
+            if len(pending) == BATCH:
+                _flush(cfg, writer, pending, progress)
+        _flush(cfg, writer, pending, progress)
+        shard_row = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
+    write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
+    ok = sum(r["status"] == STATUS_OK for r in rows)
+    return ok, len(rows) - ok
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
+
+
+def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress) -> None:
+    """Score a batch of decoded images, select every K from one ranking, write in key order."""
+    if not pending:
+        return
+    batch = np.stack([rgb for _, rgb in pending])
+    scores, indices = {}, {}
+    for scorer in cfg.scorers:
+        scores[scorer] = score_patches(batch, cfg.patch_size, scorer, cfg.mean, cfg.std)
+        indices[scorer] = select_topk_multi(scores[scorer], cfg.ks)
+    external = writer.external_images is not None
+    for i, (row, rgb) in enumerate(pending):
+        image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
+        writer.add(row["key"], image, row["label"],
+                   {s: scores[s][i] for s in cfg.scorers},
+                   {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers})
+    if progress is not None:
+        progress(len(pending))
+    pending.clear()
+
+
+# --- the run ------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    units_total: int
+    units_done_before: int
+    units_run: int
+    ok: int
+    failed: int
+    seconds: float
+    merged: bool
+
+
+def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = False,
+              progress_bar: bool = True) -> RunResult:
+    units = plan(cfg, source)
+    mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
+    prepare_out_dir(cfg, resume, overwrite)
+    todo = [u for u in mine if not is_done(cfg.out, u)]
+    t0 = time.perf_counter()
+    ok = failed = 0
+    bar = tqdm(total=None, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
+    workers = max(1, min(cfg.workers, len(todo)))
+    if workers == 1:
+        for unit in todo:
+            o, f = process_unit(cfg, unit, source, bar.update)
+            ok, failed = ok + o, failed + f
+    else:
+        ctx = mp.get_context("spawn")  # fork after numba/torch threads start is not safe
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, counter, 1)) as pool:
+            results = [pool.apply_async(process_unit, (cfg, u)) for u in todo]
+            while not all(r.ready() for r in results):
+                time.sleep(0.2)
+                bar.update(counter.value - bar.n)
+            for r in results:
+                o, f = r.get()  # re-raises a worker's exception here
+                ok, failed = ok + o, failed + f
+        bar.update(counter.value - bar.n)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    merged = False
+    if all(is_done(cfg.out, u) for u in units):
+        merge(cfg.out, source=source, cfg=cfg, units=units)
+        merged = True
+    return RunResult(len(units), len(mine) - len(todo), len(todo), ok, failed, seconds, merged)
+
+
+# --- merging the parts of every rank ------------------------------------------------------
+
+def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
+    """Join the part files into the two manifests, then write dataset.json last."""
+    missing = [u for u in units if not is_done(out, u)]
+    if missing:
+        names = ", ".join(f"{u.split}/{u.index}" for u in missing[:5])
+        raise RunError(f"{len(missing)} units are not done yet (e.g. {names}): run the missing ranks or --resume")
+    manifest = pa.concat_tables([pq.read_table(_part(out, u, "manifest"), schema=MANIFEST_SCHEMA) for u in units])
+    shards = pa.concat_tables([pq.read_table(_part(out, u, "shard"), schema=SHARDS_SCHEMA) for u in units])
+    write_manifest(out, manifest)
+    write_shards(out, shards)
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    counts = {(r["split"], r["status"]): r["key_count"]
+              for r in manifest.group_by(["split", "status"]).aggregate([("key", "count")]).to_pylist()}
+    splits = {split: SplitCounts(ok=counts.get((split, STATUS_OK), 0), failed=counts.get((split, STATUS_FAILED), 0),
+                                 shards=sum(1 for u in units if u.split == split))
+              for split in source.splits()}
+    from dynavit.manifests import __version__
+
+    info = DatasetInfo(
+        dataset=cfg.data, source=str(cfg.src) if cfg.src else cfg.data,
+        image_size=(cfg.image_size, cfg.image_size), patch_size=cfg.patch_size,
+        scorers=list(cfg.scorers),
+        ks=[KInfo(k, k_count(k, n), 1 + k_count(k, n)) for k in cfg.ks],
+        classes=list(source.classes()), splits=splits,
+        resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct} if not source.external_images else {"policy": "none"},
+        image_format=cfg.image_format if not source.external_images else "external",
+        quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
+        mean=tuple(cfg.mean), std=tuple(cfg.std), external_images=bool(source.external_images),
+        shard_size=cfg.shard_size, tool_version=__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_dataset_info(out, info)
+    return info
+
+
+def merge_from_state(out) -> DatasetInfo:
+    """`dynaprep merge-manifests`: rebuild the plan from the saved settings and merge."""
+    saved = _state(out) / "config.json"
+    if not saved.exists():
+        raise RunError(f"{out}: no {STATE_DIR}/config.json; is this a dynaprep output directory?")
+    settings = json.loads(saved.read_text())
+    settings["mean"], settings["std"] = tuple(settings["mean"]), tuple(settings["std"])
+    cfg = IndexConfig(**settings)
+    source = open_source(cfg.data, cfg.src, **cfg.source_options)
+    return merge(out, source, cfg, plan(cfg, source))
