@@ -1,0 +1,142 @@
+"""The Source interface: how `dynaprep` reads one dataset layout.
+
+A source lists the samples of each split in a fixed order, cuts that list into work units
+(one unit = one output shard) and reads the raw bytes/arrays of one unit.  Decoding is not
+a source's business (see `dynavit.pipeline.decode`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["RawSample", "WorkUnit", "Source", "SourceError", "make_key", "read_bytes",
+           "IMAGE_EXTENSIONS", "is_image_name"]
+
+# Extensions the folder sources enumerate (compared lower-cased).  Anything else in a class
+# folder is left out of the dataset and reported through `Source.warnings()`.
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class SourceError(Exception):
+    """A dataset-level problem (missing --src, missing split folder, malformed annotation
+    file, ...).  The message is one line and names the offending path."""
+
+
+@dataclass(frozen=True)
+class RawSample:
+    key: str                  # decimal string, no dots, unique in its split (wds: user's key)
+    source: str               # where it came from, for the manifest's `source` column
+    label: int | None         # None for unlabeled splits
+    class_name: str | None
+    data: bytes | np.ndarray | None  # encoded bytes, or uint8 H×W×3 for array-native sources
+    error: str | None = None  # set (and data None) when the raw input could not be read
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Picklable description of one output shard's inputs."""
+    split: str
+    index: int                # shard ordinal within the split
+    payload: object           # source-specific; default: (first_ordinal, items)
+    count: int | None = None  # number of samples, None when unknown before reading (wds)
+
+
+def make_key(ordinal: int) -> str:
+    return f"{ordinal:010d}"
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_bytes(path: str) -> tuple[bytes | None, str | None]:
+    """Read a whole file; a failure becomes a reason string instead of an exception because
+    one unreadable sample must not stop a run over millions of files."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except FileNotFoundError:
+        return None, "missing file"
+    except IsADirectoryError:
+        return None, "unreadable: is a directory"
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+
+
+class Source:
+    """Base class.  Subclasses implement `splits`, `classes`, `entries` and `read_entry`, or
+    override `units`/`read_unit` entirely (wds)."""
+
+    name: str = "?"
+    external_images: bool = False  # True for `wds`: images stay in the user's shards
+
+    def splits(self) -> list[str]:
+        raise NotImplementedError
+
+    def classes(self) -> list[str]:
+        """Class index -> name; [] when the source has no class list."""
+        return []
+
+    def warnings(self) -> list[str]:
+        """One-line notes about inputs that are deliberately not part of the dataset
+        (non-image files, excluded images, ...), so that nothing is dropped silently."""
+        return list(getattr(self, "_warnings", []))
+
+    def _warn(self, msg: str) -> None:
+        if not hasattr(self, "_warnings"):
+            self._warnings: list[str] = []
+        if msg not in self._warnings:
+            self._warnings.append(msg)
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits():
+            raise SourceError(f"{self.name}: no split {split!r} (have: {', '.join(self.splits())})")
+
+    # --- default planning: a deterministic list cut into fixed-size slices -------------
+    def entries(self, split: str) -> Sequence:
+        """The split's samples in key order; item i has ordinal (and key) i."""
+        raise NotImplementedError
+
+    def count(self, split: str) -> int | None:
+        return len(self.entries(split))
+
+    def units(self, split: str, shard_size: int) -> list[WorkUnit]:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self._check_split(split)
+        items = self.entries(split)
+        out = []
+        for i, start in enumerate(range(0, len(items), shard_size)):
+            chunk = items[start:start + shard_size]
+            if not isinstance(chunk, range):
+                chunk = tuple(chunk)
+            out.append(WorkUnit(split, i, (start, chunk), len(chunk)))
+        return out
+
+    def read_unit(self, unit: WorkUnit) -> Iterator[RawSample]:
+        start, items = unit.payload
+        for j, item in enumerate(items):
+            yield self.read_entry(unit.split, start + j, item)
+
+    def read_entry(self, split: str, ordinal: int, item) -> RawSample:
+        raise NotImplementedError
+
+    def image_shard(self, unit: WorkUnit) -> str | None:
+        return None
+
+
+def require_dir(path: str, what: str) -> str:
+    if not path:
+        raise SourceError(f"{what}: --src is required")
+    if not os.path.exists(path):
+        raise SourceError(f"{what}: --src {path} does not exist")
+    if not os.path.isdir(path):
+        raise SourceError(f"{what}: --src {path} is not a directory")
+    return os.path.abspath(path)
