@@ -1,0 +1,112 @@
+"""Benchmark `dynaprep index` against the bare floor on the same JPEGs.
+
+    python -m dynavit.pipeline.bench_index --n 2000 --workers 1,2
+
+The floor is what any preprocessing must do: read, decode, resize and re-encode each image,
+run with the same process pool and the same units of work. dynaprep adds saliency scoring,
+top-K, tar writing and Parquet manifests; the ratio dynaprep/floor is that overhead.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+
+def make_jpegs(root: Path, n: int, size=(500, 375), quality=90, classes=10) -> Path:
+    """ImageNet-like JPEGs: smooth shapes plus noise, so they compress like photos, not like flat colour."""
+    marker = root / f".made-{n}-{size[0]}x{size[1]}-q{quality}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        base = np.stack([np.sin(xx / rng.uniform(8, 60) + c) * np.cos(yy / rng.uniform(8, 60) - c) for c in range(3)], -1)
+        img = (127 + 90 * base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        d = root / "train" / f"c{i % classes:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"img_{i:06d}.JPEG", quality=quality)
+    marker.touch()
+    return root
+
+
+def _floor_unit(args):
+    from .decode import encode_image, load_image
+
+    paths, image_size, patch, fmt, quality = args
+    for p in paths:
+        rgb = load_image(Path(p).read_bytes(), image_size, "center-crop", 0.875, patch).rgb
+        encode_image(rgb, fmt, quality)
+    return len(paths)
+
+
+def run_floor(src: Path, workers: int, shard_size: int, image_size: int, patch: int, fmt: str, quality: int) -> float:
+    files = sorted(str(p) for p in (src / "train").rglob("*.JPEG"))
+    units = [(files[i:i + shard_size], image_size, patch, fmt, quality) for i in range(0, len(files), shard_size)]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        n = sum(pool.map(_floor_unit, units, chunksize=1))
+    return n / (time.perf_counter() - t0)
+
+
+def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size: int, patch: int, fmt: str,
+                 quality: int, ks, scorers) -> float:
+    from .index import IndexConfig, run_index
+    from .sources import open_source
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = IndexConfig(data="imagefolder", src=str(src), out=str(out), ks=list(ks), scorers=list(scorers),
+                      image_size=image_size, patch_size=patch, image_format=fmt, quality=quality,
+                      shard_size=shard_size, workers=workers)
+    source = open_source("imagefolder", str(src))
+    t0 = time.perf_counter()
+    result = run_index(cfg, source, progress_bar=False)
+    # Pool start-up is inside both timings; the manifest merge is inside dynaprep's only.
+    return result.ok / (time.perf_counter() - t0)
+
+
+@click.command()
+@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (500×375, quality 90).")
+@click.option("--workers", default="1,2", show_default=True, help="Worker counts to measure, comma-separated.")
+@click.option("--shard-size", default=250, show_default=True)
+@click.option("--scorer", default="l2", show_default=True)
+@click.option("--k", "ks", default="70,50,25", show_default=True)
+@click.option("--format", "fmt", default="jpg", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+def main(n, workers, shard_size, scorer, ks, fmt, workdir, json_out):
+    """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="dynaprep-bench-"))
+    src = make_jpegs(work / "src", n)
+    ks = [int(k) for k in ks.split(",")]
+    scorers = scorer.split(",")
+    rows = []
+    for w in (int(x) for x in workers.split(",")):
+        run_floor(src, w, shard_size, 224, 16, fmt, 95)  # warm the page cache and numba's disk cache
+        floor = run_floor(src, w, shard_size, 224, 16, fmt, 95)
+        ours = run_dynaprep(src, work / "out", w, shard_size, 224, 16, fmt, 95, ks, scorers)
+        rows.append({"workers": w, "floor_img_s": floor, "dynaprep_img_s": ours, "ratio": ours / floor})
+    base = rows[0]["dynaprep_img_s"]
+    click.echo(f"{n} JPEGs 500x375 q90 -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}")
+    click.echo(f"{'workers':>7} {'floor img/s':>12} {'dynaprep img/s':>15} {'ratio':>6} {'scaling':>8}")
+    for r in rows:
+        r["scaling"] = r["dynaprep_img_s"] / base
+        click.echo(f"{r['workers']:>7} {r['floor_img_s']:>12.1f} {r['dynaprep_img_s']:>15.1f} "
+                   f"{r['ratio']:>6.3f} {r['scaling']:>7.2f}x")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2))
+    if not workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
