@@ -185,5 +185,7 @@ def verify(out, no_checksums):
     click.echo(f"{out}: ok")
 
 
+from .show import show_command; main.add_command(show_command, "show")  # noqa: E402,E702
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,324 @@
+"""`dynaprep show`: look at what the index kept, one figure row per sample.
+
+    dynaprep show OUT --split val --n 8 --k 70,50,25 --out fig.png
+
+Columns of a row: the stored image; the patch-score heatmap of every scorer in the dataset
+(nearest-upsampled to the image, own colour bar: the scorers have different units); then,
+for each K and the first selected scorer, the image with pruned patches dimmed to 25 %
+and the binary keep mask (white kept, black pruned), titled "K=25 (k kept of N)".
+
+Everything drawn comes from the shards, never recomputed: images from the image shards,
+scores from `{key}.scores.npy`, kept sets from `{key}.k{K}.npy`. Samples are a seeded
+random choice from the split's manifest rows (status ok), or the keys given.
+
+matplotlib is the `viz` extra: it is imported only when a figure is drawn, through the Agg
+canvas (no pyplot, no global backend switch).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from dynavit.manifests import (
+    FormatError,
+    atomic_path,
+    iter_tar_samples,
+    npy_load,
+    read_dataset_info,
+    read_manifest,
+    read_shards,
+    resolve,
+)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
+DIM = 0.25  # brightness factor of pruned patches in the "kept" panels
+PANEL_INCHES = 2.0
+DPI = 100
+VIZ_HINT = "matplotlib is required for this command: install dynavit[viz]"
+
+
+class ShowError(ValueError):
+    """A bad argument, found before anything is drawn or written; `param` names the option."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class MissingExtra(RuntimeError):
+    """matplotlib (the `viz` extra) is not installed."""
+
+
+def require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingExtra(VIZ_HINT) from None
+    return Figure, FigureCanvasAgg
+
+
+# --- what to draw ---------------------------------------------------------------------------
+
+@dataclass
+class ShowPlan:
+    out_dir: Path
+    info: object  # DatasetInfo
+    split: str
+    ks: list[int]
+    scorers: list[str]  # heatmap columns; scorers[0] picks the kept patches
+    keys: list[str]
+    key_shard: dict[str, int]
+
+
+def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, scorers=None) -> ShowPlan:
+    """Check every argument against the dataset and pick the samples. Raises ShowError."""
+    out_dir = Path(out_dir)
+    try:
+        info = read_dataset_info(out_dir)
+    except FormatError as e:
+        raise ShowError(str(e), "OUT") from None
+    if split is None:
+        split = "val" if "val" in info.splits else ("test" if "test" in info.splits else next(iter(info.splits), ""))
+    if split not in info.splits:
+        raise ShowError(f"no split {split!r} in {out_dir} (has {', '.join(info.splits) or 'none'})", "--split")
+    available = info.k_values()
+    if ks is None:
+        ks = available
+    ks = [int(k) for k in ks]
+    bad = [k for k in ks if k not in available]
+    if bad or not ks:
+        raise ShowError(f"K={','.join(map(str, bad)) or '(none)'} not indexed in {out_dir} "
+                        f"(dataset.json ks: {','.join(map(str, available))})", "--k")
+    ks = sorted(set(ks), reverse=True)
+    if scorers is None or scorers == "all" or list(scorers) == ["all"]:
+        scorers = list(info.scorers)
+    scorers = list(dict.fromkeys(scorers))
+    bad = [s for s in scorers if s not in info.scorers]
+    if bad or not scorers:
+        raise ShowError(f"scorer {', '.join(bad) or '(none)'} not in {out_dir} "
+                        f"(dataset.json scorers: {', '.join(info.scorers)})", "--scorer")
+    if n < 1:
+        raise ShowError(f"--n must be >= 1, got {n}", "--n")
+
+    try:
+        manifest = read_manifest(out_dir).to_pylist()
+    except (FormatError, OSError) as e:
+        raise ShowError(str(e), "OUT") from None
+    rows = [r for r in manifest if r["split"] == split and r["status"] == "ok"]
+    key_shard = {r["key"]: int(r["shard"]) for r in rows}
+    if not rows:
+        raise ShowError(f"split {split!r} of {out_dir} has no samples", "--split")
+    if keys:
+        keys = list(dict.fromkeys(keys))
+        missing = [k for k in keys if k not in key_shard]
+        if missing:
+            raise ShowError(f"key {', '.join(missing[:5])} not in split {split!r} of {out_dir} "
+                            f"(e.g. {rows[0]['key']})", "--keys")
+    else:
+        rng = np.random.default_rng(seed)
+        picked = np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))
+        keys = [rows[i]["key"] for i in picked]
+    return ShowPlan(out_dir, info, split, ks, scorers, keys, {k: key_shard[k] for k in keys})
+
+
+def load_samples(plan: ShowPlan) -> list[dict]:
+    """Image, label, scores per scorer and kept indices per K (first scorer) of each key."""
+    from PIL import Image
+
+    try:
+        shard_rows = {int(r["shard"]): r for r in read_shards(plan.out_dir).to_pylist() if r["split"] == plan.split}
+    except (FormatError, OSError) as e:
+        raise FormatError(str(e)) from None
+    wanted = {}
+    for key, shard in plan.key_shard.items():
+        wanted.setdefault(shard, set()).add(key)
+    found: dict[str, dict] = {}
+    for shard, keys in sorted(wanted.items()):
+        row = shard_rows.get(shard)
+        if row is None:
+            raise FormatError(f"shards.parquet has no row for {plan.split} shard {shard}")
+        index_paths = {e["scorer"]: e["path"] for e in row["index"]}
+        images_path = resolve(plan.out_dir, row["images"])
+        for key, members in iter_tar_samples(images_path):
+            if key not in keys:
+                continue
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if ext is None:
+                raise FormatError(f"{images_path}: sample {key} has no image member ({', '.join(members)})")
+            rgb = np.asarray(Image.open(io.BytesIO(members[ext])).convert("RGB"))
+            label = int(members["cls"].decode()) if "cls" in members else None
+            found[key] = {"key": key, "image": rgb, "label": label, "scores": {}, "indices": {}}
+        for scorer in plan.scorers:
+            if scorer not in index_paths:
+                raise FormatError(f"shards.parquet: {plan.split} shard {shard} has no index shard for {scorer!r}")
+            path = resolve(plan.out_dir, index_paths[scorer])
+            for key, members in iter_tar_samples(path):
+                if key not in keys or key not in found:
+                    continue
+                found[key]["scores"][scorer] = npy_load(members["scores.npy"]).astype(np.float32)
+                if scorer == plan.scorers[0]:
+                    for k in plan.ks:
+                        name = f"k{k}.npy"
+                        if name not in members:
+                            raise FormatError(f"{path}: sample {key} has no {name}")
+                        found[key]["indices"][k] = npy_load(members[name]).astype(np.int64)
+    missing = [k for k in plan.keys if k not in found or len(found[k]["scores"]) != len(plan.scorers)]
+    if missing:
+        raise FormatError(f"{plan.out_dir}: samples {', '.join(missing[:5])} listed in manifest.parquet "
+                          f"are missing from their {plan.split} shards")
+    return [found[k] for k in plan.keys]
+
+
+def keep_mask(indices: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """bool [Gh·P, Gw·P]: True on the pixels of kept patches."""
+    gh, gw = grid
+    cells = np.zeros(gh * gw, dtype=bool)
+    cells[np.asarray(indices, dtype=np.int64)] = True
+    return np.kron(cells.reshape(gh, gw), np.ones((patch, patch), dtype=bool)).astype(bool)
+
+
+def upsample(grid_values: np.ndarray, patch: int) -> np.ndarray:
+    return np.repeat(np.repeat(grid_values, patch, axis=0), patch, axis=1)
+
+
+# --- drawing --------------------------------------------------------------------------------
+
+def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None,
+                panel_inches: float = PANEL_INCHES, dpi: int = DPI) -> dict:
+    """Draw the figure to `png_path` (atomically) and return its layout facts:
+    size_px (width, height), nrows/ncols, columns (panel kinds), and per sample the key,
+    label, keep masks per K (bool at image resolution), kept counts, indices, and the pixel
+    box (left, top, right, bottom) of every mask panel in the PNG."""
+    plan = plan_show(out_dir, split, n, ks, keys=keys, seed=seed, scorers=scorers)
+    Figure, FigureCanvasAgg = require_matplotlib()
+    info = plan.info
+    samples = load_samples(plan)
+    patch, grid, n_patches = info.patch_size, info.grid, info.num_patches
+    main_scorer = plan.scorers[0]
+
+    columns = ["image"] + [f"score:{s}" for s in plan.scorers]
+    for k in plan.ks:
+        columns += [f"kept:{k}", f"mask:{k}"]
+    nrows, ncols = len(samples), len(columns)
+    fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches + 0.4), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    top = 1.0 - 0.4 / (nrows * panel_inches + 0.4)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top - 0.03, wspace=0.25, hspace=0.3)
+    fig.suptitle(f"{info.dataset} · {plan.split} · kept patches by {main_scorer} · N={n_patches} patches "
+                 f"({grid[0]}×{grid[1]} of {patch}px)", fontsize=10)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+
+    mask_images = []  # (sample index, K, AxesImage) to measure after drawing
+    out_samples = []
+    for r, s in enumerate(samples):
+        rgb = s["image"]
+        if rgb.shape[:2] != tuple(info.image_size):
+            raise FormatError(f"{plan.split} sample {s['key']}: stored image is {rgb.shape[1]}x{rgb.shape[0]}, "
+                              f"dataset.json says {info.image_size[1]}x{info.image_size[0]}")
+        row = axes[r]
+        for ax in row:
+            ax.set_axis_off()
+        name = ""
+        if s["label"] is not None:
+            name = info.classes[s["label"]] if 0 <= s["label"] < len(info.classes) else str(s["label"])
+        row[0].imshow(rgb, interpolation="nearest")
+        row[0].set_title(f"{s['key']}" + (f" · {name}" if name else ""), fontsize=8)
+        c = 1
+        for scorer in plan.scorers:
+            heat = upsample(s["scores"][scorer], patch)
+            im = row[c].imshow(heat, cmap="viridis", interpolation="nearest")
+            fig.colorbar(im, ax=row[c], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+            row[c].set_title(f"{scorer} score", fontsize=8)
+            c += 1
+        masks, kept = {}, {}
+        for k in plan.ks:
+            idx = s["indices"][k]
+            mask = keep_mask(idx, grid, patch)
+            dimmed = np.where(mask[..., None], rgb, (rgb.astype(np.float32) * DIM).round().astype(np.uint8))
+            title = f"K={k} ({len(idx)} kept of {n_patches})"
+            row[c].imshow(dimmed, interpolation="nearest")
+            row[c].set_title(title, fontsize=8)
+            im = row[c + 1].imshow(mask.astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255,
+                                   interpolation="nearest")
+            row[c + 1].set_title(f"mask {title}", fontsize=8)
+            row[c + 1].set_axis_on()  # a frame: white kept patches must not melt into the page
+            row[c + 1].set_xticks([])
+            row[c + 1].set_yticks([])
+            mask_images.append((r, k, im))
+            masks[k], kept[k] = mask, len(idx)
+            c += 2
+        out_samples.append({"key": s["key"], "label": s["label"], "class_name": name or None, "masks": masks,
+                            "kept": kept, "indices": {k: v.copy() for k, v in s["indices"].items()},
+                            "mask_boxes": {}})
+
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        renderer = canvas.get_renderer()
+        from PIL import Image
+        with Image.open(tmp) as written:
+            width, height = written.size
+        for r, k, im in mask_images:
+            box = im.get_window_extent(renderer)  # display pixels, origin bottom-left
+            out_samples[r]["mask_boxes"][k] = (float(box.x0), float(height - box.y1), float(box.x1),
+                                               float(height - box.y0))
+    return {"png": str(png_path), "size_px": (width, height), "dpi": dpi, "nrows": nrows, "ncols": ncols,
+            "columns": columns, "split": plan.split, "ks": plan.ks, "scorers": plan.scorers,
+            "scorer": main_scorer, "num_patches": n_patches, "grid": grid, "samples": out_samples}
+
+
+# --- command --------------------------------------------------------------------------------
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _k_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@click.command("show", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "png", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write (replaced atomically).")
+@click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
+@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number of samples (rows), drawn at random with --seed; ignored with --keys.")
+@click.option("--k", "ks", default=None, callback=_k_list,
+              help="K values to show, comma-separated; each must be in dataset.json's ks. [default: all]")
+@click.option("--keys", default=None, help="Comma-separated sample keys to show instead of a random choice.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random sample choice.")
+@click.option("--scorer", "scorer", default="all", show_default=True,
+              help="Scorers whose heatmaps are drawn, comma-separated, or all; the first one's top-K "
+                   "sets are the kept patches shown.")
+@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
+@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
+              help="Side of one panel in inches (PNG width = panels × size × dpi).")
+def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size):
+    """Draw sampled images of a dataset with their score heatmaps and kept patches per K."""
+    scorers = None if scorer.strip() == "all" else _csv(scorer)
+    try:
+        plan_show(out_dir, split, n, ks, keys=_csv(keys), seed=seed, scorers=scorers)  # arguments first
+        require_matplotlib()
+        facts = render_show(out_dir, split, n, ks, png, keys=_csv(keys), seed=seed, scorers=scorers,
+                            panel_inches=panel_size, dpi=dpi)
+    except ShowError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
+    except (MissingExtra, FormatError) as e:
+        raise click.ClickException(str(e)) from None
+    w, h = facts["size_px"]
+    click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
+               f"({facts['scorer']}) → {png} ({w}x{h} px)")
