@@ -128,33 +128,54 @@ def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums:
 
 
 def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool) -> list[str] | None:
-    """Check one shard pair; return the image shard's keys in order (None if unreadable)."""
+    """Check one shard pair; return the keys it holds in order (None if unreadable).
+
+    With external images (the user's WebDataset) the image tar may hold samples that failed
+    at indexing, so the index keys must be an in-order subsequence of the image keys and
+    they, not the image keys, are what the shard holds."""
     images = _check_file(out_dir, row["images"], row["images_bytes"], row["images_sha256"], bad, check_checksums)
-    keys = None
+    image_keys = None
     if images is not None:
         try:
-            keys = []
+            image_keys = []
             for key, members in iter_tar_samples(images):
-                keys.append(key)
-                if not any(ext in members for ext in IMAGE_EXTS):
+                image_keys.append(key)
+                if not info.external_images and not any(ext in members for ext in IMAGE_EXTS):
                     bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
         except Exception as e:  # a truncated tar raises tarfile/EOF errors of several kinds
             bad(row["images"], f"unreadable tar: {e}")
-            keys = None
-        if keys is not None and len(keys) != row["count"]:
-            bad(row["images"], f"{len(keys)} samples, shards.parquet says {row['count']}")
+            image_keys = None
 
     scorers = [entry["scorer"] for entry in row["index"]]
     if sorted(scorers) != sorted(info.scorers):
         bad(SHARDS_PARQUET, f"shard {row['split']}/{row['shard']}: index scorers {scorers}, dataset.json says {info.scorers}")
+    held = None if info.external_images else image_keys
     for entry in row["index"]:
         path = _check_file(out_dir, entry["path"], entry["bytes"], entry["sha256"], bad, check_checksums)
-        if path is not None:
-            _check_index_shard(path, entry["path"], info, keys, bad)
-    return keys
+        index_keys = _check_index_shard(path, entry["path"], info, bad) if path is not None else None
+        if index_keys is None or image_keys is None:
+            continue
+        if info.external_images:
+            held = held if held is not None else index_keys
+            if not _in_order_subsequence(index_keys, image_keys):
+                bad(entry["path"], "keys are not an in-order subsequence of the image shard's keys")
+        elif index_keys != image_keys:
+            first = next((i for i, (a, b) in enumerate(zip(index_keys, image_keys)) if a != b),
+                         min(len(index_keys), len(image_keys)))
+            bad(entry["path"], f"key order differs from the image shard at position {first} "
+                f"({len(index_keys)} samples here, {len(image_keys)} in the image shard)")
+    if held is not None and len(held) != row["count"]:
+        where = row["index"][0]["path"] if info.external_images else row["images"]
+        bad(where, f"{len(held)} samples, shards.parquet says {row['count']}")
+    return held
 
 
-def _check_index_shard(path: Path, rel: str, info: DatasetInfo, image_keys, bad) -> None:
+def _in_order_subsequence(sub: list[str], full: list[str]) -> bool:
+    it = iter(full)
+    return all(any(key == other for other in it) for key in sub)
+
+
+def _check_index_shard(path: Path, rel: str, info: DatasetInfo, bad) -> list[str] | None:
     n = info.num_patches
     dtype = np.dtype(index_dtype_name(n))
     try:
@@ -164,11 +185,8 @@ def _check_index_shard(path: Path, rel: str, info: DatasetInfo, image_keys, bad)
             _check_index_sample(key, members, info, n, dtype, rel, bad)
     except Exception as e:
         bad(rel, f"unreadable tar: {e}")
-        return
-    if image_keys is not None and index_keys != image_keys:
-        first = next((i for i, (a, b) in enumerate(zip(index_keys, image_keys)) if a != b), min(len(index_keys), len(image_keys)))
-        bad(rel, f"key order differs from the image shard at position {first} "
-            f"({len(index_keys)} samples here, {len(image_keys)} in the image shard)")
+        return None
+    return index_keys
 
 
 def _check_index_sample(key, members, info: DatasetInfo, n: int, dtype, rel: str, bad) -> None:

@@ -49,6 +49,8 @@ def read_split(out, split, scorer="l2"):
         index = Path(out) / next(e["path"] for e in row["index"] if e["scorer"] == scorer)
         a = list(wds.WebDataset(str(images), shardshuffle=False).decode("rgb8"))
         b = list(wds.WebDataset(str(index), shardshuffle=False).decode())
+        if os.path.isabs(row["images"]):  # the user's tar may also hold samples that failed
+            a = [x for x in a if x["__key__"] in {y["__key__"] for y in b}]
         assert [s["__key__"] for s in a] == [s["__key__"] for s in b]
         samples += [(x, y) for x, y in zip(a, b)]
     return samples
@@ -114,6 +116,15 @@ def test_other_layouts(tmp_path, name, cifar100_ds, tinyimagenet_ds, voc_ds):
 
 def test_wds_writes_only_index_shards(tmp_path):
     ds = fd.make_wds(tmp_path / "user", n_shards=2, per_shard=3, size=(64, 64))
+    # A third shard whose middle sample has the wrong size: it fails, yet stays in the user's tar.
+    odd = fd.make_tar(Path(ds["root"]) / "00002.tar", [
+        ("000020000.jpg", fd.jpeg_bytes(np.zeros((64, 64, 3), np.uint8))), ("000020000.cls", b"1"),
+        ("000020001.jpg", fd.jpeg_bytes(np.zeros((48, 64, 3), np.uint8))), ("000020001.cls", b"2"),
+        ("000020002.jpg", fd.jpeg_bytes(np.zeros((64, 64, 3), np.uint8))), ("000020002.cls", b"3"),
+    ])
+    ds["tars"].append(odd)
+    ds["samples"].append([("000020000", 1), ("000020002", 3)])
+    ds["pattern"] = ds["pattern"].replace("00001}", "00002}")
     before = {p: Path(p).read_bytes() for p in ds["tars"]}
     out = tmp_path / "out"
     run("index", "--data", "wds", "--src", ds["pattern"], "--out", out, "--k", "50", *SMALL)
@@ -124,6 +135,9 @@ def test_wds_writes_only_index_shards(tmp_path):
     keys = [s["__key__"] for s, _ in read_split(out, "train")]
     assert keys == [k for shard in ds["samples"] for k, _ in shard]
     check_scores_and_selection(out, ks=(50,))
+    failed = [r for r in read_manifest(out) if r["status"] == "failed"]
+    assert [(r["key"], r["source"]) for r in failed] == [("000020001", "00002.tar#000020001")]
+    assert "64×48" in failed[0]["error"]
     assert validate_dataset(out) == []
 
 
