@@ -1,0 +1,217 @@
+"""Compute accounting for the sparse forward (paper §3.4, Table 4).
+
+MACs are counted, not estimated: one ``sparse_forward`` runs under
+``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2). That counter covers the
+matmuls, the patch-embed conv *and* ``scaled_dot_product_attention`` (on CPU/CUDA as the
+fused SDPA op, on the meta device as the bmm's of its math path). Elementwise work (norms,
+GELU, softmax, adds) is not counted, as in every MAC table. fvcore skips SDPA; the
+``attn`` column here lets you see what such a tool reports (total minus attention).
+
+For a plain ViT the count is exactly quadratic in the sequence length S:
+    per block  4·S·D² (qkv + proj) + 2·S·D·H (MLP, H = mlp_ratio·D) + 2·S²·D (QKᵀ, AV)
+    + N·D·P²·C patch embed (all N patches: sparse_forward embeds before it gathers)
+    + D·num_classes head (one pooled vector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Optional, Sequence
+
+import click
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynavit.pipeline.topk import k_count
+from dynavit.trainer.sparse import check_model, sparse_forward
+
+__all__ = [
+    "seq_len",
+    "count_macs",
+    "count_macs_breakdown",
+    "closed_form_macs",
+    "closed_form_coeffs",
+    "model_dims",
+    "fit_analytic",
+    "build_meta_model",
+    "flops_table",
+    "flops_command",
+]
+
+
+def seq_len(k_percent: int, n: int, num_prefix: int = 1) -> int:
+    """S = num_prefix + max(1, floor(K·N/100)); num_prefix is 1 (cls) plus any reg tokens."""
+    return num_prefix + k_count(k_percent, n)
+
+
+def _is_attention_op(op) -> bool:
+    name = str(op)
+    # SDPA kernels by name; bmm only occurs in a timm ViT inside attention (math path).
+    return "scaled_dot_product" in name or name in ("aten.bmm", "aten.baddbmm")
+
+
+def count_macs_breakdown(model: torch.nn.Module, k_percent: int, batch: int = 1) -> dict:
+    """{'total', 'attention', 'S'} for one sparse_forward at K on ``batch`` images.
+
+    Runs where the model lives; a model on the meta device costs no memory or time. The
+    model is put in eval mode for the count (patch dropout would change S) and restored.
+    """
+    m = check_model(model)
+    n = int(np.prod(m.patch_embed.grid_size))
+    k = k_count(k_percent, n)
+    p = m.pos_embed
+    h, w = m.patch_embed.img_size
+    images = torch.zeros(batch, m.in_chans, h, w, device=p.device, dtype=p.dtype)
+    keep = torch.arange(k, device=p.device).expand(batch, -1)
+    modes = [(mod, mod.training) for mod in m.modules()]
+    m.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            sparse_forward(m, images, keep, validate=False)
+    finally:
+        for mod, was in modes:
+            mod.training = was
+    counts = fc.get_flop_counts().get("Global", {})
+    attn = sum(v for op, v in counts.items() if _is_attention_op(op))
+    return {"total": fc.get_total_flops() // 2, "attention": attn // 2,
+            "S": m.num_prefix_tokens + k}
+
+
+def count_macs(model: torch.nn.Module, k_percent: int, batch: int = 1) -> int:
+    """Exact MACs of one ``sparse_forward`` at K (K=100: dense), attention included."""
+    return count_macs_breakdown(model, k_percent, batch)["total"]
+
+
+def closed_form_coeffs(depth: int, dim: int, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                       N: int = 196, patch=16, in_chans: int = 3) -> tuple[int, int, int]:
+    """(alpha, beta, gamma) with MACs(S) = alpha·S² + beta·S + gamma for a plain ViT."""
+    hidden = int(dim * mlp_ratio)  # timm's Block rounds the same way
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    alpha = depth * 2 * dim
+    beta = depth * (4 * dim * dim + 2 * dim * hidden)
+    gamma = N * dim * ph * pw * in_chans + dim * num_classes
+    return alpha, beta, gamma
+
+
+def closed_form_macs(depth: int, dim: int, S: int, mlp_ratio: float = 4.0,
+                     num_classes: int = 1000, N: int = 196, patch=16, in_chans: int = 3) -> int:
+    a, b, c = closed_form_coeffs(depth, dim, mlp_ratio, num_classes, N, patch, in_chans)
+    return a * S * S + b * S + c
+
+
+def model_dims(model: torch.nn.Module) -> dict:
+    """closed_form_macs keyword arguments read off a timm ViT."""
+    m = check_model(model)
+    dim = m.embed_dim
+    head = m.head
+    return dict(depth=len(m.blocks), dim=dim,
+                mlp_ratio=m.blocks[0].mlp.fc1.out_features / dim,
+                num_classes=head.out_features if isinstance(head, torch.nn.Linear) else 0,
+                N=int(np.prod(m.patch_embed.grid_size)),
+                patch=tuple(m.patch_embed.patch_size), in_chans=m.in_chans)
+
+
+def fit_analytic(S_list: Sequence[int], macs_list: Sequence[float]):
+    """Least-squares alpha·S² + beta·S + gamma; returns (alpha, beta, gamma, max_rel_err)."""
+    S = np.asarray(S_list, dtype=np.float64)
+    y = np.asarray(macs_list, dtype=np.float64)
+    if S.shape != y.shape or S.ndim != 1:
+        raise ValueError("S_list and macs_list must be 1-D and of equal length")
+    if len(np.unique(S)) < 3:
+        raise ValueError("a quadratic fit needs at least 3 distinct sequence lengths")
+    A = np.stack([S * S, S, np.ones_like(S)], axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(A, y, rcond=None)
+    rel = np.abs(A @ np.array([a, b, c]) - y) / np.abs(y)
+    return float(a), float(b), float(c), float(rel.max())
+
+
+def build_meta_model(model_name: str, **kwargs) -> torch.nn.Module:
+    """timm model with no weights allocated (meta device): counting needs only shapes."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
+def flops_table(model_name, ks: Iterable[int]):
+    """Rows (K, S, MACs, GMACs, ...) for ``model_name`` (a timm name or a model) and the fit.
+
+    Returns (rows, fit): each row a dict with K, S, macs, gmacs, attn_macs,
+    gmacs_no_attn (what fvcore, which skips SDPA, would say) and, when a fit exists,
+    fit_gmacs and rel_err; fit is a dict alpha, beta, gamma, max_rel_err, or None with
+    fewer than 3 distinct S.
+    """
+    model = build_meta_model(model_name) if isinstance(model_name, str) else model_name
+    rows = []
+    for k in ks:
+        b = count_macs_breakdown(model, k)
+        rows.append(dict(K=int(k), S=b["S"], macs=b["total"], gmacs=b["total"] / 1e9,
+                         attn_macs=b["attention"],
+                         gmacs_no_attn=(b["total"] - b["attention"]) / 1e9))
+    fit = None
+    if len({r["S"] for r in rows}) >= 3:
+        a, b, c, err = fit_analytic([r["S"] for r in rows], [r["macs"] for r in rows])
+        fit = dict(alpha=a, beta=b, gamma=c, max_rel_err=err)
+        for r in rows:
+            f = a * r["S"] ** 2 + b * r["S"] + c
+            r["fit_gmacs"] = f / 1e9
+            r["rel_err"] = abs(f - r["macs"]) / r["macs"]
+    return rows, fit
+
+
+def _parse_ks(ctx, param, value: str) -> list[int]:
+    try:
+        ks = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    bad = [k for k in ks if not 1 <= k <= 100]
+    if not ks or bad:
+        raise click.BadParameter(f"K must be integers in 1..100, got {value!r}")
+    return ks
+
+
+@click.command("flops")
+@click.option("--model", "model_name", default="vit_base_patch16_224", show_default=True,
+              help="timm VisionTransformer name; built with pretrained=False on the meta "
+                   "device (no weights are downloaded or allocated).")
+@click.option("--k", "ks", default="100,90,70,60,50,30,25", show_default=True,
+              callback=_parse_ks, help="Comma-separated keep percentages K (100 = dense).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table, the fit and the closed form to this JSON file.")
+def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> None:
+    """Exact MACs of the sparse forward per K, the fitted alpha·S²+beta·S+gamma model, and
+    what an fvcore-style count that skips attention (SDPA) would report."""
+    try:
+        model = build_meta_model(model_name)
+        dims = model_dims(model)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise click.BadParameter(str(e).splitlines()[0], param_hint="--model")
+    rows, fit = flops_table(model, ks)
+    cf = closed_form_coeffs(**dims)
+
+    click.echo(f"{model_name}: N={dims['N']} D={dims['dim']} depth={dims['depth']} "
+               f"(1 GMAC = 1e9 multiply-adds = 2 GFLOPs)")
+    head = f"{'K':>4} {'S':>5} {'GMACs':>9} {'fit':>9} {'rel.err':>9} {'no-attn':>9}"
+    click.echo(head)
+    for r in rows:
+        fit_s = f"{r['fit_gmacs']:9.4f} {r['rel_err']:9.2e}" if fit else f"{'-':>9} {'-':>9}"
+        click.echo(f"{r['K']:>4} {r['S']:>5} {r['gmacs']:9.4f} {fit_s} {r['gmacs_no_attn']:9.4f}")
+    if fit:
+        click.echo(f"fit: alpha={fit['alpha']:.6g} beta={fit['beta']:.6g} "
+                   f"gamma={fit['gamma']:.6g} max rel err={fit['max_rel_err']:.2e}")
+    else:
+        click.echo("fit: needs at least 3 distinct S")
+    click.echo(f"closed form: alpha={cf[0]} beta={cf[1]} gamma={cf[2]}")
+    click.echo("no-attn = total minus SDPA (QKᵀ, AV), i.e. what fvcore reports")
+
+    if json_path:
+        doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
+                   fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
+                   unit="MACs (FLOPs/2), counted by torch FlopCounterMode")
+        tmp = f"{json_path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, json_path)
