@@ -1,0 +1,150 @@
+"""`dynatrain`: train an unmodified timm ViT on the kept patches of a `dynaprep` dataset.
+
+    dynatrain --shards /data/imagenet-dyna --k 70 --out runs/k70          # = dynatrain train ...
+    dynatrain --resume runs/k70 --epochs 20                               # continue a run
+    torchrun --nproc-per-node 8 -m dynavit.trainer.cli --shards ... --k 70 --out runs/k70
+    dynatrain flops --model vit_base_patch16_224 --k 70                   # compute model
+
+Errors in the arguments print one line and exit with code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+from click.core import ParameterSource
+
+from dynavit.trainer.data import DataError
+from dynavit.trainer.train import (AMP_MODES, DEVICES, SCHEDULES, SELECTS, ConfigError, TrainConfig,
+                                   resume_config, train)
+
+
+class DefaultGroup(click.Group):
+    """A group that runs `default_command` when the first argument is an option rather than
+    a subcommand name, so `dynatrain --shards X` means `dynatrain train --shards X`.
+    `dynatrain --help` shows the default command's options followed by the subcommands."""
+
+    def __init__(self, *args, default_command: str = "train", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx, args):
+        if args and args[0].startswith("-") and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        command = self.commands[self.default_command]
+        sub_ctx = command.make_context(ctx.info_name, [], resilient_parsing=True)
+        command.format_help(sub_ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+
+def _json_object(ctx, param, value):
+    if value is None:
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return obj
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli():
+    """dynatrain: train timm ViTs on saliency-pruned token sequences."""
+
+
+@cli.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
+@click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model.")
+@click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense). [default: --k]")
+@click.option("--scorer", default="l2", show_default=True, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy; must be in the dataset).")
+@click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
+              help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
+@click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
+@click.option("--model-kwargs", callback=_json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
+@click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Start from local weights: a timm/torch state_dict or a dynatrain last.pt/best.pt. A classifier of another shape is dropped.")
+@click.option("--input-size", type=click.IntRange(1), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per step per process.")
+@click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Data loading worker processes per process.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True, help="Total epochs (with --resume: train until this many are done).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW peak learning rate.")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not applied to biases, norms, pos_embed, cls/reg tokens).")
+@click.option("--sched", type=click.Choice(SCHEDULES), default="step", show_default=True, help="LR schedule, advanced every step: step (×--gamma every --step-epochs, as in the paper) or cosine (to 0).")
+@click.option("--step-epochs", type=click.IntRange(1), default=3, show_default=True, help="--sched step: epochs between LR decays.")
+@click.option("--gamma", type=float, default=0.1, show_default=True, help="--sched step: LR multiplier at each decay.")
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True, help="Linear LR warmup, in (fractional) epochs, before either schedule.")
+@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True, help="Mixed precision: bf16, fp16 (CUDA only, with loss scaling), off; auto = bf16 on CUDA GPUs that support it, off on CPU.")
+@click.option("--clip-grad", type=click.FloatRange(0, min_open=True), help="Clip the global gradient norm to this value. [default: no clipping]")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seeds Python, NumPy, torch and the data order (reseeded per epoch from seed and epoch).")
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the training forward.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
+@click.option("--skip-bad-samples/--fail-on-bad-samples", default=False, show_default=True, help="Skip samples that fail to decode (counted as `skipped` in metrics.jsonl) instead of stopping.")
+@click.option("--val-split", help="Split evaluated after every epoch. [default: val, else test]")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
+@click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
+@click.pass_context
+def train_command(ctx, **options):
+    """Train a timm ViT on the top-K saliency patches of a dynaprep dataset.
+
+    Each epoch trains on the `train` split and evaluates top-1 / top-5 on the validation
+    split; metrics.jsonl gets one line per epoch (epoch, train_loss, val_loss, acc1, acc5 in
+    percent, epoch_seconds, images_per_s, seq_len S = prefix tokens + kept patches, k, eval_k,
+    lr, skipped). Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.
+    """
+    try:
+        if options["resume"]:
+            given = {name: value for name, value in options.items()
+                     if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+                     and name != "resume"}
+            cfg, changed = resume_config(options["resume"], given)
+            if changed:
+                click.echo(f"note: --resume with changed {', '.join(changed)}: the result will differ "
+                           f"from an uninterrupted run", err=True)
+        else:
+            cfg = TrainConfig(**options)
+        return train(cfg)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
+    except DataError as e:  # a bad shard met mid-run (without --skip-bad-samples): exit 1
+        raise click.ClickException(str(e)) from None
+
+
+# Subcommands live next to what they measure; registered after the group exists.
+from dynavit.trainer.flops import flops_command  # noqa: E402
+from dynavit.trainer.report import report_command  # noqa: E402
+
+cli.add_command(flops_command, "flops")
+cli.add_command(report_command, "report")
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def main(args=None) -> None:
+    """Console entry point. Argument errors print one line (no usage block) and exit 2."""
+    try:
+        rv = cli.main(args=args, prog_name="dynatrain", standalone_mode=False)
+    except _NO_ARGS_IS_HELP as e:  # bare `dynatrain`: the help, as click shows it
+        e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; say it once
+            click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
