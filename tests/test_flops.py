@@ -132,3 +132,17 @@ def test_cli_bad_arguments_exit_2_and_write_nothing(tmp_path, args):
     r = CliRunner().invoke(flops_command, args + ["--json", str(out)])
     assert r.exit_code == 2, r.output
     assert not out.exists()
+
+
+def test_bench_step_smoke(tmp_path):
+    # bench_step reuses count_macs for its ideal speed-up column; keep it runnable.
+    from dynavit.trainer.bench_step import main as bench_main
+
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(bench_main, ["--batch", "1", "--k", "50", "--steps", "1",
+                                        "--warmup", "0", "--repeats", "1", "--infer",
+                                        "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["K"] for row in rows] == ["dense", 50]
+    assert rows[1]["S"] == 99 and rows[1]["ideal_speedup"] > 2
