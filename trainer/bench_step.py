@@ -43,7 +43,7 @@ def _random_keep(batch: int, n: int, k: int, gen: torch.Generator) -> torch.Tens
 
 def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmup: int = 2,
           repeats: int = 3, amp: str = "off", device: str = "cpu", infer: bool = False,
-          seed: int = 0) -> list[dict]:
+          seed: int = 0, model_kwargs: dict | None = None) -> list[dict]:
     """Rows: dense first, then one per K (K, S, imgs_per_s, speedup, ideal_speedup,
     efficiency = speedup / ideal_speedup, macs per image, times_s per repeat and their
     spread = (max - min) / min, which says how much to trust the row)."""
@@ -51,7 +51,8 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
 
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, pretrained=False).to(dev)
+    model_kwargs = dict(model_kwargs or {})
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(dev)
     model.train(not infer)
     n = int(model.patch_embed.grid_size[0] * model.patch_embed.grid_size[1])
     h, w = model.patch_embed.img_size
@@ -97,7 +98,7 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
             _sync(dev)
             times[name].append(time.perf_counter() - t0)
 
-    meta = build_meta_model(model_name)
+    meta = build_meta_model(model_name, **model_kwargs)
     dense_macs = count_macs(meta, 100)
     rows = []
     for name, _ in configs:

@@ -119,9 +119,11 @@ def train_command(ctx, **options):
 
 
 # Subcommands live next to what they measure; registered after the group exists.
+from dynavit.trainer.bench import bench_command  # noqa: E402
 from dynavit.trainer.flops import flops_command  # noqa: E402
 from dynavit.trainer.report import report_command  # noqa: E402
 
+cli.add_command(bench_command, "bench")
 cli.add_command(flops_command, "flops")
 cli.add_command(report_command, "report")
 

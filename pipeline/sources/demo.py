@@ -5,7 +5,10 @@ positions and scales, drawn on cluttered, low-contrast textured backgrounds.  Th
 covers roughly 4-20 % of the image, so most patches are background and token pruning has
 something to prune.  Sample i of a split is generated from SeedSequence((seed, split id, i))
 alone, so any unit can be produced independently, in any process, with identical pixels.
-Labels cycle through the classes (i mod 5), so every shard is balanced.
+Labels cycle through the classes (i mod 5), so every shard is balanced.  Each class has its
+own jittered palette colour besides its shape: a ViT trained from scratch for a few CPU epochs
+learns colour within the object's patches long before shape, and that is enough for the demo
+to show what pruning does (keep the object's patches and accuracy stays; lose them and it drops).
 
 Options: n_train (600), n_val (200), seed (0), image_size (224, or (H, W)).
 `src` is ignored.  Data: uint8 [H, W, 3]; source: "demo:<split>:<i>".
@@ -20,6 +23,7 @@ import numpy as np
 from .base import RawSample, Source, make_key
 
 CLASSES = ("disc", "square", "triangle", "cross", "ring")
+PALETTE = np.array([(220, 40, 40), (40, 200, 60), (40, 80, 230), (235, 215, 30), (200, 50, 210)], np.float64)
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -78,9 +82,8 @@ def render(seed: int, split_id: int, index: int, size: tuple[int, int]) -> tuple
     m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = _mask(label, yy[y0:y1, x0:x1], xx[y0:y1, x0:x1], float(cy), float(cx),
                             float(r), float(rng.uniform(0, 2 * np.pi)))
-    colour = rng.uniform(0, 255, size=3)
-    if np.abs(colour - base).max() < 90:  # keep the object clearly off the background
-        colour = np.where(base > 127, base - 110, base + 110)
+    # Saturated palette colours sit far from the greyish backgrounds (base 70..185 per channel).
+    colour = np.clip(PALETTE[label] + rng.uniform(-25, 25, size=3), 0, 255)
     speckle = rng.standard_normal(size=int(m.sum()), dtype=np.float32) * np.float32(3)
     out = np.empty((h, w, 3), np.uint8)
     for c in range(3):
