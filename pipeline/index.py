@@ -181,6 +181,8 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
             rows.append(row)
             if raw.error is not None:
                 row.update(status=STATUS_FAILED, error=raw.error)
+                if progress:
+                    progress(1)
                 continue
             row["sha256"] = _sha256(raw.data)
             try:
@@ -188,6 +190,8 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                                      keep_size=external is not None)
             except DecodeError as e:
                 row.update(status=STATUS_FAILED, error=str(e))
+                if progress:
+                    progress(1)
                 continue
             row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
             pending.append((row, decoded.rgb))
@@ -249,7 +253,9 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     todo = [u for u in mine if not is_done(cfg.out, u)]
     t0 = time.perf_counter()
     ok = failed = 0
-    bar = tqdm(total=None, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
+    counts = [u.count for u in todo]
+    total = sum(counts) if None not in counts else None  # wds units are counted only when read
+    bar = tqdm(total=total, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
     workers = max(1, min(cfg.workers, len(todo)))
     if workers == 1:
         for unit in todo:
