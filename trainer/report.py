@@ -33,8 +33,8 @@ import click
 import numpy as np
 
 from dynavit.manifests import atomic_path
+from dynavit.pipeline.show import VIZ_HINT, MissingExtra, require_matplotlib  # one matplotlib gate for both CLIs
 
-VIZ_HINT = "matplotlib is required for this command: install dynavit[viz]"
 TABLE_FIELDS = ("run", "k", "eval_k", "seq_len", "eval_seq_len", "best_acc1", "acc5_at_best", "best_epoch",
                 "epochs", "sec_per_epoch", "images_per_s", "speedup", "final_acc1", "model", "scorer", "select",
                 "eval_split", "cm_acc1", "macro_f1", "path")
@@ -44,18 +44,6 @@ PER_CLASS_FIELDS = ("class_index", "class_name", "precision", "recall", "f1", "s
 class ReportError(ValueError):
     """A run directory that cannot be reported on (one line naming the file)."""
 
-
-class MissingExtra(RuntimeError):
-    """matplotlib (the `viz` extra) is not installed."""
-
-
-def require_matplotlib():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingExtra(VIZ_HINT) from None
-    return Figure, FigureCanvasAgg
 
 
 # --- reading runs ---------------------------------------------------------------------------
