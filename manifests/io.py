@@ -168,6 +168,8 @@ class TarWriter:
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
+        if self._file.closed:  # abort() after a failed commit() must not mask the first error
+            return
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -52,8 +52,11 @@ def run_floor(src: Path, workers: int, shard_size: int, image_size: int, patch: 
     files = sorted(str(p) for p in (src / "train").rglob("*.JPEG"))
     units = [(files[i:i + shard_size], image_size, patch, fmt, quality) for i in range(0, len(files), shard_size)]
     t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(workers) as pool:
-        n = sum(pool.map(_floor_unit, units, chunksize=1))
+    if workers == 1:  # dynaprep runs one worker in-process too
+        n = sum(_floor_unit(u) for u in units)
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            n = sum(pool.map(_floor_unit, units, chunksize=1))
     return n / (time.perf_counter() - t0)
 
 
@@ -67,6 +70,10 @@ def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size
                       image_size=image_size, patch_size=patch, image_format=fmt, quality=quality,
                       shard_size=shard_size, workers=workers)
     source = open_source("imagefolder", str(src))
+    if workers == 1:
+        import numba
+
+        numba.set_num_threads(1)  # one worker = one core, as in the floor (pool workers do this too)
     t0 = time.perf_counter()
     result = run_index(cfg, source, progress_bar=False)
     # Pool start-up is inside both timings; the manifest merge is inside dynaprep's only.

@@ -107,7 +107,8 @@ def main():
 @click.option("--mean", default=None, callback=_triple, help="Normalisation mean R,G,B for the l2 score [ImageNet].")
 @click.option("--std", default=None, callback=_triple, help="Normalisation std R,G,B for the l2 score [ImageNet].")
 @click.option("-o", "--option", "options", multiple=True, callback=_options,
-              help="Source option KEY=VALUE, repeatable (demo: n_train, n_val, seed; wds: split, classes_file).")
+              help="Source option KEY=VALUE, repeatable; values that read as numbers are passed as numbers "
+                   "(demo: n_train, n_val, seed, image_size [--image-size]; wds: split, classes_file).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
           workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
@@ -136,7 +137,7 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
                       mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
                       workers=workers, rank=rank, world_size=world_size)
     try:
-        result = run_index(cfg, source, resume=resume or world_size > 1, overwrite=overwrite,
+        result = run_index(cfg, source, resume=resume, overwrite=overwrite,
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
     except RunError as e:
         raise click.UsageError(str(e)) from None
@@ -145,15 +146,17 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
     rate = (result.ok + result.failed) / result.seconds if result.seconds else 0.0
     click.echo(f"dynaprep index: {result.units_run} shards written, {result.units_done_before} already done "
                f"({result.ok} ok, {result.failed} failed, {rate:.1f} img/s)")
+    failed = result.failed
     if result.merged:
         info = json.loads((Path(out) / "dataset.json").read_text())
         for name, c in info["splits"].items():
             click.echo(f"  {name}: {c['ok']} ok, {c['failed']} failed, {c['shards']} shards")
         click.echo(f"  wrote {out}/dataset.json")
+        failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
     else:
         click.echo(f"rank {rank}/{world_size} done; when every rank has finished run: dynaprep merge-manifests {out}")
-    if strict and result.failed:
-        click.echo(f"--strict: {result.failed} inputs failed (see manifest.parquet)", err=True)
+    if strict and failed:
+        click.echo(f"--strict: {failed} inputs failed (see manifest.parquet)", err=True)
         sys.exit(1)
 
 

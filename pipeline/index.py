@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -41,11 +42,11 @@ from dynavit.manifests import (
     write_shards,
 )
 from dynavit.manifests.io import TMP_SUFFIX, write_table_atomic
-from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK
+from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
 from .decode import DecodeError, encode_image, load_image
 from .saliency import score_patches
-from .sources import open_source
+from .sources import SourceError, open_source
 from .topk import select_topk_multi
 
 STATE_DIR = ".dynaprep"
@@ -79,7 +80,7 @@ class IndexConfig:
     def output_settings(self) -> dict:
         """Everything that determines the bytes written: a resume must not change these."""
         d = dataclasses.asdict(self)
-        for name in self.RUN_ONLY:
+        for name in (*self.RUN_ONLY, "out"):  # a moved or re-mounted --out writes the same bytes
             d.pop(name)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -105,12 +106,24 @@ def _part(out, unit, kind: str) -> Path:
     return _state(out) / "parts" / f"{unit.split}-{unit.index:06d}.{kind}.parquet"
 
 
-def prepare_out_dir(cfg: IndexConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a non-empty --out needs --resume (same settings) or --overwrite."""
+def plan_digest(units) -> str:
+    """What the inputs are, unit by unit: a resume or merge over a changed source would
+    shift ordinals between shards and silently duplicate or drop inputs."""
+    h = hashlib.sha256()
+    for u in units:
+        h.update(repr((u.split, u.index, u.count, u.payload)).encode())
+    return h.hexdigest()
+
+
+def prepare_out_dir(cfg: IndexConfig, units, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a non-empty --out needs --resume (same settings and inputs) or
+    --overwrite. Ranks of one multi-machine run share --out, so they always join."""
     out = Path(cfg.out)
     saved = _state(out) / "config.json"
+    now = {**cfg.output_settings(), "plan": plan_digest(units)}
     nonempty = out.exists() and any(out.iterdir())
-    if nonempty and not (resume or overwrite):
+    joining = cfg.world_size > 1
+    if nonempty and not (resume or overwrite or joining):
         raise RunError(f"--out {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     if nonempty and overwrite and not resume:
         # Only ever delete what a dynaprep run wrote: --out could be a typo for a home directory.
@@ -118,17 +131,19 @@ def prepare_out_dir(cfg: IndexConfig, resume: bool, overwrite: bool) -> None:
             raise RunError(f"refusing to --overwrite {out}: it does not look like a dynaprep output directory")
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    elif nonempty and resume:
-        if not saved.exists():
-            raise RunError(f"cannot --resume {out}: no {STATE_DIR}/config.json (not a dynaprep run?)")
+    elif nonempty and (resume or joining) and saved.exists():
         before = json.loads(saved.read_text())
-        now = cfg.output_settings()
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
-            raise RunError(f"cannot --resume {out} with different settings: {', '.join(diff)} changed")
+            what = "the input files" if diff == ["plan"] else ", ".join(diff)
+            raise RunError(f"cannot --resume {out}: {what} changed since the run started")
+    elif nonempty and not joining:
+        raise RunError(f"cannot --resume {out}: no {STATE_DIR}/config.json (not a dynaprep run?)")
+    if resume and not joining:
+        # Other ranks may be writing their temp files right now; a lone run owns them all.
         _remove_temp_files(out)
+    write_json_atomic(saved, now)  # before parts/ exists, so a joining rank always finds it
     (_state(out) / "parts").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, cfg.output_settings())
 
 
 def _remove_temp_files(out: Path) -> None:
@@ -137,8 +152,14 @@ def _remove_temp_files(out: Path) -> None:
         path.unlink()
 
 
-def is_done(out, unit) -> bool:
-    return _part(out, unit, "shard").exists()
+def is_done(out, unit, cfg: "IndexConfig") -> bool:
+    """DESIGN §3: a shard pair is done when its part (its shards row) and its tars exist."""
+    if not _part(out, unit, "shard").exists():
+        return False
+    tars = [index_shard_name(unit.split, s, unit.index) for s in cfg.scorers]
+    if cfg.data != "wds":
+        tars.append(image_shard_name(unit.split, unit.index))
+    return all((Path(out) / t).exists() for t in tars)
 
 
 # --- one work unit (runs in a worker process) ---------------------------------------------
@@ -249,8 +270,8 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
               progress_bar: bool = True) -> RunResult:
     units = plan(cfg, source)
     mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
-    prepare_out_dir(cfg, resume, overwrite)
-    todo = [u for u in mine if not is_done(cfg.out, u)]
+    prepare_out_dir(cfg, units, resume, overwrite)
+    todo = [u for u in mine if not is_done(cfg.out, u, cfg)]
     t0 = time.perf_counter()
     ok = failed = 0
     counts = [u.count for u in todo]
@@ -276,7 +297,7 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     bar.close()
     seconds = time.perf_counter() - t0
     merged = False
-    if all(is_done(cfg.out, u) for u in units):
+    if all(is_done(cfg.out, u, cfg) for u in units):
         merge(cfg.out, source=source, cfg=cfg, units=units)
         merged = True
     return RunResult(len(units), len(mine) - len(todo), len(todo), ok, failed, seconds, merged)
@@ -286,7 +307,7 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
 
 def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     """Join the part files into the two manifests, then write dataset.json last."""
-    missing = [u for u in units if not is_done(out, u)]
+    missing = [u for u in units if not is_done(out, u, cfg)]
     if missing:
         names = ", ".join(f"{u.split}/{u.index}" for u in missing[:5])
         raise RunError(f"{len(missing)} units are not done yet (e.g. {names}): run the missing ranks or --resume")
@@ -307,7 +328,7 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
         image_size=(cfg.image_size, cfg.image_size), patch_size=cfg.patch_size,
         scorers=list(cfg.scorers),
         ks=[KInfo(k, k_count(k, n), 1 + k_count(k, n)) for k in cfg.ks],
-        classes=list(source.classes()), splits=splits,
+        classes=_classes(source, manifest), splits=splits,
         resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct} if not source.external_images else {"policy": "none"},
         image_format=cfg.image_format if not source.external_images else "external",
         quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
@@ -319,13 +340,29 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     return info
 
 
+def _classes(source, manifest: pa.Table) -> list[str]:
+    """The source's class names; for labelled data without names (a user's wds without a
+    classes_file) the label values themselves, so a trainer knows how many classes there are."""
+    names = list(source.classes())
+    if names or manifest["label"].null_count == manifest.num_rows:
+        return names
+    return [str(i) for i in range(pa.compute.max(manifest["label"]).as_py() + 1)]
+
+
 def merge_from_state(out) -> DatasetInfo:
     """`dynaprep merge-manifests`: rebuild the plan from the saved settings and merge."""
     saved = _state(out) / "config.json"
     if not saved.exists():
         raise RunError(f"{out}: no {STATE_DIR}/config.json; is this a dynaprep output directory?")
     settings = json.loads(saved.read_text())
+    digest = settings.pop("plan", None)
     settings["mean"], settings["std"] = tuple(settings["mean"]), tuple(settings["std"])
-    cfg = IndexConfig(**settings)
-    source = open_source(cfg.data, cfg.src, **cfg.source_options)
-    return merge(out, source, cfg, plan(cfg, source))
+    cfg = IndexConfig(**settings, out=str(out))
+    try:
+        source = open_source(cfg.data, cfg.src, **cfg.source_options)
+        units = plan(cfg, source)
+    except (SourceError, ValueError) as e:
+        raise RunError(f"cannot re-open the source to merge: {e}") from None
+    if digest is not None and plan_digest(units) != digest:
+        raise RunError(f"the input files of {cfg.src} changed since the run started; re-run with --overwrite")
+    return merge(out, source, cfg, units)

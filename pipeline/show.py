@@ -129,7 +129,7 @@ def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, 
 
 def load_samples(plan: ShowPlan) -> list[dict]:
     """Image, label, scores per scorer and kept indices per K (first scorer) of each key."""
-    from PIL import Image
+    from .decode import DecodeError, load_image
 
     try:
         shard_rows = {int(r["shard"]): r for r in read_shards(plan.out_dir).to_pylist() if r["split"] == plan.split}
@@ -151,7 +151,12 @@ def load_samples(plan: ShowPlan) -> list[dict]:
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if ext is None:
                 raise FormatError(f"{images_path}: sample {key} has no image member ({', '.join(members)})")
-            rgb = np.asarray(Image.open(io.BytesIO(members[ext])).convert("RGB"))
+            # The indexer's decoder: EXIF orientation and odd modes of a user's wds images
+            # must give the pixels the scores were computed on.
+            try:
+                rgb = load_image(members[ext], tuple(plan.info.image_size), patch_size=1, keep_size=True).rgb
+            except DecodeError as e:
+                raise FormatError(f"{images_path}: sample {key}: {e}") from None
             label = int(members["cls"].decode()) if "cls" in members else None
             found[key] = {"key": key, "image": rgb, "label": label, "scores": {}, "indices": {}}
         for scorer in plan.scorers:

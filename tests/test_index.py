@@ -138,6 +138,8 @@ def test_wds_writes_only_index_shards(tmp_path):
     failed = [r for r in read_manifest(out) if r["status"] == "failed"]
     assert [(r["key"], r["source"]) for r in failed] == [("000020001", "00002.tar#000020001")]
     assert "64×48" in failed[0]["error"]
+    # No classes_file: the label values stand in for names, so a trainer knows there are 5.
+    assert __import__("json").loads((out / "dataset.json").read_text())["classes"] == ["0", "1", "2", "3", "4"]
     assert validate_dataset(out) == []
 
 
@@ -194,7 +196,23 @@ def test_non_empty_out_is_refused_then_overwrite(tmp_path):
     run("index", "--data", "demo", "--out", tmp_path / "d", "--overwrite", "--k", "50", *demo, *SMALL)
     assert [k["k"] for k in __import__("json").loads((tmp_path / "d" / "dataset.json").read_text())["ks"]] == [50]
     result = run("index", "--data", "demo", "--out", tmp_path / "d", "--resume", "--k", "25", *demo, *SMALL, ok=False)
-    assert result.exit_code == 2 and "different settings: ks" in result.output
+    assert result.exit_code == 2 and "ks changed since the run started" in result.output
+
+
+def test_resume_refuses_changed_inputs_and_strict_counts_earlier_failures(tmp_path):
+    src = tmp_path / "src"
+    fd.make_imagefolder(src, classes=("a", "b"), per_class=3, val_per_class=1, extras=False)
+    (src / "train" / "a" / "broken.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    run("index", "--data", "imagefolder", "--src", src, "--out", out, "--shard-size", "2", *SMALL)
+    # A resumed (here: already complete) run still fails --strict for the failure it kept.
+    strict = run("index", "--data", "imagefolder", "--src", src, "--out", out, "--shard-size", "2", "--resume",
+                 "--strict", *SMALL, ok=False)
+    assert strict.exit_code == 1 and "0 shards written" in strict.output
+    (src / "train" / "a" / "a_0.JPEG").unlink()  # ordinals shift: old shards no longer match
+    result = run("index", "--data", "imagefolder", "--src", src, "--out", out, "--shard-size", "2", "--resume",
+                 *SMALL, ok=False)
+    assert result.exit_code == 2 and "the input files changed" in result.output
 
 
 def _tree(out):

@@ -378,8 +378,9 @@ def test_wds_truncated_tar(tmp_path, wds_ds):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[: len(data) // 2])
     src = open_source("wds", str(cut))
-    got = list(src.read_unit(src.units("train")[0]))
-    assert got[-1].key == TAR_ERROR_KEY and "unreadable tar" in got[-1].error
+    unit = src.units("train")[0]
+    got = list(src.read_unit(unit))
+    assert got[-1].key == f"{TAR_ERROR_KEY}{unit.index:06d}" and "unreadable tar" in got[-1].error
     assert all(s.ok for s in got[:-2]) and len(got) >= 2
     missing_pattern = os.path.join(wds_ds["root"], "{00000..00009}.tar")
     with pytest.raises(SourceError, match="7 of 10 shards"):
@@ -406,14 +407,11 @@ def test_demo_deterministic_and_independent():
     assert not (next(diff_seed.read_unit(diff_seed.units("train", 1)[0])).data == samples[0].data).all()
 
 
-def test_demo_object_is_a_minority_and_fast():
-    import time
+def test_demo_object_is_a_minority():
+    # (speed is for benchmarks, not unit tests: ~1-2 ms per 224² image when measured)
     src = open_source("demo", None, n_train=20)
-    t0 = time.perf_counter()
     samples = [s for u in src.units("train", 20) for s in src.read_unit(u)]
-    per_image = (time.perf_counter() - t0) / len(samples)
     assert samples[0].data.shape == (224, 224, 3)
-    assert per_image < 0.05  # generous for loaded CI machines; ~1-2 ms typical
     for s in samples:
         img = s.data.astype(int)
         # patches (16x16) whose colour spread is large = where the object edges are

@@ -52,7 +52,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json
 CHECKPOINT_FORMAT = "dynavit-train-checkpoint"
 CHECKPOINT_VERSION = 1
 # Changing these on --resume does not change the numbers a run produces.
-RESUME_SAFE_FIELDS = {"epochs", "workers", "device", "shards", "out", "resume", "overwrite",
+# Options a resume may change without changing the result. Not `workers`: shards are split
+# per worker, so the batches depend on it.
+RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite",
                       "compile", "skip_bad_samples"}
 
 
@@ -140,6 +142,17 @@ def effective_k(cfg: TrainConfig) -> tuple[int, int]:
     return k, eval_k
 
 
+def _unlabeled(dataset_dir, split: str) -> bool:
+    """True when no ok row of the split has a label (e.g. ImageNet-style flat test/)."""
+    import pyarrow.compute as pc
+
+    from dynavit.manifests import read_manifest
+
+    m = read_manifest(dataset_dir)
+    rows = m.filter(pc.and_(pc.equal(m["split"], split), pc.equal(m["status"], "ok")))
+    return rows.num_rows > 0 and rows["label"].null_count == rows.num_rows
+
+
 def pick_val_split(cfg: TrainConfig, info) -> str:
     if cfg.val_split:
         return cfg.val_split
@@ -182,6 +195,13 @@ def check_config(cfg: TrainConfig):
     val_split = pick_val_split(cfg, info)
     if val_split not in info.splits:
         raise ConfigError(f"split {val_split!r} not in {cfg.shards} (has {sorted(info.splits)})", "--val-split")
+    if len(info.classes) < 2:
+        raise ConfigError(f"{cfg.shards}: dataset.json lists {len(info.classes)} classes; training needs "
+                          f"labels (for --data wds, index with -o classes_file=...)", "--shards")
+    for split in ("train", val_split):
+        if _unlabeled(cfg.shards, split):
+            raise ConfigError(f"split {split!r} of {cfg.shards} has no labels; name a labelled split with "
+                              f"--val-split", "--val-split")
     if cfg.input_size is not None:
         stored = tuple(info.image_size)
         if cfg.input_size % info.patch_size or cfg.input_size > min(stored):

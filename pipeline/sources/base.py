@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from dynavit.manifests.schema import key_for
+
 __all__ = ["RawSample", "WorkUnit", "Source", "SourceError", "make_key", "read_bytes",
            "IMAGE_EXTENSIONS", "is_image_name"]
 
@@ -48,8 +50,7 @@ class WorkUnit:
     count: int | None = None  # number of samples, None when unknown before reading (wds)
 
 
-def make_key(ordinal: int) -> str:
-    return f"{ordinal:010d}"
+make_key = key_for  # the contract's key rule (DESIGN §3), under the name sources use
 
 
 def is_image_name(name: str) -> bool:

@@ -174,7 +174,8 @@ class WdsSource(Source):
                 problem = problem or "tar ends inside this sample"
                 yield finish()
                 key = None
-            yield RawSample(TAR_ERROR_KEY, f"{tar_name}#", None, None, None,
+            # One per unreadable tar; the unit index keeps the key unique within the split.
+            yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
                             f"unreadable tar {path}: {e}")
         if key is not None:
             yield finish()
