@@ -83,6 +83,27 @@ def test_tar_writer_is_deterministic_and_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # no c.tar, no temp file
 
 
+def test_tar_writer_bytes_equal_tarfile(tmp_path):
+    """The hand-built headers must be exactly what the standard library writes."""
+    import io
+    import tarfile
+
+    members = [("0000000007", {"jpg": b"\xff" * 1000, "cls": b"3", "k70.npy": b"x" * 512}),
+               ("d" * 95 + "/0000000008", {"png": b"" , "scores.npy": b"y" * 9000})]  # long name: prefix split
+    with TarWriter(tmp_path / "ours.tar") as w:
+        for key, m in members:
+            w.write(key, m)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, m in members:
+            for ext, data in m.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == buf.getvalue()
+    assert [k for k, _ in iter_tar_samples(tmp_path / "ours.tar")] == [k for k, _ in members]
+
+
 # --- the validator catches each violation, naming the file --------------------------------
 
 def _shard_row(out, split="train", shard=1):

@@ -24,6 +24,7 @@ its `steps` is this rank's own batch count.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -160,6 +161,26 @@ def center_indices(grid: tuple[int, int], kept: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple, bool]:
+    """Parsed once per distinct header: every k70.npy of a dataset has the same one, and
+    numpy's own parser (ast.literal_eval) costs more per sample than the rest of the stage."""
+    d = ast.literal_eval(header[10 if header[6] == 1 else 12:].decode("latin1"))
+    return np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"])
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """np.load of a version 1/2 .npy without pickles, with the header parse cached."""
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # let numpy say what is wrong
+    start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    dtype, shape, fortran = _npy_header(data[:start])
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def _check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
     """What is wrong with a stored index array, or None."""
     if idx.ndim != 1 or len(idx) != kept:
@@ -241,8 +262,61 @@ class reorder_passes(wds.PipelineStage):
 
 # --- reading a shard pair in lockstep ------------------------------------------------------
 
-def _tar_samples(path: str):
-    """webdataset's own tar expansion and grouping of one local tar; errors name the file."""
+def _ustar_members(stream, path: str):
+    """(name, bytes) of each regular file of a plain USTAR tar, the format TarWriter writes.
+
+    Python's tarfile spends more time per member than decoding a 224² JPEG takes (~50 µs per
+    header); an index shard has 2 + len(ks) members per sample. Anything this does not
+    understand (pax/GNU headers, a bad checksum) is an error, never a guess."""
+    while True:
+        h = stream.read(512)
+        if not h or h == bytes(512):  # end of archive (or a shard cut between members)
+            return
+        if len(h) < 512:
+            raise DataError(f"{path}: unreadable tar (truncated header)")
+        if h[257:262] != b"ustar" or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
+            raise DataError(f"{path}: unreadable tar (not a plain USTAR header at offset {stream.tell() - 512})")
+        size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
+        data = stream.read(size)
+        if len(data) < size:
+            raise DataError(f"{path}: unreadable tar (truncated member)")
+        stream.read(-size % 512)
+        if h[156:157] in (b"0", b"\0"):
+            name, prefix = h[:100].split(b"\0")[0], h[345:500].split(b"\0")[0]
+            yield (prefix + b"/" + name if prefix else name).decode("utf-8"), data
+
+
+def _fast_tar_samples(path: str):
+    """Our own shards: group USTAR members by webdataset's key rule (name up to the first dot
+    of the basename, suffixes lower-cased), into webdataset-style sample dicts."""
+    try:
+        with open(path, "rb") as stream:
+            sample = None
+            for name, data in _ustar_members(stream, path):
+                slash = name.rfind("/") + 1
+                dot = name.find(".", slash)
+                if dot < 0:
+                    continue  # webdataset drops members without a suffix too
+                key, ext = name[:dot], name[dot + 1:].lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": path}
+                elif ext in sample:
+                    raise DataError(f"{path}: unreadable tar (duplicate member {name!r})")
+                sample[ext] = data
+            if sample is not None:
+                yield sample
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard file missing") from None
+
+
+def _tar_samples(path: str, ours: bool = True):
+    """One tar's samples; errors name the file. A user's own WebDataset (`ours=False`) goes
+    through webdataset's expansion, which knows every tar dialect."""
+    if ours:
+        yield from _fast_tar_samples(path)
+        return
     try:
         with open(path, "rb") as stream:
             files = tariterators.tar_file_expander([{"url": path, "stream": stream}])
@@ -266,7 +340,7 @@ def read_pairs(pairs, *, skip_bad: bool, skips: _Skips, sample_split: tuple[int,
         def mine(pos: int) -> bool:
             return sample_split is None or (pair.offset + pos) % sample_split[1] == sample_split[0]
 
-        images, index = _tar_samples(pair.images), _tar_samples(pair.index)
+        images, index = _tar_samples(pair.images, ours=not extra_images), _tar_samples(pair.index)
         pos = 0
         try:
             for idx_sample in index:
@@ -358,7 +432,7 @@ def select_patches(samples, *, mode: str, k: int, grid: tuple[int, int], window:
             try:
                 if member not in sample:
                     raise ValueError(f"no {member}")
-                arr = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+                arr = _npy(sample[member])
                 if cropped:
                     if arr.shape != tuple(grid):
                         raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(grid)}")
@@ -388,7 +462,9 @@ def random_flip(samples, *, grid_w: int, seed: int, epoch: int):
 
 def collate(samples, *, batch_size: int, keep_partial: bool, skips: _Skips):
     for group in wds.batched(batch_size, collation_fn=None, partial=keep_partial)(samples):
-        images = torch.from_numpy(np.stack([s["image"] for s in group])).permute(0, 3, 1, 2).contiguous()
+        # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
+        # device, inside normalize (DESIGN §6: uint8 to the device, normalise there).
+        images = torch.from_numpy(np.stack([s["image"] for s in group])).permute(0, 3, 1, 2)
         keep = None if group[0]["keep"] is None else torch.from_numpy(np.stack([s["keep"] for s in group]))
         labels = torch.tensor([s["label"] for s in group], dtype=torch.int64)
         yield Batch(images, keep, labels, [s["__key__"] for s in group], skips.take())

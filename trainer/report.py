@@ -302,7 +302,9 @@ def _save(fig, canvas, path: Path) -> None:
 
 
 def _label(row) -> str:
-    return f"K={row['k']}"
+    # The selection matters as much as K (saliency vs random at the same K is the question).
+    select = row.get("select")
+    return f"K={row['k']}" if select in (None, "saliency", "dense") else f"K={row['k']} {select}"
 
 
 def plot_acc_vs_time(rows, path: Path) -> None:
