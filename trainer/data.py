@@ -464,7 +464,14 @@ def collate(samples, *, batch_size: int, keep_partial: bool, skips: _Skips):
     for group in wds.batched(batch_size, collation_fn=None, partial=keep_partial)(samples):
         # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
         # device, inside normalize (DESIGN §6: uint8 to the device, normalise there).
-        images = torch.from_numpy(np.stack([s["image"] for s in group])).permute(0, 3, 1, 2)
+        # In a loader worker the batch is stacked straight into shared memory: otherwise
+        # torch copies it there again to send it to the main process.
+        first = group[0]["image"]
+        buf = torch.empty((len(group), *first.shape), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            buf.share_memory_()
+        np.stack([s["image"] for s in group], out=buf.numpy())
+        images = buf.permute(0, 3, 1, 2)
         keep = None if group[0]["keep"] is None else torch.from_numpy(np.stack([s["keep"] for s in group]))
         labels = torch.tensor([s["label"] for s in group], dtype=torch.int64)
         yield Batch(images, keep, labels, [s["__key__"] for s in group], skips.take())
