@@ -74,7 +74,7 @@ def main(out, work, quick):
         checks.append(_check(rows["l2"]["numba_over_copy"] <= 4, f"l2: {rows['l2']['numba_over_copy']:.2f}× the np.copy floor (target ≤ 4×)"))
 
     index_json = work / "index.json"
-    cmd, text = _run([py, "-m", "dynavit.pipeline.bench_index", "--n", "400" if quick else "2000", "--workers", "1,2",
+    cmd, text = _run([py, "-m", "dynavit.pipeline.bench_index", "--n", "400" if quick else "4000", "--workers", "1,2",
                       "--workdir", str(work / "jpegs"), "--json", str(index_json)], log)
     sections.append(("dynaprep index vs the decode + resize + encode floor", cmd, text))
     rows = json.loads(index_json.read_text())
