@@ -59,6 +59,10 @@ def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
         bad(SHARDS_PARQUET, str(e))
         shards = None
 
+    for k in info.ks:
+        if (k.kept, k.seq_len) != (k_count(k.k, info.num_patches), 1 + k_count(k.k, info.num_patches)):
+            bad(DATASET_JSON, f"ks entry K={k.k} says kept={k.kept}, seq_len={k.seq_len}; the grid "
+                f"{info.grid} gives {k_count(k.k, info.num_patches)} and {1 + k_count(k.k, info.num_patches)}")
     expected_keys: dict[tuple[str, int], list[str]] = defaultdict(list)
     if manifest is not None:
         _check_manifest(info, manifest, bad)
@@ -197,7 +201,8 @@ def _check_index_sample(key, members, info: DatasetInfo, n: int, dtype, rel: str
         arr = npy_load(scores)
         if arr.dtype != np.float16 or arr.shape != info.grid:
             bad(rel, f"sample {key!r}: scores.npy is {arr.dtype}{list(arr.shape)}, expected float16{list(info.grid)}")
-    for k in info.ks:
+    previous = None  # K descending: every set must contain the next smaller one (one ranking)
+    for k in sorted(info.ks, key=lambda k: -k.k):
         data = members.get(f"k{k.k}.npy")
         if data is None:
             bad(rel, f"sample {key!r}: no k{k.k}.npy")
@@ -213,3 +218,6 @@ def _check_index_sample(key, members, info: DatasetInfo, n: int, dtype, rel: str
             bad(rel, f"sample {key!r}: k{k.k}.npy index {int(idx.max())} out of range 0..{n - 1}")
         if np.any(np.diff(idx.astype(np.int64)) <= 0):
             bad(rel, f"sample {key!r}: k{k.k}.npy not strictly increasing")
+        if previous is not None and not np.isin(idx, previous[1]).all():
+            bad(rel, f"sample {key!r}: k{k.k}.npy is not a subset of k{previous[0]}.npy (sets must nest)")
+        previous = (k.k, idx)

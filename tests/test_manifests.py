@@ -180,6 +180,28 @@ def test_wrong_length_for_k(dataset):
     _only(validate_dataset(out), rel, "expected [16]")
 
 
+def test_k_sets_not_nested(dataset):
+    out, info = dataset
+
+    def edit(samples):  # keep length, order and range, but put a patch outside K=50 into K=25
+        _, members = samples[0]
+        k50, k25 = npy_load(members["k50.npy"]), npy_load(members["k25.npy"])
+        outside = np.setdiff1d(np.arange(info.num_patches), k50)
+        members["k25.npy"] = npy_bytes(np.sort(np.concatenate([k25[1:], outside[:1]])).astype(k25.dtype))
+        return samples
+
+    rel = _rewrite_index(out, edit)
+    _only(validate_dataset(out), rel, "k25.npy is not a subset of k50.npy")
+
+
+def test_ks_entry_inconsistent_with_grid(dataset):
+    out, _ = dataset
+    d = json.loads((out / "dataset.json").read_text())
+    d["ks"][0]["kept"] += 1
+    (out / "dataset.json").write_text(json.dumps(d))
+    _only(validate_dataset(out), "dataset.json", "ks entry K=50 says kept=33")
+
+
 def test_wrong_index_dtype(dataset):
     out, _ = dataset
     rel = _rewrite_index(out, _edit_k(50, lambda a: a.astype(np.uint16)))

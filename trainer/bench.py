@@ -92,7 +92,8 @@ def bench_loader(dataset_dir, k: int, scorer: str, batch: int, worker_counts: li
     return out
 
 
-def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, workers, steps, amp) -> list[dict]:
+def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, workers, steps, amp,
+                     device: str = "cpu") -> list[dict]:
     """Train steps fed by the real loader: images/s end to end for each K (loader + model)."""
     import timm
 
@@ -100,8 +101,9 @@ def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, w
     from .sparse import sparse_forward
 
     info = open_dataset(dataset_dir)
+    dev = torch.device(device)
     model = timm.create_model(model_name, pretrained=False, num_classes=len(info.classes),
-                              img_size=info.image_size, **model_kwargs)
+                              img_size=info.image_size, **model_kwargs).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = {"off": None, "bf16": torch.bfloat16}[amp]
     out = []
@@ -112,14 +114,19 @@ def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, w
         n, t0 = 0, None
         for i, b in enumerate(itertools.islice(it, steps + 1)):
             if i == 1:  # the first batch pays worker start-up
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            b = b.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                 x = normalize(b.images, info.mean, info.std)
                 loss = torch.nn.functional.cross_entropy(sparse_forward(model, x, b.keep_idx), b.labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             n += len(b) if i else 0
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         del it
         out.append({"K": k, "img_s": n / (time.perf_counter() - t0) if t0 else float("nan")})
     return out
@@ -146,7 +153,7 @@ def run_bench(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, 
     result["loader_k"] = loader_k
     result["loader"] = bench_loader(shards, loader_k, scorer, batch, worker_counts)
     result["real_steps"] = bench_real_steps(shards, model_name, model_kwargs, ks, scorer, batch,
-                                            max(worker_counts), steps * 2, amp)
+                                            max(worker_counts), steps * 2, amp, device)
     return result
 
 
@@ -158,7 +165,7 @@ def format_bench(r: dict) -> str:
                 _table(["K", "S", "img/s", "speed-up", "ideal", "achieved"],
                        [[x["K"], x["S"], f"{x['imgs_per_s']:.1f}", f"{x['speedup']:.2f}x", f"{x['ideal_speedup']:.2f}x",
                          f"{x['efficiency']:.2f}"] for x in r[name]])]
-    out += ["", f"train step fed by the real loader (workers {max(x['workers'] for x in r['loader'])}):",
+    out += ["", f"train step fed by the real loader on {r['device']} (workers {max(x['workers'] for x in r['loader'])}):",
             _table(["K", "img/s"], [[x["K"], f"{x['img_s']:.1f}"] for x in r["real_steps"]])]
     out += ["", f"loader alone at K={r['loader_k']} vs bare JPEG/PNG decode of the same tars:",
             _table(["workers", "loader img/s", "floor img/s", "loader/worker", "floor/worker", "ratio"],
