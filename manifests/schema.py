@@ -18,6 +18,9 @@ DATASET_JSON = "dataset.json"
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 
+# Member suffixes that hold a sample's image (webdataset's own image extensions, lower-case).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 

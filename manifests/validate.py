@@ -18,13 +18,13 @@ from .schema import (
     SHARDS_PARQUET,
     STATUS_FAILED,
     STATUS_OK,
+    IMAGE_EXTS,
     DatasetInfo,
     FormatError,
     index_dtype_name,
     k_count,
 )
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import time
 from dataclasses import dataclass, field

@@ -16,7 +16,6 @@ canvas (no pyplot, no global backend switch).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from dynavit.manifests import (
     read_shards,
     resolve,
 )
+from dynavit.manifests.schema import IMAGE_EXTS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
 DIM = 0.25  # brightness factor of pruned patches in the "kept" panels
 PANEL_INCHES = 2.0
 DPI = 100

@@ -1,5 +1,4 @@
 """`dynatrain bench` on a tiny dataset: the figures it reports must be consistent with their sources."""
-import json
 import tarfile
 
 import pytest

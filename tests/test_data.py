@@ -5,7 +5,6 @@ computed by hand, never with the loader under test.
 """
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 
 import numpy as np

@@ -3,7 +3,6 @@
 Shards are read back with plain `webdataset` and manifests with `pyarrow`, never with the
 code that wrote them; scores and selections are recomputed from the stored (PNG) pixels.
 """
-import io
 import os
 import shutil
 import signal
@@ -17,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from PIL import Image
 
 import fixtures_data as fd
 from dynavit.manifests import validate_dataset

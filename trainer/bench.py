@@ -17,18 +17,17 @@ import multiprocessing as mp
 import os
 import tarfile
 import time
-from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from dynavit.manifests import read_shards, resolve
+from dynavit.manifests import read_shards, resolve, schema, write_json_atomic
 
 from .bench_step import bench as bench_step
 from .data import build_loader, open_dataset
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTS = tuple(f".{e}" for e in schema.IMAGE_EXTS)
 
 
 def _decode_tar(path: str) -> int:
@@ -203,4 +202,4 @@ def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, a
     result = run_bench(shards, model_name, kwargs, ks, batch, steps, repeats, amp, device, worker_counts, scorer)
     click.echo(format_bench(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(json_path, result)

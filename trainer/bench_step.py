@@ -15,8 +15,6 @@ optimizer and per-step overheads, which do not shrink with K.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import statistics
 import time
 
@@ -24,6 +22,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from dynavit.manifests import write_json_atomic
 from dynavit.pipeline.topk import k_count
 from dynavit.trainer.flops import build_meta_model, count_macs
 from dynavit.trainer.sparse import sparse_forward
@@ -169,11 +168,7 @@ def main(model_name, batch, ks, steps, warmup, repeats, amp, device, infer, json
         doc = dict(model=model_name, batch=batch, amp=amp, device=device, infer=infer,
                    steps=steps, warmup=warmup, repeats=repeats,
                    threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
-        tmp = f"{json_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, json_path)
+        write_json_atomic(json_path, doc)
     return rows
 
 

@@ -44,13 +44,13 @@ import webdataset as wds
 from webdataset import tariterators
 
 from dynavit.manifests import DatasetInfo, FormatError, k_count, read_dataset_info, read_shards, resolve
+from dynavit.manifests.schema import IMAGE_EXTS
 from dynavit.pipeline.decode import load_image
 from dynavit.pipeline.topk import select_topk
 
 log = logging.getLogger(__name__)
 
 SELECT_MODES = ("saliency", "random", "center", "dense")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
 UNLABELED = -1  # label of a sample without `.cls` (unlabeled splits)
 
 # Independent per-sample random streams, so that e.g. enabling crops does not change flips.

@@ -15,8 +15,6 @@ For a plain ViT the count is exactly quadratic in the sequence length S:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterable, Optional, Sequence
 
 import click
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dynavit.manifests import write_json_atomic
 from dynavit.pipeline.topk import k_count
 from dynavit.trainer.sparse import check_model, sparse_forward
 
@@ -210,8 +209,4 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> N
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
                    fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
                    unit="MACs (FLOPs/2), counted by torch FlopCounterMode")
-        tmp = f"{json_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, json_path)
+        write_json_atomic(json_path, doc)

@@ -33,7 +33,7 @@ import click
 import numpy as np
 
 from dynavit.manifests import atomic_path
-from dynavit.pipeline.show import VIZ_HINT, MissingExtra, require_matplotlib  # one matplotlib gate for both CLIs
+from dynavit.pipeline.show import MissingExtra, require_matplotlib  # one matplotlib gate for both CLIs
 
 TABLE_FIELDS = ("run", "k", "eval_k", "seq_len", "eval_seq_len", "best_acc1", "acc5_at_best", "best_epoch",
                 "epochs", "sec_per_epoch", "images_per_s", "speedup", "final_acc1", "model", "scorer", "select",

@@ -40,11 +40,11 @@ from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from dynavit.manifests import atomic_path, k_count, write_json_atomic
-from dynavit.trainer.data import DataError, build_loader, normalize, open_dataset
+from dynavit.trainer.data import SELECT_MODES, DataError, build_loader, normalize, open_dataset
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 SCHEDULES = ("step", "cosine")
-SELECTS = ("saliency", "random", "center", "dense")
+SELECTS = SELECT_MODES
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 DENSE_K = 100

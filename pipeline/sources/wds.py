@@ -37,6 +37,8 @@ import os
 import re
 import tarfile
 
+from dynavit.manifests.schema import IMAGE_EXTS
+
 from .base import RawSample, Source, SourceError, WorkUnit
 
 try:
@@ -44,7 +46,7 @@ try:
 except ImportError:  # pragma: no cover - webdataset depends on it
     braceexpand = None
 
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm")
+IMAGE_SUFFIXES = IMAGE_EXTS
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_ERROR_KEY = "__tar_error__"
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's own rule
