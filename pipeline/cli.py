@@ -11,19 +11,13 @@ import click
 from dynavit.manifests import validate_dataset
 
 from .sources import SOURCES, SourceError, open_source
+from .topk import k_list_option
 
 DEFAULT_WORKERS = os.cpu_count() or 1
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
-    try:
-        ks = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-    bad = [k for k in ks if not 1 <= k <= 100]
-    if bad or not ks:
-        raise click.BadParameter(f"K must be integer percents in 1..100, got {value!r}")
-    return sorted(set(ks), reverse=True)
+    return sorted(set(k_list_option(ctx, param, value)), reverse=True)
 
 
 def _scorers(ctx, param, value: str) -> list[str]:

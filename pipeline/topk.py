@@ -26,6 +26,29 @@ def _check_k(k_percent) -> int:
     return int(k_percent)
 
 
+def parse_k_list(text: str) -> list[int]:
+    """'70,50,25' -> [70, 50, 25] in the given order; ValueError naming the text otherwise.
+
+    One parser for every CLI that takes --k (dynaprep index, dynatrain flops/bench)."""
+    try:
+        ks = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+    if not ks or any(not 1 <= k <= 100 for k in ks):
+        raise ValueError(f"K must be integer percents in 1..100, got {text!r}")
+    return ks
+
+
+def k_list_option(ctx, param, value: str) -> list[int]:
+    """click callback around parse_k_list: a bad --k is a usage error (exit 2)."""
+    import click
+
+    try:
+        return parse_k_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def index_dtype(n: int) -> np.dtype:
     """dtype of stored indices for a grid of n patches."""
     if n < 1 or n > 65536:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dynavit.manifests import write_json_atomic
-from dynavit.pipeline.topk import k_count
+from dynavit.pipeline.topk import k_count, k_list_option
 from dynavit.trainer.flops import build_meta_model, count_macs
 from dynavit.trainer.sparse import sparse_forward
 
@@ -115,22 +115,12 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
     return rows
 
 
-def _parse_ks(ctx, param, value: str) -> list[int]:
-    try:
-        ks = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
-    if not ks or any(not 1 <= k <= 100 for k in ks):
-        raise click.BadParameter(f"K must be integers in 1..100, got {value!r}")
-    return ks
-
-
 @click.command("bench-step")
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
               help="timm VisionTransformer name (random weights, pretrained=False).")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
               help="Images per step.")
-@click.option("--k", "ks", default="100,70,50,25", show_default=True, callback=_parse_ks,
+@click.option("--k", "ks", default="100,70,50,25", show_default=True, callback=k_list_option,
               help="Comma-separated keep percentages; dense timm forward is always added.")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(1),
               help="Timed steps per configuration per repeat.")

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynavit.manifests import write_json_atomic
-from dynavit.pipeline.topk import k_count
+from dynavit.pipeline.topk import k_count, k_list_option
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 __all__ = [
@@ -160,23 +160,12 @@ def flops_table(model_name, ks: Iterable[int]):
     return rows, fit
 
 
-def _parse_ks(ctx, param, value: str) -> list[int]:
-    try:
-        ks = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
-    bad = [k for k in ks if not 1 <= k <= 100]
-    if not ks or bad:
-        raise click.BadParameter(f"K must be integers in 1..100, got {value!r}")
-    return ks
-
-
 @click.command("flops")
 @click.option("--model", "model_name", default="vit_base_patch16_224", show_default=True,
               help="timm VisionTransformer name; built with pretrained=False on the meta "
                    "device (no weights are downloaded or allocated).")
 @click.option("--k", "ks", default="100,90,70,60,50,30,25", show_default=True,
-              callback=_parse_ks, help="Comma-separated keep percentages K (100 = dense).")
+              callback=k_list_option, help="Comma-separated keep percentages K (100 = dense).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table, the fit and the closed form to this JSON file.")
 def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> None:
