@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,7 +102,18 @@ class Source:
 
     # --- default planning: a deterministic list cut into fixed-size slices -------------
     def entries(self, split: str) -> Sequence:
-        """The split's samples in key order; item i has ordinal (and key) i."""
+        """The split's samples in key order; item i has ordinal (and key) i.
+
+        Listed once per split (folder walks and annotation parsing are the slow part of
+        planning) through `_list`, which file-based sources implement; sources whose
+        entries are a cheap range override this instead."""
+        self._check_split(split)
+        cache = self.__dict__.setdefault("_entries", {})
+        if split not in cache:
+            cache[split] = tuple(self._list(split))
+        return cache[split]
+
+    def _list(self, split: str) -> Iterable:
         raise NotImplementedError
 
     def count(self, split: str) -> int | None:

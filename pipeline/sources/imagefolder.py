@@ -74,19 +74,12 @@ class ImageFolderSource(Source):
                     raise SourceError(f"{self.name}: {os.path.join(self.src, s, extra[0])} is a class"
                                       f" folder that {ref}/ does not have ({len(extra)} such)")
         self._index = {c: i for i, c in enumerate(self._classes)}
-        self._entries: dict[str, tuple] = {}
 
     def splits(self) -> list[str]:
         return list(self._splits)
 
     def classes(self) -> list[str]:
         return list(self._classes)
-
-    def entries(self, split: str):
-        self._check_split(split)
-        if split not in self._entries:
-            self._entries[split] = tuple(self._list(split))
-        return self._entries[split]
 
     def _list(self, split: str):
         """(relpath, label) in key order."""

@@ -53,7 +53,6 @@ class TinyImageNetSource(Source):
                         if os.path.isdir(os.path.join(self.root, s))]
         if not self._splits:
             raise SourceError(f"tinyimagenet: no train/, val/ or test/ in {self.root}")
-        self._entries: dict[str, tuple] = {}
 
     def _read_words(self) -> list[str]:
         path = os.path.join(self.root, "words.txt")
@@ -78,11 +77,8 @@ class TinyImageNetSource(Source):
     def classes(self) -> list[str]:
         return list(self._names)
 
-    def entries(self, split: str):
-        self._check_split(split)
-        if split not in self._entries:
-            self._entries[split] = tuple(getattr(self, f"_list_{split}")())
-        return self._entries[split]
+    def _list(self, split: str):
+        return getattr(self, f"_list_{split}")()
 
     # items: (relpath, label, error)
     def _list_train(self):

@@ -82,7 +82,6 @@ class Voc5Source(Source):
         self._splits = [s for s in _SPLITS if os.path.isfile(os.path.join(self._sets, f"{s}.txt"))]
         if not self._splits:
             raise SourceError(f"voc5: no train.txt or val.txt in {self._sets}")
-        self._entries: dict[str, tuple] = {}
 
     def splits(self) -> list[str]:
         return list(self._splits)
@@ -103,28 +102,25 @@ class Voc5Source(Source):
                 ids.append(tok[0])
         return sorted(set(ids))
 
-    def entries(self, split: str):
-        self._check_split(split)
-        if split not in self._entries:
-            items, excluded = [], 0
-            for image_id in self._ids(split):
-                data, err = read_bytes(os.path.join(self.root, "Annotations", f"{image_id}.xml"))
-                label = None
-                if err is None:
-                    try:
-                        label = label_from_xml(data)
-                    except AnnotationError as e:
-                        err = str(e)
-                else:
-                    err = f"annotation: {err}"
-                if err is None and label is None:
-                    excluded += 1
-                    continue
-                items.append((image_id, label, err))
-            if excluded:
-                self._warn(f"{split}: {excluded} images show none of {', '.join(CLASSES)}; not inputs")
-            self._entries[split] = tuple(items)
-        return self._entries[split]
+    def _list(self, split: str):
+        items, excluded = [], 0
+        for image_id in self._ids(split):
+            data, err = read_bytes(os.path.join(self.root, "Annotations", f"{image_id}.xml"))
+            label = None
+            if err is None:
+                try:
+                    label = label_from_xml(data)
+                except AnnotationError as e:
+                    err = str(e)
+            else:
+                err = f"annotation: {err}"
+            if err is None and label is None:
+                excluded += 1
+                continue
+            items.append((image_id, label, err))
+        if excluded:
+            self._warn(f"{split}: {excluded} images show none of {', '.join(CLASSES)}; not inputs")
+        return items
 
     def read_entry(self, split, ordinal, item) -> RawSample:
         image_id, label, err = item
