@@ -64,12 +64,13 @@ def k_count(k_percent: int, n: int) -> int:
     return _k_count_rule(k, int(n))
 
 
-def seq_len(k_percent: int, n: int) -> int:
-    """Model sequence length S (kept patches + CLS).
+def seq_len(k_percent: int, n: int, num_prefix: int = 1) -> int:
+    """Model sequence length S: kept patches + prefix tokens (1 CLS, plus any registers).
 
-    Equals 1 + floor(K·n/100) except when that floor is 0: one patch is still kept, so S=2.
+    Equals 1 + floor(K·n/100) for a plain ViT except when that floor is 0: one patch is still
+    kept, so S=2.
     """
-    return 1 + k_count(k_percent, n)
+    return num_prefix + k_count(k_percent, n)
 
 
 def _rank(scores) -> tuple[np.ndarray, int]:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynavit.manifests import write_json_atomic
-from dynavit.pipeline.topk import k_count, k_list_option
+from dynavit.pipeline.topk import k_count, k_list_option, seq_len  # noqa: F401  (seq_len: re-exported)
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 __all__ = [
@@ -38,11 +38,6 @@ __all__ = [
     "flops_table",
     "flops_command",
 ]
-
-
-def seq_len(k_percent: int, n: int, num_prefix: int = 1) -> int:
-    """S = num_prefix + max(1, floor(K·N/100)); num_prefix is 1 (cls) plus any reg tokens."""
-    return num_prefix + k_count(k_percent, n)
 
 
 def _is_attention_op(op) -> bool:
