@@ -41,3 +41,18 @@ def wds_ds(tmp_path_factory):
 def bad_images(tmp_path_factory):
     return _fd.make_bad_images(tmp_path_factory.mktemp("bad_images"))
 # ---- end of dataset-layout fixtures ---------------------------------------------------------
+
+
+@pytest.fixture()
+def no_matplotlib(monkeypatch):
+    """Imports of matplotlib fail, as without the `viz` extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def blocked(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)

@@ -187,17 +187,7 @@ def test_real_run_confusion_matches_logged_accuracy(tmp_path, capsys):
         assert float(p["recall"]) == pytest.approx(cm[c, c] / 3)
 
 
-def test_missing_matplotlib_is_one_line(sweep, tmp_path, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *a, **kw):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_missing_matplotlib_is_one_line(sweep, tmp_path, no_matplotlib, capsys):
     out = tmp_path / "r"
     assert run_cli(["report", *sweep, "--out", out]) == 1
     err = capsys.readouterr().err

@@ -140,17 +140,7 @@ def test_not_a_dataset_exits_2(tmp_path):
     assert not png.exists()
 
 
-def test_missing_matplotlib_is_one_line(dataset, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *a, **kw):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_missing_matplotlib_is_one_line(dataset, tmp_path, no_matplotlib):
     png = tmp_path / "fig.png"
     result = show(dataset, png)
     assert result.exit_code == 1
