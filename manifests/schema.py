@@ -98,6 +98,9 @@ class DatasetInfo:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     external_images: bool = False
+    # Write order of the splits: {"policy": "shuffle", "seed": S} or {"policy": "source"}
+    # (datasets written before this field existed were in source order).
+    order: dict[str, Any] = field(default_factory=lambda: {"policy": "source"})
     shard_size: int = 1000
     tool_version: str = ""
     created_at: str = ""

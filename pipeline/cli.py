@@ -89,6 +89,12 @@ def main():
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Input samples per shard (failed samples leave gaps; a shard is also the unit of work).")
+@click.option("--order", type=click.Choice(["shuffle", "source"]), default="shuffle", show_default=True,
+              help="Order samples are written in: a seeded random order of each split, or the source's own "
+                   "(class by class for folder layouts; a stream over such shards cannot mix classes). Keys are "
+                   "the source ordinal either way; manifest.parquet maps them back to the source path. "
+                   "--data wds is indexed in place, in the tars' order.")
+@click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of --order shuffle.")
 @click.option("--workers", default=DEFAULT_WORKERS, show_default=True, type=click.IntRange(min=1),
               help="Worker processes (one shard at a time each).")
 @click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0),
@@ -105,7 +111,7 @@ def main():
                    "(demo: n_train, n_val, seed, image_size [--image-size]; wds: split, classes_file).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
-          workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
+          order, order_seed, workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
     from .index import IndexConfig, RunError, run_index
 
@@ -128,7 +134,7 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
     cfg = IndexConfig(data=data, src=str(Path(src).resolve()) if src and Path(src).exists() else src, out=out, ks=ks,
                       scorers=scorers, image_size=image_size, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
                       image_format=image_format, quality=quality, shard_size=shard_size,
-                      mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
+                      order=order, order_seed=order_seed, mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
                       workers=workers, rank=rank, world_size=world_size)
     try:
         result = run_index(cfg, source, resume=resume, overwrite=overwrite,

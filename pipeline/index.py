@@ -69,6 +69,11 @@ class IndexConfig:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     source_options: dict = field(default_factory=dict)
+    # Write order of each split: "shuffle" (seeded by order_seed) or "source". Folder layouts
+    # list samples class by class; written in that order, a shard would hold one or two
+    # classes and no streaming reader could mix them.
+    order: str = "shuffle"
+    order_seed: int = 0
     # How the work is run; free to change between a run and its --resume.
     workers: int = 1
     rank: int = 0
@@ -93,8 +98,8 @@ class RunError(Exception):
 
 def plan(cfg: IndexConfig, source):
     """Every unit of every split, in a fixed order; rank r owns units r, r+W, r+2W, …"""
-    units = [u for split in source.splits() for u in source.units(split, cfg.shard_size)]
-    return units
+    seed = cfg.order_seed if cfg.order == "shuffle" else None
+    return [u for split in source.splits() for u in source.units(split, cfg.shard_size, order_seed=seed)]
 
 
 def _state(out) -> Path:
@@ -332,6 +337,8 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
         image_format=cfg.image_format if not source.external_images else "external",
         quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
         mean=tuple(cfg.mean), std=tuple(cfg.std), external_images=bool(source.external_images),
+        order={"policy": "source"} if source.external_images or cfg.order == "source"
+        else {"policy": "shuffle", "seed": cfg.order_seed},
         shard_size=cfg.shard_size, tool_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

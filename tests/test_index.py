@@ -3,6 +3,7 @@
 Shards are read back with plain `webdataset` and manifests with `pyarrow`, never with the
 code that wrote them; scores and selections are recomputed from the stored (PNG) pixels.
 """
+import json
 import os
 import shutil
 import signal
@@ -261,3 +262,33 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     assert f"{done_before} already done" in result.stdout
     assert _tree(ref) == _tree(killed)
     assert not list(killed.rglob("*.tmp"))
+
+
+def test_class_sorted_source_is_written_in_a_seeded_random_order(tmp_path):
+    # Folder layouts list samples class by class; the default write order must mix them.
+    classes = [f"c{i}" for i in range(6)]
+    ds = fd.make_imagefolder(tmp_path / "src", classes=classes, per_class=8, size=(40, 40),
+                             val_per_class=1, extras=False)
+    common = ["index", "--data", "imagefolder", "--src", ds["root"], "--k", "50", "--shard-size", "8", *SMALL]
+    run(*common, "--out", tmp_path / "a")
+    run(*common, "--out", tmp_path / "b")
+    run(*common, "--out", tmp_path / "c", "--order-seed", "1")
+    run(*common, "--out", tmp_path / "src-order", "--order", "source")
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")  # same seed, same bytes
+
+    def shard_classes(out):
+        rows = [r for r in read_manifest(out) if r["split"] == "train"]
+        return [len({r["label"] for r in rows if r["shard"] == s}) for s in sorted({r["shard"] for r in rows})]
+
+    # 48 samples of 6 classes in shards of 8: in source order each shard is one class.
+    assert shard_classes(tmp_path / "src-order") == [1] * 6
+    assert sum(shard_classes(tmp_path / "a")) / 6 >= 3.5  # a random shard of 8 holds ~4.4 classes
+    # Keys are the source ordinals whatever the order: the same input has the same key.
+    by_source = {out: {r["source"]: r["key"] for r in read_manifest(tmp_path / out)} for out in ("a", "c", "src-order")}
+    assert by_source["a"] == by_source["c"] == by_source["src-order"]
+    keys_a = [r["key"] for r in read_manifest(tmp_path / "a") if r["split"] == "train"]
+    keys_c = [r["key"] for r in read_manifest(tmp_path / "c") if r["split"] == "train"]
+    assert keys_a != keys_c and sorted(keys_a) == sorted(keys_c) == [f"{i:010d}" for i in range(48)]
+    assert json.loads((tmp_path / "a" / "dataset.json").read_text())["order"] == {"policy": "shuffle", "seed": 0}
+    assert json.loads((tmp_path / "src-order" / "dataset.json").read_text())["order"] == {"policy": "source"}
+    assert validate_dataset(tmp_path / "a") == []

@@ -7,6 +7,7 @@ a source's business (see `dynavit.pipeline.decode`).
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -46,7 +47,7 @@ class WorkUnit:
     """Picklable description of one output shard's inputs."""
     split: str
     index: int                # shard ordinal within the split
-    payload: object           # source-specific; default: (first_ordinal, items)
+    payload: object           # source-specific; default: (ordinals, items), zipped
     count: int | None = None  # number of samples, None when unknown before reading (wds)
 
 
@@ -119,29 +120,46 @@ class Source:
     def count(self, split: str) -> int | None:
         return len(self.entries(split))
 
-    def units(self, split: str, shard_size: int) -> list[WorkUnit]:
+    def units(self, split: str, shard_size: int, order_seed: int | None = None) -> list[WorkUnit]:
+        """The split cut into units of `shard_size` samples.
+
+        `order_seed` None keeps the source order (class by class for folder layouts);
+        an int writes the split in a seeded random order instead, so that no shard holds
+        one or two classes only. A sample's key stays its ordinal in the source order
+        either way: keys are stable for an input whatever the order."""
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self._check_split(split)
         items = self.entries(split)
+        order = range(len(items)) if order_seed is None else split_permutation(len(items), order_seed, split)
         out = []
         for i, start in enumerate(range(0, len(items), shard_size)):
-            chunk = items[start:start + shard_size]
-            if not isinstance(chunk, range):
-                chunk = tuple(chunk)
-            out.append(WorkUnit(split, i, (start, chunk), len(chunk)))
+            ordinals = order[start:start + shard_size]
+            if isinstance(ordinals, range) and isinstance(items, range):
+                chunk = items[start:start + shard_size]
+            else:
+                ordinals = tuple(int(o) for o in ordinals) if order_seed is not None else ordinals
+                chunk = tuple(items[o] for o in ordinals)
+            out.append(WorkUnit(split, i, (ordinals, chunk), len(chunk)))
         return out
 
     def read_unit(self, unit: WorkUnit) -> Iterator[RawSample]:
-        start, items = unit.payload
-        for j, item in enumerate(items):
-            yield self.read_entry(unit.split, start + j, item)
+        ordinals, items = unit.payload
+        for ordinal, item in zip(ordinals, items):
+            yield self.read_entry(unit.split, ordinal, item)
 
     def read_entry(self, split: str, ordinal: int, item) -> RawSample:
         raise NotImplementedError
 
     def image_shard(self, unit: WorkUnit) -> str | None:
         return None
+
+
+def split_permutation(n: int, seed: int, split: str) -> list[int]:
+    """The seeded write order of a split of n samples: a permutation of range(n) that
+    depends only on (seed, split name, n), never on the machine, rank or worker count."""
+    rng = np.random.default_rng([int(seed) & (2**63 - 1), zlib.crc32(split.encode())])
+    return rng.permutation(n).tolist()
 
 
 def require_dir(path: str, what: str) -> str:

@@ -127,7 +127,9 @@ class WdsSource(Source):
     def count(self, split: str) -> int | None:
         return None  # only known after reading the tars
 
-    def units(self, split: str, shard_size: int = 0) -> list[WorkUnit]:
+    def units(self, split: str, shard_size: int = 0, order_seed: int | None = None) -> list[WorkUnit]:
+        # The user's tars are indexed in place: one unit per tar, in the tar's own order
+        # (shard_size and order_seed do not apply; the trainer's epochs are exact anyway).
         self._check_split(split)
         return [WorkUnit(split, i, path) for i, path in enumerate(self._splits[split])]
 
