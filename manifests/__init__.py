@@ -1,6 +1,5 @@
 """The on-disk contract shared by dynaprep (writer) and dynatrain (reader): DESIGN.md §3–5."""
 from .io import (
-    TarWriter,
     atomic_path,
     iter_tar_samples,
     npy_bytes,
@@ -29,8 +28,10 @@ from .schema import (
     index_shard_name,
     k_count,
     key_for,
+    k_ext,
 )
-from .shards import ShardPairWriter
+from .shards import IndexShard, ShardPairWriter, check_indices, read_npy, scan_image_shard
+from .tar import TarError, TarWriter, group_by_keys, scan_members, split_name
 from .validate import Violation, validate_dataset
 
 __version__ = "0.1.0"

@@ -18,8 +18,16 @@ DATASET_JSON = "dataset.json"
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 
-# Member suffixes that hold a sample's image (webdataset's own image extensions, lower-case).
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")
+# Member suffixes of a sample (DESIGN §3), the one place that names them.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")  # webdataset's own image extensions, lower-case
+CLS_EXT = "cls"  # integer label as ASCII
+SCORES_EXT = "scores.npy"  # float16 [Gh, Gw]
+
+
+def k_ext(k_percent: int) -> str:
+    """Suffix of the kept-index array for K (e.g. "k70.npy")."""
+    return f"k{int(k_percent)}.npy"
+
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"

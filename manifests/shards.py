@@ -1,13 +1,32 @@
-"""Writing one shard pair: an image shard plus one index shard per scorer, same keys, same order."""
+"""Shard pairs (DESIGN §3): the writer and the reader side by side.
+
+An image shard holds `{key}.jpg|png` (+ `{key}.cls`) per sample; each index shard holds
+`{key}.scores.npy` and one `{key}.k{K}.npy` per K, same keys, same order.
+
+Reading is random access by byte offset, never a stream through the tar:
+- an image shard (ours or a user's WebDataset) is scanned once, headers only, into
+  key → (offset, size) of the image member (`scan_image_shard`);
+- an index shard needs no scan at all: every sample has the same members of the same sizes,
+  so sample i starts at i · record (`IndexShard`); each read checks the member's name, so
+  a shard whose keys differ from its image shard is caught at the sample that differs.
+"""
 from __future__ import annotations
 
+import ast
+import functools
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .io import TarWriter, npy_bytes, sha256_file
-from .schema import image_shard_name, index_dtype_name, index_shard_name
+from .io import npy_bytes, sha256_file
+from .schema import CLS_EXT, IMAGE_EXTS, SCORES_EXT, image_shard_name, index_dtype_name, index_shard_name, k_ext
+from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, scan_members, split_name
 
+
+# --- writing ------------------------------------------------------------------------------
 
 class ShardPairWriter:
     """Write the tars of one work unit and return its `shards.parquet` row on commit.
@@ -33,12 +52,12 @@ class ShardPairWriter:
         if self._images is not None:
             members = {self.image_ext: image}
             if label is not None:
-                members["cls"] = str(int(label)).encode()
+                members[CLS_EXT] = str(int(label)).encode()
             self._images.write(key, members)
         for scorer, writer in self._index.items():
-            members = {"scores.npy": npy_bytes(np.asarray(scores[scorer], dtype=np.float16))}
+            members = {SCORES_EXT: npy_bytes(np.asarray(scores[scorer], dtype=np.float16))}
             for k in self.ks:
-                members[f"k{k}.npy"] = npy_bytes(np.asarray(indices[scorer][k], dtype=self.dtype))
+                members[k_ext(k)] = npy_bytes(np.asarray(indices[scorer][k], dtype=self.dtype))
             writer.write(key, members)
         self.count += 1
 
@@ -60,3 +79,122 @@ class ShardPairWriter:
     def abort(self) -> None:
         for writer in [*self._index.values(), *([self._images] if self._images else [])]:
             writer.close(ok=False)
+
+
+# --- reading: image shards ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageMember:
+    ext: str
+    offset: int
+    size: int
+
+
+def scan_image_shard(path: str) -> list[tuple[str, ImageMember | None, str | None]]:
+    """(key, image member or None, problem) per sample of an image shard, in file order.
+    Raises TarError when the tar itself cannot be read."""
+    out = []
+    for key, group, problem in group_by_keys(scan_members(path)):
+        ext = next((e for e in IMAGE_EXTS if e in group), None)
+        if ext is None and problem is None:
+            problem = f"no image member (has {', '.join(sorted(group)) or 'none'})"
+        member = None if ext is None else ImageMember(ext, group[ext].offset, group[ext].size)
+        out.append((key, member, problem))
+    return out
+
+
+# --- reading: index shards ----------------------------------------------------------------
+
+class IndexShard:
+    """Random access to an index shard: sample i's record starts at i · record bytes.
+
+    The layout (member order and sizes) is read from the first sample; a shard that does not
+    follow it is caught by the name check of every read."""
+
+    def __init__(self, path: str, count: int):
+        self.path, self.count = path, count
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TarError(f"{path}: shard file missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            first_key, members, pos = None, {}, 0
+            while pos + BLOCK <= size:  # headers of the first sample only
+                h = os.pread(fd, BLOCK, pos)
+                key, ext = split_name(header_name(h))
+                if h == bytes(BLOCK) or (first_key is not None and key != first_key):
+                    break
+                n = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
+                first_key = key
+                members[ext] = (pos, n)
+                pos += BLOCK + n + (-n % BLOCK)
+        finally:
+            os.close(fd)
+        if count and not members:
+            raise TarError(f"{path}: 0 samples, shards.parquet says {count}")
+        self.record = pos
+        self.members = members  # ext -> (offset of its header within a record, data size)
+        if count * self.record > size:
+            raise TarError(f"{path}: {size // max(1, self.record)} samples, shards.parquet says {count} "
+                           f"(truncated shard?)")
+
+    def read(self, fd: int, pos: int, key: str, ext: str) -> bytes:
+        """The bytes of member `ext` of sample number `pos`, which must have key `key`."""
+        if ext not in self.members:
+            raise KeyError(f"no {ext}")
+        rel, n = self.members[ext]
+        raw = os.pread(fd, BLOCK + n, pos * self.record + rel)
+        name = header_name(raw)
+        if name != f"{key}.{ext}":
+            got, _ = split_name(name)
+            raise MismatchError(got, pos)
+        return raw[BLOCK:]
+
+
+class MismatchError(Exception):
+    """The index shard's sample at `pos` has another key than the image shard's."""
+
+    def __init__(self, got: str | None, pos: int):
+        super().__init__(got, pos)
+        self.got, self.pos = got, pos
+
+
+# --- .npy members -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple, bool]:
+    """Parsed once per distinct header: every k70.npy of a dataset has the same one, and
+    numpy's own parser (ast.literal_eval) costs more per sample than the rest of a read."""
+    d = ast.literal_eval(header[10 if header[6] == 1 else 12:].decode("latin1"))
+    return np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"])
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """np.load of a version 1/2 .npy without pickles, with the header parse cached."""
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # let numpy say what is wrong
+    start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    dtype, shape, fortran = _npy_header(data[:start])
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
+    """What is wrong with a stored kept-index array (DESIGN §3), or None."""
+    if idx.ndim != 1 or len(idx) != kept:
+        return f"has shape {list(idx.shape)}, expected [{kept}]"
+    if not np.issubdtype(idx.dtype, np.integer):
+        return f"has dtype {idx.dtype}, expected an integer type"
+    idx = idx.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= n:
+        return f"has an index outside 0..{n - 1} (min {idx.min()}, max {idx.max()})"
+    if np.any(np.diff(idx) <= 0):
+        return "is not strictly increasing"
+    return None
+
+
+__all__ = ["ShardPairWriter", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
+           "check_indices", "TarError", "CLS_EXT", "SCORES_EXT", "k_ext"]

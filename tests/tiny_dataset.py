@@ -33,6 +33,31 @@ def class_image(label: int, rng: np.random.Generator, size: int, n_classes: int)
     return img
 
 
+def band_image(label: int, rng: np.random.Generator, size: int, n_classes: int) -> np.ndarray:
+    """Noise with one bright full-width band (row label % 4, channel label // 4 % 3): the
+    label survives a horizontal flip, so flip-augmented training can learn it."""
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    s = size // 4
+    r = label % 4
+    img[r * s:(r + 1) * s, :, (label // 4) % 3] = 250
+    return img
+
+
+PALETTE = np.array([[250, 40, 40], [40, 250, 40], [40, 40, 250], [250, 250, 40], [250, 40, 250],
+                    [40, 250, 250], [250, 140, 40], [140, 40, 250], [250, 250, 250], [140, 140, 140]], np.uint8)
+
+
+def color_image(label: int, rng: np.random.Generator, size: int, n_classes: int) -> np.ndarray:
+    """Noise with one square of the class's palette colour at a random place: the label is
+    in the colour alone, so it survives flips and crops and a tiny ViT learns it in a few
+    epochs without the long plateau that position-coded labels have."""
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    s = size // 2
+    r, c = rng.integers(0, size - s + 1, size=2)
+    img[r:r + s, c:c + s] = PALETTE[label % len(PALETTE)]
+    return img
+
+
 def patch_std_scores(img: np.ndarray, patch: int) -> np.ndarray:
     h, w, _ = img.shape
     p = img.astype(np.float64).reshape(h // patch, patch, w // patch, patch, 3)
@@ -46,7 +71,10 @@ def topk_sets(scores: np.ndarray, ks) -> dict[int, np.ndarray]:
 
 
 def make_tiny_dataset(out, splits=(("train", 24), ("val", 12)), image_size=32, patch=4, ks=(50, 25),
-                      scorers=("l2",), shard_size=10, n_classes=4, seed=0) -> DatasetInfo:
+                      scorers=("l2",), shard_size=10, n_classes=4, seed=0, class_sorted=False,
+                      image_fn=class_image) -> DatasetInfo:
+    """`class_sorted`: labels in blocks (all of class 0, then class 1, …), as ImageFolder,
+    ImageNet and Tiny-ImageNet list their samples; otherwise labels cycle 0, 1, 2, …"""
     out = Path(out)
     rng = np.random.default_rng(seed)
     n = (image_size // patch) ** 2
@@ -62,8 +90,8 @@ def make_tiny_dataset(out, splits=(("train", 24), ("val", 12)), image_size=32, p
         for shard in range(n_shards):
             writer = ShardPairWriter(out, split, shard, scorers, ks, n, image_ext="png")
             for ordinal in range(shard * shard_size, min(count, (shard + 1) * shard_size)):
-                label = int(ordinal % n_classes)
-                img = class_image(label, rng, image_size, n_classes)
+                label = int(ordinal * n_classes // count) if class_sorted else int(ordinal % n_classes)
+                img = image_fn(label, rng, image_size, n_classes)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
                 scores = patch_std_scores(img, patch)

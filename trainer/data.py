@@ -1,57 +1,61 @@
 """Shard pairs → batches of uint8 images, kept-patch indices and labels (DESIGN.md §6).
 
-The pipeline is a chain of small webdataset stages, one generator each:
+Samples are read by byte offset, like a map-style dataset with torch's DistributedSampler,
+not streamed through the tars:
 
-    shard pairs ─ shuffle_shards ─ split_by_node ─ split_by_worker ─ reorder_passes ─ read_pairs
-                  (train)          (rank)          (DataLoader)      (train: cycle)   (both tars
-                                                                                        in lockstep)
-    ─ shuffle_samples ─ decode ─ crop_window ─ select_patches ─ random_flip ─ collate
-      (train)                    (input smaller than the stored image: top-K of the window)
+    manifest.parquet + shards.parquet ─ scan image shards (headers only) ─ SampleTable
+    epoch plan: a seeded permutation of every sample (train) or file order (eval)
+    batch j of rank r ─ read image + index member by offset ─ decode ─ crop ─ select ─ flip ─ collate
 
-Randomness never comes from global state: shard and sample order are seeded by
-(seed, epoch, rank, worker), and every per-sample draw (crop window, random selection,
-flip) by (seed, epoch, pass, key), so the same seed and epoch give the same batches.
+Why: shards written class by class (an ImageFolder, a user's WebDataset indexed in place)
+cannot be mixed by a shard shuffle and a sample buffer; a global permutation mixes any
+layout, visits every sample exactly once per epoch, and does not depend on the number of
+workers (batch j is a pure function of seed, epoch, rank and j; DataLoader workers only
+decide who builds it). Every rank runs `steps = n // (world_size · batch_size)` steps;
+the tail of the permutation is dropped, a different one each epoch.
 
-Equal steps on every rank (DDP must not hang on uneven shards): a train epoch is
-`steps = samples_in_split // (world_size · batch_size)` batches on every rank. Each rank
-cycles over its own shards (a new order per pass) and the loader stops after exactly
-`steps` full batches. Shards go to ranks whole (disjoint within an epoch; the partition
-is reshuffled every epoch with a permutation every rank computes alike). When there are
-fewer non-empty shards than ranks, every rank reads every shard and keeps the samples
-whose position in the split is ≡ rank (mod world_size) instead, so no rank is left empty.
-Eval reads every sample exactly once across ranks, in order, keeping partial batches;
-its `steps` is this rank's own batch count.
+Eval reads every sample once, in file order: rank r takes samples r, r+W, …, partial last
+batch kept.
+
+Randomness never comes from global state: the order by (seed, epoch), each per-sample draw
+(crop window, random selection, flip) by (seed, epoch, key, purpose).
+
+A bad sample (undecodable image, bad index array, key mismatch) raises DataError naming
+the shard and key, or with skip_bad_samples is left out of its batch and counted once.
+A bad shard (missing, truncated, count mismatch) is found when the loader is built: its
+samples are left out of every epoch (counted once in `skipped`) or, without
+skip_bad_samples, the first iteration raises.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import hashlib
-import io
-import itertools
 import logging
 import math
-import random
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
-import webdataset as wds
-from webdataset import tariterators
 
-from dynavit.manifests import DatasetInfo, FormatError, k_count, read_dataset_info, read_shards, resolve
-from dynavit.manifests.schema import IMAGE_EXTS
+from dynavit.manifests import (DatasetInfo, FormatError, IndexShard, TarError, check_indices, read_dataset_info,
+                               read_manifest, read_npy, read_shards, resolve, scan_image_shard)
+from dynavit.manifests.schema import SCORES_EXT, STATUS_OK, k_ext
+from dynavit.manifests.shards import MismatchError
 from dynavit.pipeline.decode import load_image
 from dynavit.pipeline.topk import select_topk
 
+from .selection import MODES as SELECT_MODES
+from .selection import Selection, SelectionError, resolve_selection
+
 log = logging.getLogger(__name__)
 
-SELECT_MODES = ("saliency", "random", "center", "dense")
-UNLABELED = -1  # label of a sample without `.cls` (unlabeled splits)
+UNLABELED = -1  # label of a sample without a label (unlabeled splits)
 
 # Independent per-sample random streams, so that e.g. enabling crops does not change flips.
 _CROP, _SELECT, _FLIP = 1, 2, 3
@@ -60,8 +64,6 @@ _CROP, _SELECT, _FLIP = 1, 2, 3
 class DataError(Exception):
     """The dataset cannot be read as asked; the message names the file (and key) at fault."""
 
-
-# --- the dataset directory -----------------------------------------------------------------
 
 def open_dataset(dataset_dir) -> DatasetInfo:
     path = Path(dataset_dir)
@@ -73,39 +75,6 @@ def open_dataset(dataset_dir) -> DatasetInfo:
         raise DataError(str(e)) from None
 
 
-@dataclass(frozen=True)
-class ShardPair:
-    shard: int
-    images: str  # absolute paths, so worker processes need no dataset dir
-    index: str
-    count: int  # samples, from shards.parquet
-    offset: int  # position of the shard's first sample in the split
-    pass_: int = 0  # which cycle over this rank's shards (train repeats)
-
-    @property
-    def names(self) -> str:
-        return f"{self.images} / {self.index}"
-
-
-def _shard_pairs(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> list[ShardPair]:
-    try:
-        rows = read_shards(dataset_dir).to_pylist()
-    except (FormatError, OSError) as e:
-        raise DataError(str(e)) from None
-    rows = sorted((r for r in rows if r["split"] == split), key=lambda r: r["shard"])
-    pairs, offset = [], 0
-    for row in rows:
-        index = {e["scorer"]: e["path"] for e in row["index"]}
-        if scorer not in index:
-            raise DataError(f"shards.parquet: shard {split}/{row['shard']} has no index shard for scorer "
-                            f"{scorer!r} (has {', '.join(sorted(index)) or 'none'})")
-        if row["count"] > 0:  # an all-failed shard would make a rank's stream empty
-            pairs.append(ShardPair(row["shard"], str(resolve(dataset_dir, row["images"]).absolute()),
-                                   str(resolve(dataset_dir, index[scorer]).absolute()), row["count"], offset))
-        offset += row["count"]
-    return pairs
-
-
 # --- batches -------------------------------------------------------------------------------
 
 @dataclass
@@ -114,7 +83,7 @@ class Batch:
     keep_idx: torch.Tensor | None  # int64 [B,k], ascending raster indices; None = dense
     labels: torch.Tensor  # int64 [B]; -1 for unlabeled samples
     keys: list[str]
-    skipped: int = 0  # bad samples skipped (with skip_bad_samples) while this batch was built
+    skipped: int = 0  # bad samples of this batch left out (with skip_bad_samples)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -161,378 +130,304 @@ def center_indices(grid: tuple[int, int], kept: int) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple, bool]:
-    """Parsed once per distinct header: every k70.npy of a dataset has the same one, and
-    numpy's own parser (ast.literal_eval) costs more per sample than the rest of the stage."""
-    d = ast.literal_eval(header[10 if header[6] == 1 else 12:].decode("latin1"))
-    return np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"])
+def _sample_rng(seed: int, epoch: int, key: str, purpose: int) -> np.random.Generator:
+    # Keyed by the sample, not by its position: a sample gets the same draws whatever the
+    # number of workers or ranks.
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed & (2**64 - 1), epoch, int.from_bytes(digest, "little"), purpose])
 
 
-def _npy(data: bytes) -> np.ndarray:
-    """np.load of a version 1/2 .npy without pickles, with the header parse cached."""
-    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2):
-        return np.load(io.BytesIO(data), allow_pickle=False)  # let numpy say what is wrong
-    start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
-    dtype, shape, fortran = _npy_header(data[:start])
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed")
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=start)
-    return arr.reshape(shape, order="F" if fortran else "C")
+# --- the sample table ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    images: str  # absolute paths, so worker processes need no dataset dir
+    index: str
+    layout: IndexShard | None  # None when the shard is bad
 
 
-def _check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
-    """What is wrong with a stored index array, or None."""
-    if idx.ndim != 1 or len(idx) != kept:
-        return f"has shape {list(idx.shape)}, expected [{kept}]"
-    if not np.issubdtype(idx.dtype, np.integer):
-        return f"has dtype {idx.dtype}, expected an integer type"
-    idx = idx.astype(np.int64)
-    if idx.min() < 0 or idx.max() >= n:
-        return f"has an index outside 0..{n - 1} (min {idx.min()}, max {idx.max()})"
-    if np.any(np.diff(idx) <= 0):
-        return "is not strictly increasing"
-    return None
+@dataclass
+class SampleTable:
+    """Every usable sample of a split, in file order (shard by shard)."""
+
+    shards: list[Shard]
+    keys: list[str]
+    shard: np.ndarray      # int32: which shard
+    pos: np.ndarray        # int32: position in its index shard
+    offset: np.ndarray     # int64: byte offset of the image member's data
+    size: np.ndarray       # int64: its length
+    label: np.ndarray      # int64; UNLABELED when none
+    problems: list[tuple[str, int]]  # (one-line message, samples lost) per bad shard
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
-def _sample_rng(seed: int, epoch: int, sample: dict, purpose: int) -> np.random.Generator:
-    # Keyed by the sample, not by its position in the stream: a sample gets the same draws
-    # whatever the number of workers or ranks; a second pass over it in one epoch differs.
-    digest = hashlib.blake2b(sample["__key__"].encode(), digest_size=8).digest()
-    return np.random.default_rng([seed & (2**64 - 1), epoch, sample["__pass__"],
-                                  int.from_bytes(digest, "little"), purpose])
-
-
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-class _Skips:
-    """Bad samples skipped in this process since the last batch. Each DataLoader worker has
-    its own copy; the count rides along in Batch.skipped and the Loader sums it."""
-
-    def __init__(self):
-        self.n = 0
-
-    def take(self) -> int:
-        n, self.n = self.n, 0
-        return n
-
-
-def _bad(message: str, skip: bool, skips: _Skips, n: int = 1) -> None:
-    if not skip:
-        raise DataError(message)
-    skips.n += n
-    log.warning("skipping %d sample(s): %s", n, message)
-
-
-# --- shard-level stages --------------------------------------------------------------------
-
-def shuffle_shards(pairs, seed: int, epoch: int):
-    # Before the node split and alike on every rank: the partition stays disjoint, and each
-    # epoch gives every rank different shards.
-    pairs = list(pairs)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(pairs)
-    yield from pairs
-
-
-def split_by_node(pairs, rank: int, world_size: int):
-    # Explicit rank rather than wds.split_by_node: that one reads torch.distributed or $RANK.
-    yield from itertools.islice(pairs, rank, None, world_size)
-
-
-class reorder_passes(wds.PipelineStage):
-    """A fresh order of this worker's shards on every pass of a repeated (train) stream, with
-    the pass number attached. Stateful like wds.detshuffle: DataPipeline.repeat() runs it
-    once per pass, and each worker holds its own copy."""
-
-    def __init__(self, seed: int, epoch: int, rank: int):
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.passes = 0
-
-    def run(self, pairs):
-        pairs, p = list(pairs), self.passes
-        self.passes += 1
-        worker, _ = _worker()
-        if p > 0:  # pass 0 keeps the epoch's shard shuffle
-            random.Random(f"passes/{self.seed}/{self.epoch}/{self.rank}/{worker}/{p}").shuffle(pairs)
-        return iter([dataclasses.replace(pair, pass_=p) for pair in pairs])
-
-
-# --- reading a shard pair in lockstep ------------------------------------------------------
-
-def _ustar_members(stream, path: str):
-    """(name, bytes) of each regular file of a plain USTAR tar, the format TarWriter writes.
-
-    Python's tarfile spends more time per member than decoding a 224² JPEG takes (~50 µs per
-    header); an index shard has 2 + len(ks) members per sample. Anything this does not
-    understand (pax/GNU headers, a bad checksum) is an error, never a guess."""
-    while True:
-        h = stream.read(512)
-        if not h or h == bytes(512):  # end of archive (or a shard cut between members)
-            return
-        if len(h) < 512:
-            raise DataError(f"{path}: unreadable tar (truncated header)")
-        if h[257:262] != b"ustar" or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
-            raise DataError(f"{path}: unreadable tar (not a plain USTAR header at offset {stream.tell() - 512})")
-        size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
-        data = stream.read(size)
-        if len(data) < size:
-            raise DataError(f"{path}: unreadable tar (truncated member)")
-        stream.read(-size % 512)
-        if h[156:157] in (b"0", b"\0"):
-            name, prefix = h[:100].split(b"\0")[0], h[345:500].split(b"\0")[0]
-            yield (prefix + b"/" + name if prefix else name).decode("utf-8"), data
-
-
-def _fast_tar_samples(path: str):
-    """Our own shards: group USTAR members by webdataset's key rule (name up to the first dot
-    of the basename, suffixes lower-cased), into webdataset-style sample dicts."""
+def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> SampleTable:
+    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard."""
     try:
-        with open(path, "rb") as stream:
-            sample = None
-            for name, data in _ustar_members(stream, path):
-                slash = name.rfind("/") + 1
-                dot = name.find(".", slash)
-                if dot < 0:
-                    continue  # webdataset drops members without a suffix too
-                key, ext = name[:dot], name[dot + 1:].lower()
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": path}
-                elif ext in sample:
-                    raise DataError(f"{path}: unreadable tar (duplicate member {name!r})")
-                sample[ext] = data
-            if sample is not None:
-                yield sample
-    except FileNotFoundError:
-        raise DataError(f"{path}: shard file missing") from None
+        rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
+        manifest = read_manifest(dataset_dir)
+    except (FormatError, OSError) as e:
+        raise DataError(str(e)) from None
+    manifest = manifest.filter(pc.and_(pc.equal(manifest["split"], split), pc.equal(manifest["status"], STATUS_OK)))
+    by_shard: dict[int, tuple[list, list]] = {}
+    for shard_no, key, label in zip(manifest["shard"].to_pylist(), manifest["key"].to_pylist(),
+                                    manifest["label"].to_pylist()):
+        keys, labels = by_shard.setdefault(shard_no, ([], []))
+        keys.append(key)
+        labels.append(UNLABELED if label is None else label)
 
-
-def _tar_samples(path: str, ours: bool = True):
-    """One tar's samples; errors name the file. A user's own WebDataset (`ours=False`) goes
-    through webdataset's expansion, which knows every tar dialect."""
-    if ours:
-        yield from _fast_tar_samples(path)
-        return
-    try:
-        with open(path, "rb") as stream:
-            files = tariterators.tar_file_expander([{"url": path, "stream": stream}])
-            yield from tariterators.group_by_keys(files)
-    except FileNotFoundError:
-        raise DataError(f"{path}: shard file missing") from None
-    except Exception as e:  # a truncated or corrupt tar raises tarfile/EOF errors of several kinds
-        reason = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # wds appends the stream
-        raise DataError(f"{path}: unreadable tar ({reason})") from None
-
-
-def read_pairs(pairs, *, skip_bad: bool, skips: _Skips, sample_split: tuple[int, int] | None = None,
-               extra_images: bool = False):
-    """Zip each image shard with its index shard, key by key.
-
-    `sample_split` = (rank, world_size) keeps only this rank's samples (every rank reads
-    every shard). `extra_images`: the image shard is the user's own WebDataset, which also
-    holds the samples that failed at indexing time; those are passed over.
-    """
-    for pair in pairs:
-        def mine(pos: int) -> bool:
-            return sample_split is None or (pair.offset + pos) % sample_split[1] == sample_split[0]
-
-        images, index = _tar_samples(pair.images, ours=not extra_images), _tar_samples(pair.index)
-        pos = 0
-        try:
-            for idx_sample in index:
-                img_sample = next(images, None)
-                while extra_images and img_sample is not None and img_sample["__key__"] != idx_sample["__key__"]:
-                    img_sample = next(images, None)
-                if img_sample is None or img_sample["__key__"] != idx_sample["__key__"]:
-                    got = "end of shard" if img_sample is None else repr(img_sample["__key__"])
-                    raise DataError(f"{pair.images} and {pair.index}: keys differ at sample {pos}: "
-                                    f"index shard has {idx_sample['__key__']!r}, image shard has {got}")
-                if mine(pos):
-                    yield {**img_sample, **idx_sample, "__images__": pair.images, "__index__": pair.index,
-                           "__pass__": pair.pass_}
-                pos += 1
-            extra = None if extra_images else next(images, None)
-            if extra is not None:
-                raise DataError(f"{pair.images} and {pair.index}: keys differ at sample {pos}: image shard "
-                                f"has {extra['__key__']!r}, index shard has ended")
-            if pos != pair.count:
-                raise DataError(f"{pair.names}: {pos} samples, shards.parquet says {pair.count} (truncated shard?)")
-        except DataError as e:
-            if not skip_bad:
-                raise
-            _bad(f"{e} (rest of the shard skipped)", skip_bad, skips,
-                 n=sum(mine(p) for p in range(pos, max(pos, pair.count))))
-        finally:
-            images.close()
-            index.close()
-
-
-# --- sample-level stages -------------------------------------------------------------------
-
-def shuffle_samples(samples, bufsize: int, seed: int, epoch: int, rank: int):
-    worker, _ = _worker()
-    yield from wds.shuffle(bufsize=bufsize, initial=min(bufsize, 100),
-                           seed=f"samples/{seed}/{epoch}/{rank}/{worker}")(samples)
-
-
-def decode(samples, *, image_size: tuple[int, int], skip_bad: bool, skips: _Skips):
-    for sample in samples:
-        where = f"{sample['__images__']}: sample {sample['__key__']!r}"
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        try:
-            if ext is None:
-                raise ValueError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
-            # dynaprep's own decoder, without resizing: a user's WebDataset image (wds mode) may
-            # carry EXIF orientation or an odd mode, and the pixels must be the ones scored.
-            image = load_image(sample[ext], image_size, patch_size=1, keep_size=True).rgb
-            label = int(sample["cls"].decode().strip()) if "cls" in sample else UNLABELED
-        except Exception as e:  # any undecodable sample is that sample's problem, not the run's
-            _bad(f"{where}: {e}", skip_bad, skips)
+    shards: list[Shard] = []
+    keys: list[str] = []
+    cols: dict[str, list] = {"shard": [], "pos": [], "offset": [], "size": [], "label": []}
+    problems = []
+    for row in sorted(rows, key=lambda r: r["shard"]):
+        paths = {e["scorer"]: e["path"] for e in row["index"]}
+        if scorer not in paths:
+            raise DataError(f"shards.parquet: shard {split}/{row['shard']} has no index shard for scorer "
+                            f"{scorer!r} (has {', '.join(sorted(paths)) or 'none'})")
+        if row["count"] == 0:
             continue
-        yield {**sample, "image": image, "label": label, "window": (0, 0)}
+        images = str(resolve(dataset_dir, row["images"]).absolute())
+        index = str(resolve(dataset_dir, paths[scorer]).absolute())
+        want_keys, want_labels = by_shard.get(row["shard"], ([], []))
+        try:
+            members = _image_members(images, index, want_keys, row["count"], info.external_images)
+            layout = IndexShard(index, row["count"])
+        except (TarError, DataError) as e:
+            problems.append((f"{e} (shard skipped)" if isinstance(e, DataError) else str(e), row["count"]))
+            continue
+        s = len(shards)
+        shards.append(Shard(images, index, layout))
+        for pos, (key, label) in enumerate(zip(want_keys, want_labels)):
+            member = members[key]
+            keys.append(key)
+            cols["shard"].append(s)
+            cols["pos"].append(pos)
+            cols["offset"].append(member.offset)
+            cols["size"].append(member.size)
+            cols["label"].append(label)
+    return SampleTable(shards, keys, np.asarray(cols["shard"], np.int32), np.asarray(cols["pos"], np.int32),
+                       np.asarray(cols["offset"], np.int64), np.asarray(cols["size"], np.int64),
+                       np.asarray(cols["label"], np.int64), problems)
 
 
-def crop_window(samples, *, grid: tuple[int, int], window: tuple[int, int], patch: int, train: bool,
-         seed: int, epoch: int):
-    """A patch-aligned window of `window` patches: random in train, centred in eval."""
-    (gh, gw), (wh, ww) = grid, window
-    for sample in samples:
-        if train:
-            rng = _sample_rng(seed, epoch, sample, _CROP)
-            r0, c0 = int(rng.integers(0, gh - wh + 1)), int(rng.integers(0, gw - ww + 1))
-        else:
-            r0, c0 = (gh - wh) // 2, (gw - ww) // 2
-        image = sample["image"][r0 * patch:(r0 + wh) * patch, c0 * patch:(c0 + ww) * patch]
-        yield {**sample, "image": image, "window": (r0, c0)}
+def _image_members(images: str, index: str, keys: list[str], count: int, external: bool) -> dict:
+    """key → image member for the `keys` of one shard. Our image shard holds exactly those
+    keys in that order; a user's WebDataset may also hold samples that failed indexing."""
+    if len(keys) != count:
+        raise DataError(f"{images} / {index}: manifest.parquet has {len(keys)} ok samples, shards.parquet "
+                        f"says {count}")
+    scanned = scan_image_shard(images)
+    if not external:
+        found = [key for key, _, _ in scanned]
+        if len(found) != count:
+            raise DataError(f"{images} / {index}: {len(found)} samples, shards.parquet says {count} "
+                            f"(truncated shard?)")
+        if found != keys:
+            i = next(i for i, (a, b) in enumerate(zip(found, keys)) if a != b)
+            raise DataError(f"{images}: keys differ from manifest.parquet at sample {i}: "
+                            f"{found[i]!r} vs {keys[i]!r}")
+    members = {key: member for key, member, _ in scanned}
+    missing = [key for key in keys if members.get(key) is None]
+    if missing:
+        problem = next((p for key, _, p in scanned if key == missing[0]), None) or "not in the image shard"
+        raise DataError(f"{images}: sample {missing[0]!r}: {problem}")
+    return members
 
 
-def select_patches(samples, *, mode: str, k: int, grid: tuple[int, int], window: tuple[int, int],
-           seed: int, epoch: int, skip_bad: bool, skips: _Skips):
-    """Kept patch indices of the (possibly cropped) image, as int64, ascending; None = dense.
+# --- reading one batch ---------------------------------------------------------------------
 
-    Without a crop, saliency uses the stored k{K}.npy; with one, top-K is re-selected from
-    the window of scores.npy (the stored sets refer to the whole grid)."""
-    n = window[0] * window[1]
-    kept = k_count(k, n)
-    cropped = window != grid
-    for sample in samples:
-        where = f"{sample['__index__']}: sample {sample['__key__']!r}"
-        if mode == "dense" or k == 100:
-            keep = None
-        elif mode == "random":
-            keep = np.sort(_sample_rng(seed, epoch, sample, _SELECT).choice(n, kept, replace=False))
-        elif mode == "center":
-            keep = center_indices(window, kept)
-        else:
-            member = "scores.npy" if cropped else f"k{k}.npy"
+@dataclass(frozen=True)
+class ReadPlan:
+    """What a batch reader needs, fixed when the loader is built (picklable for workers)."""
+
+    selection: Selection
+    image_size: tuple[int, int]
+    train: bool
+    flip: bool
+    seed: int
+    skip_bad: bool
+
+
+class BatchReader:
+    """Builds the Batch of a list of sample numbers. One per process: file descriptors are
+    opened on first use and kept (at most `max_open`), reads are `os.pread` at known offsets."""
+
+    def __init__(self, table: SampleTable, plan: ReadPlan, max_open: int = 256):
+        self.table, self.plan, self.max_open = table, plan, max_open
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(path)
+        if fd is None:
             try:
-                if member not in sample:
-                    raise ValueError(f"no {member}")
-                arr = _npy(sample[member])
-                if cropped:
-                    if arr.shape != tuple(grid):
-                        raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(grid)}")
-                    r0, c0 = sample["window"]
-                    scores = arr[r0:r0 + window[0], c0:c0 + window[1]].astype(np.float32)
-                    keep = select_topk(scores[None], k)[0]
-                else:
-                    problem = _check_indices(arr, n, kept)
-                    if problem:
-                        raise ValueError(f"{member} {problem}")
-                    keep = arr
-            except Exception as e:
-                _bad(f"{where}: {e}", skip_bad, skips)
-                continue
-            keep = keep.astype(np.int64)
-        yield {**sample, "keep": keep}
-
-
-def random_flip(samples, *, grid_w: int, seed: int, epoch: int):
-    for sample in samples:
-        if _sample_rng(seed, epoch, sample, _FLIP).random() < 0.5:
-            keep = sample["keep"]
-            sample = {**sample, "image": sample["image"][:, ::-1],
-                      "keep": None if keep is None else hflip_indices(keep, grid_w)}
-        yield sample
-
-
-def collate(samples, *, batch_size: int, keep_partial: bool, skips: _Skips):
-    for group in wds.batched(batch_size, collation_fn=None, partial=keep_partial)(samples):
-        # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
-        # device, inside normalize (DESIGN §6: uint8 to the device, normalise there).
-        # In a loader worker the batch is stacked straight into shared memory: otherwise
-        # torch copies it there again to send it to the main process.
-        # In the main process numpy's allocator is several times faster than a fresh torch
-        # tensor (page faults on every 4.8 MB batch), and from_numpy shares the memory.
-        arrays = [s["image"] for s in group]
-        if torch.utils.data.get_worker_info() is not None:
-            buf = torch.empty((len(group), *arrays[0].shape), dtype=torch.uint8).share_memory_()
-            np.stack(arrays, out=buf.numpy())
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise DataError(f"{path}: shard file missing") from None
+            self._fds[path] = fd
+            if len(self._fds) > self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
         else:
-            buf = torch.from_numpy(np.stack(arrays))
-        images = buf.permute(0, 3, 1, 2)
-        keep = None if group[0]["keep"] is None else torch.from_numpy(np.stack([s["keep"] for s in group]))
-        labels = torch.tensor([s["label"] for s in group], dtype=torch.int64)
-        yield Batch(images, keep, labels, [s["__key__"] for s in group], skips.take())
+            self._fds.move_to_end(path)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __call__(self, samples: np.ndarray, epoch: int) -> Batch:
+        images, keeps, labels, keys, skipped = [], [], [], [], 0
+        for i in samples:
+            try:
+                image, keep = self.sample(int(i), epoch)
+            except DataError as e:
+                if not self.plan.skip_bad:
+                    raise
+                log.warning("skipping a sample: %s", e)
+                skipped += 1
+                continue
+            images.append(image)
+            keeps.append(keep)
+            labels.append(self.table.label[i])
+            keys.append(self.table.keys[i])
+        return collate(images, keeps, labels, keys, skipped)
+
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        t, p, sel = self.table, self.plan, self.plan.selection
+        shard, key = t.shards[t.shard[i]], t.keys[i]
+        try:
+            data = os.pread(self._fd(shard.images), int(t.size[i]), int(t.offset[i]))
+            # dynaprep's own decoder, without resizing: a user's WebDataset image may carry
+            # EXIF orientation or an odd mode, and the pixels must be the ones scored.
+            image = load_image(data, p.image_size, patch_size=1, keep_size=True).rgb
+        except DataError:
+            raise
+        except Exception as e:  # any undecodable sample is that sample's problem, not the run's
+            raise DataError(f"{shard.images}: sample {key!r}: {e}") from None
+
+        r0 = c0 = 0
+        if sel.cropped:  # random window in train, centred in eval
+            (gh, gw), (wh, ww) = sel.grid, sel.window
+            if p.train:
+                rng = _sample_rng(p.seed, epoch, key, _CROP)
+                r0, c0 = int(rng.integers(0, gh - wh + 1)), int(rng.integers(0, gw - ww + 1))
+            else:
+                r0, c0 = (gh - wh) // 2, (gw - ww) // 2
+            image = image[r0 * sel.patch:(r0 + wh) * sel.patch, c0 * sel.patch:(c0 + ww) * sel.patch]
+
+        if sel.dense:
+            keep = None
+        elif sel.mode == "random":
+            keep = np.sort(_sample_rng(p.seed, epoch, key, _SELECT).choice(sel.num_patches, sel.kept, replace=False))
+        elif sel.mode == "center":
+            keep = center_indices(sel.window, sel.kept)
+        else:
+            keep = self._saliency(i, shard, key, r0, c0)
+
+        if p.flip and _sample_rng(p.seed, epoch, key, _FLIP).random() < 0.5:
+            image = image[:, ::-1]
+            keep = None if keep is None else hflip_indices(keep, sel.window[1])
+        return image, keep
+
+    def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
+        """The stored k{K}.npy; with a crop, top-K re-selected from the window of scores.npy
+        (the stored sets refer to the whole grid)."""
+        t, sel = self.table, self.plan.selection
+        member = SCORES_EXT if sel.cropped else k_ext(sel.k)
+        where = f"{shard.index}: sample {key!r}"
+        try:
+            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, member))
+            if sel.cropped:
+                if arr.shape != tuple(sel.grid):
+                    raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
+                scores = arr[r0:r0 + sel.window[0], c0:c0 + sel.window[1]].astype(np.float32)
+                return select_topk(scores[None], sel.k)[0].astype(np.int64)
+            problem = check_indices(arr, sel.num_patches, sel.kept)
+            if problem:
+                raise ValueError(f"{member} {problem}")
+            return arr.astype(np.int64)
+        except MismatchError as e:
+            raise DataError(f"{shard.images} and {shard.index}: keys differ at sample {e.pos}: index shard has "
+                            f"{e.got!r}, image shard has {key!r}") from None
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{where}: {e}") from None
+
+
+def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: int) -> Batch:
+    if not images:
+        return Batch(torch.empty(0, dtype=torch.uint8), None, torch.empty(0, dtype=torch.int64), [], skipped)
+    # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
+    # device, inside normalize (DESIGN §6: uint8 to the device, normalise there).
+    # In a loader worker the batch is stacked straight into shared memory: otherwise
+    # torch copies it there again to send it to the main process.
+    # In the main process numpy's allocator is several times faster than a fresh torch
+    # tensor (page faults on every 4.8 MB batch), and from_numpy shares the memory.
+    if torch.utils.data.get_worker_info() is not None:
+        buf = torch.empty((len(images), *images[0].shape), dtype=torch.uint8).share_memory_()
+        np.stack(images, out=buf.numpy())
+    else:
+        buf = torch.from_numpy(np.stack(images))
+    keep = None if keeps[0] is None else torch.from_numpy(np.stack(keeps))
+    return Batch(buf.permute(0, 3, 1, 2), keep, torch.tensor(labels, dtype=torch.int64), keys, skipped)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Batch j of one epoch, for DataLoader workers (map-style: in order, any worker count)."""
+
+    def __init__(self, reader: BatchReader, batches: list[np.ndarray], epoch: int):
+        self.reader, self.batches, self.epoch = reader, batches, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> Batch:
+        return self.reader(self.batches[j], self.epoch)
 
 
 # --- the loader ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a pipeline needs, fixed at build time (picklable for workers)."""
-
-    pairs: tuple[ShardPair, ...]
-    split_samples: bool  # fewer non-empty shards than ranks: split by sample, not shard
-    k: int
-    select: str
-    batch_size: int
-    train: bool
-    flip: bool
-    seed: int
-    rank: int
-    world_size: int
-    workers: int  # effective: no more than this rank has shards
-    shuffle_buffer: int
-    skip_bad: bool
-    image_size: tuple[int, int]
-    patch: int
-    grid: tuple[int, int]
-    window: tuple[int, int]  # grid of the model input (== grid unless cropping)
-    extra_images: bool
-
-
 class Loader:
     """One epoch of batches per iteration; call set_epoch(e) before each epoch.
 
-    `steps`: train, the same on every rank, and exactly that many full batches come out
-    (DataError if skipped samples leave a rank with nothing to cycle over). Eval, this
-    rank's batch count (each worker batches its own shards, so with workers there can be
-    one partial batch per worker); an upper bound when bad samples are skipped.
-    `skipped`: sum of Batch.skipped seen so far. Skips are counted in the process that meets
-    them and ride on the next batch it builds, so skips after a worker's last batch of the
-    epoch (or past the train cut) are not counted: a lower bound, exact in the common case.
+    `steps`: train, the same on every rank, and exactly that many batches come out (a
+    DataError if skipped samples empty a whole batch). Eval, this rank's batch count.
+    `skipped`: bad samples left out so far (bad shards once, bad samples once per epoch).
     """
 
-    def __init__(self, plan: _Plan, info: DatasetInfo, steps: int, pin_memory: bool):
-        self.plan, self.info, self.steps = plan, info, steps
+    def __init__(self, table: SampleTable, plan: ReadPlan, info: DatasetInfo, *, batch_size: int, workers: int,
+                 rank: int, world_size: int, pin_memory: bool):
+        self.table, self.plan, self.info = table, plan, info
+        self.selection = plan.selection
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.pin_memory = pin_memory
+        self.reader = BatchReader(table, plan)
         self.epoch = 0
-        self.skipped = 0
+        self.skipped = sum(n for _, n in table.problems) if plan.skip_bad else 0
+        for message, _ in table.problems:
+            if plan.skip_bad:
+                log.warning("skipping a shard: %s", message)
+        n = len(table)
+        if plan.train:
+            self.steps = n // (world_size * batch_size)
+        else:
+            self.steps = math.ceil(len(range(rank, n, world_size)) / batch_size)
+        self.workers = min(workers, self.steps)
 
     @property
     def kept(self) -> int | None:
-        """Patches kept per sample, or None when dense."""
-        p = self.plan
-        return None if p.select == "dense" or p.k == 100 else k_count(p.k, p.window[0] * p.window[1])
+        return self.selection.kept
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return (self.plan.window[0] * self.plan.patch, self.plan.window[1] * self.plan.patch)
+        return self.selection.input_size
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
@@ -542,60 +437,47 @@ class Loader:
     def __len__(self) -> int:
         return self.steps
 
-    def pipeline(self, epoch: int) -> wds.DataPipeline:
-        p, skips = self.plan, _Skips()
-        train_only = (lambda stage: stage) if p.train else (lambda stage: None)
-        samples = wds.DataPipeline(
-            partial(iter, p.pairs),  # the source (a bare list would be spliced in as stages)
-            train_only(partial(shuffle_shards, seed=p.seed, epoch=epoch)),
-            None if p.split_samples else partial(split_by_node, rank=p.rank, world_size=p.world_size),
-            wds.split_by_worker,
-            train_only(reorder_passes(p.seed, epoch, p.rank)),
-            partial(read_pairs, skip_bad=p.skip_bad, skips=skips, extra_images=p.extra_images,
-                    sample_split=(p.rank, p.world_size) if p.split_samples else None),
-        )
-        if p.train:
-            samples = samples.repeat()  # ends after a pass that yields nothing: never spins
-        cropping = p.window != p.grid
-        return wds.DataPipeline(
-            samples,
-            train_only(partial(shuffle_samples, bufsize=p.shuffle_buffer, seed=p.seed, epoch=epoch, rank=p.rank)
-                       if p.shuffle_buffer > 1 else None),
-            partial(decode, image_size=p.image_size, skip_bad=p.skip_bad, skips=skips),
-            # Crop before selection: a window re-selects top-K from its own scores.
-            partial(crop_window, grid=p.grid, window=p.window, patch=p.patch, train=p.train,
-                    seed=p.seed, epoch=epoch) if cropping else None,
-            partial(select_patches, mode=p.select, k=p.k, grid=p.grid, window=p.window, seed=p.seed,
-                    epoch=epoch, skip_bad=p.skip_bad, skips=skips),
-            partial(random_flip, grid_w=p.window[1], seed=p.seed, epoch=epoch) if p.flip else None,
-            partial(collate, batch_size=p.batch_size, keep_partial=not p.train, skips=skips),
-        )
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's sample numbers, batch by batch, for `epoch`."""
+        n, b, w, r = len(self.table), self.batch_size, self.world_size, self.rank
+        if self.plan.train:
+            # DistributedSampler-style: one permutation of every sample, alike on every rank;
+            # global batch j·W + r is this rank's batch j; the tail (< W·b) is dropped.
+            order = np.random.default_rng([self.plan.seed & (2**64 - 1), epoch]).permutation(n)
+            return [order[(j * w + r) * b:(j * w + r + 1) * b] for j in range(self.steps)]
+        mine = np.arange(r, n, w)
+        return [mine[j * b:(j + 1) * b] for j in range(self.steps)]
 
     def __iter__(self) -> Iterator[Batch]:
-        p = self.plan
-        pipeline = self.pipeline(self.epoch)
+        if self.table.problems and not self.plan.skip_bad:
+            raise DataError(self.table.problems[0][0])
+        batches = self.batches(self.epoch)
         pin = self.pin_memory and torch.cuda.is_available()
-        if p.workers > 0:
-            batches = iter(wds.WebLoader(pipeline, batch_size=None, num_workers=p.workers,
-                                         pin_memory=pin, persistent_workers=False))
+        if self.workers > 0:
+            it = iter(torch.utils.data.DataLoader(_EpochBatches(self.reader, batches, self.epoch), batch_size=None,
+                                                  num_workers=self.workers, pin_memory=pin))
         else:
-            batches = iter(pipeline)
-        done = 0
+            it = (self.reader(idx, self.epoch) for idx in batches)
+        done = pending = 0
         try:
-            # Train streams are endless (each rank cycles its shards): cut at exactly `steps`.
-            for batch in itertools.islice(batches, self.steps if p.train else None):
-                if pin and p.workers == 0:
-                    batch = batch.pin_memory()
+            for batch in it:
                 self.skipped += batch.skipped
+                if len(batch) == 0:  # every sample of it was bad: its count rides on the next batch
+                    pending += batch.skipped
+                    continue
+                if pending:
+                    batch, pending = dataclasses.replace(batch, skipped=batch.skipped + pending), 0
+                if pin and self.workers == 0:
+                    batch = batch.pin_memory()
                 done += 1
                 yield batch
         except DataError as e:
             raise DataError(_worker_message(e)) from None
         finally:
-            del batches  # shuts DataLoader workers down now, not at garbage collection
-        if p.train and done < self.steps:
-            raise DataError(f"rank {p.rank}: only {done} of {self.steps} batches this epoch: every sample "
-                            f"of its shards was skipped as bad")
+            del it  # shuts DataLoader workers down now, not at garbage collection
+        if self.plan.train and done < self.steps:
+            raise DataError(f"rank {self.rank}: only {done} of {self.steps} batches this epoch: every sample "
+                            f"of the others was skipped as bad")
 
 
 def _worker_message(e: DataError) -> str:
@@ -606,71 +488,35 @@ def _worker_message(e: DataError) -> str:
     return text.rsplit(marker, 1)[-1] if marker in text else text
 
 
-def _eval_steps(plan: _Plan) -> int:
-    """This rank's batch count in eval: each worker batches its own shards, partial batch kept."""
-    pairs = list(plan.pairs) if plan.split_samples else list(plan.pairs)[plan.rank::plan.world_size]
-    steps = 0
-    for w in range(max(1, plan.workers)):
-        n = 0
-        for pair in pairs[w::max(1, plan.workers)]:
-            if plan.split_samples:
-                first = pair.offset + (plan.rank - pair.offset) % plan.world_size
-                n += len(range(first, pair.offset + pair.count, plan.world_size))
-            else:
-                n += pair.count
-        steps += math.ceil(n / plan.batch_size)
-    return steps
-
-
-def build_loader(dataset_dir, split, *, k: int, scorer: str = "l2", select: str = "saliency",
+def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2", select: str = "saliency",
                  batch_size: int, workers: int = 0, train: bool = True, seed: int = 42,
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
-                 flip: bool | None = None, shuffle_buffer: int = 1000,
-                 skip_bad_samples: bool = False, pin_memory: bool = False) -> Loader:
-    """The loader of one split for one rank. Every argument error is a one-line DataError."""
+                 flip: bool | None = None, skip_bad_samples: bool = False, pin_memory: bool = False,
+                 selection: Selection | None = None) -> Loader:
+    """The loader of one split for one rank. Every argument error is a one-line DataError.
+    Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
     if scorer not in info.scorers:
         raise DataError(f"{dataset_dir}: no scorer {scorer!r} (available: {', '.join(info.scorers)})")
-    if select not in SELECT_MODES:
-        raise DataError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= 100:
-        raise DataError(f"K must be an integer in 1..100, got {k!r}")
-    k = int(k)
     if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad loader arguments: batch_size={batch_size}, workers={workers}, "
                         f"rank={rank}, world_size={world_size}")
+    if selection is None:
+        try:
+            selection = resolve_selection(info, None if select == "dense" else k, select, input_size)
+        except SelectionError as e:
+            raise DataError(f"{dataset_dir}: {e}") from None
+    table = build_table(dataset_dir, info, split, scorer)
+    if train and len(table) < world_size * batch_size and (skip_bad_samples or not table.problems):
+        raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
+                        f"(world size {world_size} × batch size {batch_size})")
+    plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),
+                    skip_bad_samples)
+    return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
+                  pin_memory=pin_memory)
 
-    patch, (h, w), grid = info.patch_size, info.image_size, info.grid
-    if input_size is None:
-        window = grid
-    else:
-        if input_size % patch or not patch <= input_size <= min(h, w):
-            raise DataError(f"input size {input_size} must be a multiple of the patch size {patch} "
-                            f"and at most the stored size {h}x{w}")
-        window = (input_size // patch, input_size // patch)
-    if select == "saliency" and k != 100 and window == grid and k not in info.k_values():
-        ks = ", ".join(str(v) for v in info.k_values())
-        raise DataError(f"{dataset_dir}: K={k} was not indexed (available K: {ks}, or 100 for dense; "
-                        f"any K works with an input size smaller than the stored {h}x{w})")
 
-    pairs = _shard_pairs(dataset_dir, info, split, scorer)
-    total = sum(pair.count for pair in pairs)
-    split_samples = len(pairs) < world_size
-    rank_shards = len(pairs) if split_samples else len(pairs[rank::world_size])
-    plan = _Plan(
-        pairs=tuple(pairs), split_samples=split_samples, k=k, select=select, batch_size=batch_size,
-        train=train, flip=train if flip is None else bool(flip), seed=int(seed), rank=rank,
-        world_size=world_size, workers=min(workers, rank_shards), shuffle_buffer=shuffle_buffer,
-        skip_bad=skip_bad_samples, image_size=(h, w), patch=patch, grid=grid, window=window,
-        extra_images=info.external_images,
-    )
-    if train:
-        if total < world_size * batch_size:
-            raise DataError(f"{dataset_dir}: split {split!r} has {total} samples, fewer than one step "
-                            f"(world size {world_size} × batch size {batch_size})")
-        steps = total // (world_size * batch_size)
-    else:
-        steps = _eval_steps(plan)
-    return Loader(plan, info, steps, pin_memory)
+__all__ = ["Batch", "DataError", "Loader", "SELECT_MODES", "UNLABELED", "build_loader", "center_indices",
+           "hflip_indices", "normalize", "open_dataset"]
