@@ -64,11 +64,14 @@ def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
             bad(DATASET_JSON, f"ks entry K={k.k} says kept={k.kept}, seq_len={k.seq_len}; the grid "
                 f"{info.grid} gives {k_count(k.k, info.num_patches)} and {1 + k_count(k.k, info.num_patches)}")
     expected_keys: dict[tuple[str, int], list[str]] = defaultdict(list)
+    labels: dict[tuple[str, str], int | None] | None = None  # (split, key) -> label of ok rows
     if manifest is not None:
         _check_manifest(info, manifest, bad)
+        labels = {}
         for row in manifest:
             if row["status"] == STATUS_OK:
                 expected_keys[(row["split"], row["shard"])].append(row["key"])
+                labels[(row["split"], row["key"])] = row["label"]
     if shards is None:
         return found
 
@@ -82,7 +85,7 @@ def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
         if ident in seen_shards:
             bad(SHARDS_PARQUET, f"shard {ident} listed twice")
         seen_shards.add(ident)
-        keys = _check_shard(out_dir, info, row, bad, check_checksums)
+        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels)
         if keys is not None and manifest is not None:
             want = expected_keys.get(ident, [])
             if keys != want:
@@ -131,8 +134,12 @@ def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums:
     return path
 
 
-def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool) -> list[str] | None:
+def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool,
+                 labels: dict | None = None) -> list[str] | None:
     """Check one shard pair; return the keys it holds in order (None if unreadable).
+
+    `labels` ((split, key) -> the manifest's label) checks each sample's `.cls` member
+    against manifest.parquet: a trainer reads the label from the tar, not the manifest.
 
     With external images (the user's WebDataset) the image tar may hold samples that failed
     at indexing, so the index keys must be an in-order subsequence of the image keys and
@@ -146,6 +153,8 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
                 image_keys.append(key)
                 if not info.external_images and not any(ext in members for ext in IMAGE_EXTS):
                     bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
+                if labels is not None and (row["split"], key) in labels:
+                    _check_label(key, members.get("cls"), labels[(row["split"], key)], row["images"], bad)
         except Exception as e:  # a truncated tar raises tarfile/EOF errors of several kinds
             bad(row["images"], f"unreadable tar: {e}")
             image_keys = None
@@ -172,6 +181,19 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
         where = row["index"][0]["path"] if info.external_images else row["images"]
         bad(where, f"{len(held)} samples, shards.parquet says {row['count']}")
     return held
+
+
+def _check_label(key: str, cls: bytes | None, want: int | None, rel: str, bad) -> None:
+    if cls is None:
+        if want is not None:
+            bad(rel, f"sample {key!r}: no .cls member, manifest.parquet says label {want}")
+        return
+    try:
+        got = int(cls.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        got = cls[:20]
+    if got != want:
+        bad(rel, f"sample {key!r}: .cls says {got!r}, manifest.parquet says label {want!r}")
 
 
 def _in_order_subsequence(sub: list[str], full: list[str]) -> bool:

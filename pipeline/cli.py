@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,9 +38,28 @@ def _triple(ctx, param, value: str | None):
         t = tuple(float(v) for v in value.split(","))
     except ValueError:
         t = ()
-    if len(t) != 3 or (param.name == "std" and min(t) <= 0):
-        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
+    if len(t) != 3 or not all(map(math.isfinite, t)):
+        raise click.BadParameter(f"expected three comma-separated finite numbers (R,G,B), got {value!r}")
+    if param.name == "std" and min(t) <= 0:
+        raise click.BadParameter(f"std must be positive, got {value!r}")
     return t
+
+
+def _check_out(out: str) -> None:
+    """--out must be (or be creatable as) a folder: found now, not as a traceback after
+    the first files are written."""
+    path = Path(out).absolute()
+    for p in (path, *path.parents):
+        try:
+            if not p.exists():
+                continue
+        except OSError as e:
+            raise click.BadParameter(f"cannot access {p}: {e.strerror or e}", param_hint="--out") from None
+        if not p.is_dir():
+            raise click.BadParameter(f"{p} is not a directory", param_hint="--out")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"{p} is not writable", param_hint="--out")
+        return
 
 
 def _options(ctx, param, values) -> dict:
@@ -113,7 +133,7 @@ def main():
 def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
           order, order_seed, workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
-    from .index import IndexConfig, RunError, run_index
+    from .index import IndexConfig, RunError, UnitError, run_index
 
     if image_size % patch_size:
         raise click.BadParameter(f"{image_size} is not a multiple of --patch-size {patch_size}", param_hint="--image-size")
@@ -125,12 +145,15 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         options.setdefault("image_size", image_size)
     elif not src:
         raise click.UsageError(f"--src is required for --data {data}")
+    _check_out(out)
     try:
         source = open_source(data, src, **options)
         for split in source.splits():  # enumerate now: a broken layout is an argument error
             source.units(split, shard_size)
     except (SourceError, ValueError) as e:
         raise click.UsageError(str(e)) from None
+    except OSError as e:  # a folder or annotation file that cannot be read, in any layout
+        raise click.UsageError(f"cannot read the dataset: {_os_error(e)}") from None
     cfg = IndexConfig(data=data, src=str(Path(src).resolve()) if src and Path(src).exists() else src, out=out, ks=ks,
                       scorers=scorers, image_size=image_size, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
                       image_format=image_format, quality=quality, shard_size=shard_size,
@@ -141,6 +164,10 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
     except RunError as e:
         raise click.UsageError(str(e)) from None
+    except UnitError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # writing the run state or the merged manifests (disk full, ...)
+        raise click.ClickException(_os_error(e)) from None
     for warning in getattr(source, "warnings", lambda: [])():
         click.echo(f"warning: {warning}", err=True)
     rate = (result.ok + result.failed) / result.seconds if result.seconds else 0.0
@@ -155,9 +182,16 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
     else:
         click.echo(f"rank {rank}/{world_size} done; when every rank has finished run: dynaprep merge-manifests {out}")
-    if strict and failed:
-        click.echo(f"--strict: {failed} inputs failed (see manifest.parquet)", err=True)
+    problems = getattr(source, "problems", lambda: [])()
+    if strict and (failed or problems):
+        what = [f"{failed} inputs failed (see manifest.parquet)"] if failed else []
+        what += [f"{len(problems)} dataset problems (see the warnings above)"] if problems else []
+        click.echo(f"--strict: {'; '.join(what)}", err=True)
         sys.exit(1)
+
+
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
 @main.command("merge-manifests")
@@ -170,6 +204,8 @@ def merge_manifests(out):
         info = merge_from_state(out)
     except RunError as e:
         raise click.UsageError(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(_os_error(e)) from None
     total = {name: (c.ok, c.failed) for name, c in info.splits.items()}
     click.echo(f"merged {out}: " + ", ".join(f"{n} {ok} ok/{f} failed" for n, (ok, f) in total.items()))
 

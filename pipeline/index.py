@@ -14,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing as mp
+import os
 import shutil
+import signal
 import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,6 +99,22 @@ class RunError(Exception):
     """A run-level problem (bad --out state, resume mismatch): reported as one line, exit 2."""
 
 
+class UnitError(Exception):
+    """A work unit could not be finished (a worker process died, the disk is full, an
+    input file went away): one line naming the shard, exit 1. The shards committed before
+    stay; `--resume` redoes the rest."""
+
+
+def check_settings(cfg: "IndexConfig") -> None:
+    """Settings that would only fail inside a worker, checked before anything is written."""
+    for name in ("mean", "std"):
+        v = getattr(cfg, name)
+        if len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            raise RunError(f"--{name} must be three finite numbers (R,G,B), got {v!r}")
+    if min(cfg.std) <= 0:
+        raise RunError(f"--std must be positive, got {cfg.std!r}")
+
+
 # --- planning -----------------------------------------------------------------------------
 
 def plan(cfg: IndexConfig, source):
@@ -143,17 +164,53 @@ def prepare_out_dir(cfg: IndexConfig, units, resume: bool, overwrite: bool) -> N
             raise RunError(f"cannot --resume {out}: {what} changed since the run started")
     elif nonempty and not joining:
         raise RunError(f"cannot --resume {out}: no {STATE_DIR}/config.json (not a dynaprep run?)")
-    if resume and not joining:
-        # Other ranks may be writing their temp files right now; a lone run owns them all.
-        _remove_temp_files(out)
+    if resume:
+        # Other ranks (or another run on this machine) may be writing their temp files right
+        # now: only those of writers that are gone go. A PID means nothing on another
+        # machine, so with several ranks a file must also be untouched for STALE_AFTER_S.
+        remove_stale_temp_files(out, min_age_s=STALE_AFTER_S if joining else 0.0)
     write_json_atomic(saved, now)  # before parts/ exists, so a joining rank always finds it
     (_state(out) / "parts").mkdir(parents=True, exist_ok=True)
 
 
-def _remove_temp_files(out: Path) -> None:
-    """A killed run leaves `.name.PID.tmp` files behind; they are never part of the output."""
-    for path in out.rglob(f"*{TMP_SUFFIX}"):
-        path.unlink()
+STALE_AFTER_S = 900.0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie has finished writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def remove_stale_temp_files(out, min_age_s: float = 0.0) -> list[Path]:
+    """Remove the `.name.PID.tmp` files of writers that were killed (merge-manifests,
+    workers, whole runs); they are never part of the output. A file whose PID is alive on
+    this machine is kept: another rank or run may be writing it right now."""
+    removed = []
+    now = time.time()
+    for path in Path(out).rglob(f".*{TMP_SUFFIX}"):
+        pid = path.name[:-len(TMP_SUFFIX)].rpartition(".")[2]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if min_age_s and now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        removed.append(path)
+    return removed
 
 
 def is_done(out, unit, cfg: "IndexConfig") -> bool:
@@ -170,11 +227,13 @@ def is_done(out, unit, cfg: "IndexConfig") -> bool:
 
 _worker_source = None
 _progress = None
+_worker_slots = None  # shared array: slot i holds the PID of the worker that took unit i
 
 
-def _init_worker(cfg: IndexConfig, counter, threads: int) -> None:
+def _init_worker(cfg: IndexConfig, counter, threads: int, slots=None) -> None:
     """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit)."""
-    global _worker_source, _progress
+    global _worker_source, _progress, _worker_slots
+    _worker_slots = slots
     _worker_source = open_source(cfg.data, cfg.src, **cfg.source_options)
 
     def progress(n: int) -> None:
@@ -186,6 +245,13 @@ def _init_worker(cfg: IndexConfig, counter, threads: int) -> None:
     import numba
 
     numba.set_num_threads(threads)
+
+
+def _run_unit(cfg: IndexConfig, unit, slot: int) -> tuple[int, int]:
+    """process_unit in a pool worker, first recording which process writes which unit, so
+    that the main process can name the shard of a worker that dies."""
+    _worker_slots[slot] = os.getpid()
+    return process_unit(cfg, unit)
 
 
 def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[int, int]:
@@ -272,6 +338,7 @@ class RunResult:
 
 def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = False,
               progress_bar: bool = True) -> RunResult:
+    check_settings(cfg)
     units = plan(cfg, source)
     mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
     prepare_out_dir(cfg, units, resume, overwrite)
@@ -282,29 +349,94 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     total = sum(counts) if None not in counts else None  # wds units are counted only when read
     bar = tqdm(total=total, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
     workers = max(1, min(cfg.workers, len(todo)))
-    if workers == 1:
-        for unit in todo:
-            o, f = process_unit(cfg, unit, source, bar.update)
-            ok, failed = ok + o, failed + f
-    else:
-        ctx = mp.get_context("spawn")  # fork after numba/torch threads start is not safe
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, counter, 1)) as pool:
-            results = [pool.apply_async(process_unit, (cfg, u)) for u in todo]
-            while not all(r.ready() for r in results):
-                time.sleep(0.2)
-                bar.update(counter.value - bar.n)
-            for r in results:
-                o, f = r.get()  # re-raises a worker's exception here
+    try:
+        if workers == 1:
+            for unit in todo:
+                try:
+                    o, f = process_unit(cfg, unit, source, bar.update)
+                except (OSError, SourceError) as e:
+                    raise UnitError(_unit_failed(unit, e)) from None
                 ok, failed = ok + o, failed + f
-        bar.update(counter.value - bar.n)
-    bar.close()
+        else:
+            ok, failed = _run_pool(cfg, todo, workers, bar)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     merged = False
     if all(is_done(cfg.out, u, cfg) for u in units):
         merge(cfg.out, source=source, cfg=cfg, units=units)
         merged = True
     return RunResult(len(units), len(mine) - len(todo), len(todo), ok, failed, seconds, merged)
+
+
+def _unit_name(unit) -> str:
+    return f"{unit.split}/{unit.index:06d}"
+
+
+def _unit_failed(unit, e: BaseException) -> str:
+    if isinstance(e, OSError):
+        what = e.strerror or str(e)
+        where = f" ({e.filename})" if e.filename else ""
+        return f"shard {_unit_name(unit)} failed: {what}{where}; fix that and run again with --resume"
+    return f"shard {_unit_name(unit)} failed: {e}"
+
+
+def _run_pool(cfg: IndexConfig, todo: list, workers: int, bar) -> tuple[int, int]:
+    """Run the units in spawned worker processes. A worker that dies (OOM killer, kill -9)
+    breaks the pool at once: every other worker is stopped and UnitError names the shard it
+    was writing (multiprocessing.Pool would wait for its result forever)."""
+    ctx = mp.get_context("spawn")  # fork after numba/torch threads start is not safe
+    counter = ctx.Value("q", 0)
+    slots = ctx.Array("q", len(todo), lock=False)
+    ok = failed = 0
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, counter, 1, slots))
+    try:
+        futures = {pool.submit(_run_unit, cfg, u, i): i for i, u in enumerate(todo)}
+        processes = dict(getattr(pool, "_processes", None) or {})  # every worker exists once submitted
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            bar.update(counter.value - bar.n)
+            processes.update(getattr(pool, "_processes", None) or {})
+            for future in done:
+                try:
+                    o, f = future.result()
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True, cancel_futures=True)  # joins the stopped workers
+                    raise UnitError(_worker_died(todo, futures, slots, processes)) from None
+                except (OSError, SourceError) as e:
+                    raise UnitError(_unit_failed(todo[futures[future]], e)) from None
+                ok, failed = ok + o, failed + f
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    bar.update(counter.value - bar.n)
+    return ok, failed
+
+
+def _worker_died(todo: list, futures: dict, slots, processes: dict) -> str:
+    """One line naming the shard(s) whose worker died. The pool stops the others with
+    SIGTERM, so the one that died first is the one with another exit status."""
+    unfinished = {}  # pid -> unit index: a worker writes one unit at a time
+    for future, i in futures.items():
+        if slots[i] and (not future.done() or future.cancelled() or future.exception() is not None):
+            unfinished[slots[i]] = i
+    codes = {pid: p.exitcode for pid, p in processes.items()}
+    died = [pid for pid in unfinished if codes.get(pid) not in (None, 0, -signal.SIGTERM)] or list(unfinished)
+    died = died or [pid for pid, c in codes.items() if c not in (None, 0, -signal.SIGTERM)]
+    how = "died"
+    if len(died) == 1 and codes.get(died[0]) is not None:
+        code = codes[died[0]]
+        try:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+        if code == -signal.SIGKILL:
+            how += " (out of memory?)"
+    pids = ", ".join(str(pid) for pid in died) or "?"
+    shards = ", ".join(_unit_name(todo[unfinished[pid]]) for pid in died if pid in unfinished)
+    where = f"while writing shard {shards}" if shards else "before it took a shard"
+    return (f"worker process {pids} {how} {where}; the other workers were stopped."
+            " Run again with --resume to finish")
 
 
 # --- merging the parts of every rank ------------------------------------------------------
@@ -367,8 +499,12 @@ def merge_from_state(out) -> DatasetInfo:
     try:
         source = open_source(cfg.data, cfg.src, **cfg.source_options)
         units = plan(cfg, source)
-    except (SourceError, ValueError) as e:
+    except (SourceError, ValueError, OSError) as e:
         raise RunError(f"cannot re-open the source to merge: {e}") from None
     if digest is not None and plan_digest(units) != digest:
         raise RunError(f"the input files of {cfg.src} changed since the run started; re-run with --overwrite")
-    return merge(out, source, cfg, units)
+    info = merge(out, source, cfg, units)
+    # Every unit is done, so no rank writes shards any more: what a killed merge or worker
+    # left behind goes (a file of a writer still alive on this machine stays).
+    remove_stale_temp_files(out)
+    return info

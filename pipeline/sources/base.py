@@ -91,11 +91,20 @@ class Source:
         (non-image files, excluded images, ...), so that nothing is dropped silently."""
         return list(getattr(self, "_warnings", []))
 
-    def _warn(self, msg: str) -> None:
+    def problems(self) -> list[str]:
+        """The subset of `warnings()` that means the dataset is probably not what the user
+        meant (an empty class folder, a skipped symlink loop): `dynaprep index --strict`
+        exits 1 on any of them, as it does on failed inputs."""
+        return list(getattr(self, "_problems", []))
+
+    def _warn(self, msg: str, problem: bool = False) -> None:
         if not hasattr(self, "_warnings"):
             self._warnings: list[str] = []
+            self._problems: list[str] = []
         if msg not in self._warnings:
             self._warnings.append(msg)
+        if problem and msg not in self._problems:
+            self._problems.append(msg)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits():

@@ -5,8 +5,9 @@ fine labels (100 classes, names from meta's fine_label_names, in label order).  
 uint8 [32, 32, 3] array; source is "<path of the batch file relative to SRC>#<row>".
 
 The batch files are pickles, and unpickling runs code named in the file.  They are loaded
-with a restricted unpickler that only admits the three globals a numpy array needs; anything
-else (os.system, eval, ...) is refused before it is called.
+with a restricted unpickler that only admits the three globals a numpy array needs, plus
+`_codecs.encode(str, 'latin1')` (how Python 3 writes bytes in a protocol-2 pickle, e.g. a
+re-pickled meta file); anything else (os.system, eval, ...) is refused before it is called.
 """
 from __future__ import annotations
 
@@ -32,7 +33,17 @@ def _allowed():
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
     }
+
+
+def _latin1_encode(text, encoding="latin1", *rest):
+    """`_codecs.encode` as Python 3 uses it to write bytes in a protocol-2 pickle
+    (`_codecs.encode(str, 'latin1')`, which torch's weights_only unpickler also admits);
+    nothing else: other codecs and non-str arguments are refused."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1") or rest:
+        raise pickle.UnpicklingError("refusing _codecs.encode other than (str, 'latin1')")
+    return text.encode("latin1")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
