@@ -135,8 +135,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(data, image_size=224, policy: str = "center-crop", crop_pct: float = 0.875,
-               patch_size: int = 16, keep_size: bool = False) -> Decoded:
+               patch_size: int = 16, keep_size: bool = False, hflip: bool = False) -> Decoded:
     """Decode (bytes) or take (uint8 array) an image and bring it to image_size.
+
+    hflip mirrors the result left-right (the trainer's flip augmentation): done by PIL
+    before the array exists, because stacking negatively-strided numpy views into a batch
+    cost as much as decoding the JPEG.
 
     keep_size=True is for images that stay where they are (`wds`): nothing is resized or
     cropped, and an image that is not already image_size is a DecodeError, because its
@@ -159,12 +163,16 @@ def load_image(data, image_size=224, policy: str = "center-crop", crop_pct: floa
         if img.size != (out_w, out_h):
             raise DecodeError(f"image is {ow}×{oh}, not {out_w}×{out_h} (images indexed in place"
                               " are not resized)")
+        if hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return Decoded(np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), ow, oh)
     (rw, rh), box = _resize_plan(ow, oh, out_h, out_w, policy, crop_pct)
     if img.size != (rw, rh):
         img = img.resize((rw, rh), Image.Resampling.BICUBIC)
     if box != (0, 0, rw, rh):
         img = img.crop(box)
+    if hflip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     rgb = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
     return Decoded(rgb, ow, oh)
 
@@ -237,3 +245,29 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
     else:
         raise ValueError(f"format must be jpg or png, got {fmt!r}")
     return buf.getvalue()
+
+
+def decode_stored(data: bytes, size_hw: tuple[int, int], hflip: bool = False) -> np.ndarray:
+    """Decode an image `encode_image` wrote: RGB, exactly `size_hw`, no metadata.
+
+    The decoder side of encode_image, for the trainer's hot path: no EXIF, mode or resize
+    handling (load_image does those for images dynaprep did not write), so that reading a
+    stored image costs what PIL's decode costs. hflip mirrors it left-right inside PIL."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (size_hw[1], size_hw[0]):
+                raise DecodeError(f"image is {img.size[0]}×{img.size[1]}, not the stored "
+                                  f"{size_hw[1]}×{size_hw[0]}")
+            if hflip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(img)
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError("not an image: cannot identify image file") from None
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DecodeError(f"truncated or corrupt image: {msg}") from None

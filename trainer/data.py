@@ -47,7 +47,7 @@ from dynavit.manifests import (DatasetInfo, FormatError, IndexShard, TarError, c
                                read_manifest, read_npy, read_shards, resolve, scan_image_shard)
 from dynavit.manifests.schema import SCORES_EXT, STATUS_OK, k_ext
 from dynavit.manifests.shards import MismatchError
-from dynavit.pipeline.decode import load_image
+from dynavit.pipeline.decode import decode_stored, load_image
 from dynavit.pipeline.topk import select_topk
 
 from .selection import MODES as SELECT_MODES
@@ -130,11 +130,16 @@ def center_indices(grid: tuple[int, int], kept: int) -> np.ndarray:
     return out
 
 
+def _sample_bits(seed: int, epoch: int, key: str, purpose: int) -> int:
+    """64 random bits of one sample's draw. Keyed by the sample, not by its position: a
+    sample gets the same draws whatever the number of workers or ranks. A hash, not a
+    Generator: constructing numpy's Generator per sample cost ~0.1 ms."""
+    text = f"{seed}/{epoch}/{purpose}/{key}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
 def _sample_rng(seed: int, epoch: int, key: str, purpose: int) -> np.random.Generator:
-    # Keyed by the sample, not by its position: a sample gets the same draws whatever the
-    # number of workers or ranks.
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return np.random.default_rng([seed & (2**64 - 1), epoch, int.from_bytes(digest, "little"), purpose])
+    return np.random.default_rng(_sample_bits(seed, epoch, key, purpose))
 
 
 # --- the sample table ----------------------------------------------------------------------
@@ -249,6 +254,7 @@ class ReadPlan:
     flip: bool
     seed: int
     skip_bad: bool
+    external_images: bool  # images are the user's own WebDataset (not written by dynaprep)
 
 
 class BatchReader:
@@ -303,23 +309,30 @@ class BatchReader:
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
             data = os.pread(self._fd(shard.images), int(t.size[i]), int(t.offset[i]))
-            # dynaprep's own decoder, without resizing: a user's WebDataset image may carry
-            # EXIF orientation or an odd mode, and the pixels must be the ones scored.
-            image = load_image(data, p.image_size, patch_size=1, keep_size=True).rgb
+            flip = p.flip and _sample_bits(p.seed, epoch, key, _FLIP) >> 63 == 1  # probability 1/2
+            if p.external_images:
+                # A user's WebDataset image may carry EXIF orientation or an odd mode: dynaprep's
+                # own decoder, without resizing, gives the pixels that were scored.
+                image = load_image(data, p.image_size, patch_size=1, keep_size=True, hflip=flip).rgb
+            else:  # what dynaprep's encode_image wrote
+                image = decode_stored(data, p.image_size, hflip=flip)
         except DataError:
             raise
         except Exception as e:  # any undecodable sample is that sample's problem, not the run's
             raise DataError(f"{shard.images}: sample {key!r}: {e}") from None
 
+        # The image may be mirrored already; the window and the kept set are chosen in the
+        # stored (unflipped) frame, then mapped: column c of the window is column Ww-1-c.
         r0 = c0 = 0
         if sel.cropped:  # random window in train, centred in eval
             (gh, gw), (wh, ww) = sel.grid, sel.window
             if p.train:
-                rng = _sample_rng(p.seed, epoch, key, _CROP)
-                r0, c0 = int(rng.integers(0, gh - wh + 1)), int(rng.integers(0, gw - ww + 1))
+                bits = _sample_bits(p.seed, epoch, key, _CROP)
+                r0, c0 = bits % (gh - wh + 1), (bits >> 32) % (gw - ww + 1)
             else:
                 r0, c0 = (gh - wh) // 2, (gw - ww) // 2
-            image = image[r0 * sel.patch:(r0 + wh) * sel.patch, c0 * sel.patch:(c0 + ww) * sel.patch]
+            fc0 = gw - ww - c0 if flip else c0  # the same window in the mirrored image
+            image = image[r0 * sel.patch:(r0 + wh) * sel.patch, fc0 * sel.patch:(fc0 + ww) * sel.patch]
 
         if sel.dense:
             keep = None
@@ -330,9 +343,8 @@ class BatchReader:
         else:
             keep = self._saliency(i, shard, key, r0, c0)
 
-        if p.flip and _sample_rng(p.seed, epoch, key, _FLIP).random() < 0.5:
-            image = image[:, ::-1]
-            keep = None if keep is None else hflip_indices(keep, sel.window[1])
+        if flip and keep is not None:
+            keep = hflip_indices(keep, sel.window[1])
         return image, keep
 
     def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
@@ -513,7 +525,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
     plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),
-                    skip_bad_samples)
+                    skip_bad_samples, info.external_images)
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 
