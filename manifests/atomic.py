@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -37,3 +38,40 @@ def write_json_atomic(path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie has finished writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def remove_stale_temp_files(out, min_age_s: float = 0.0, recursive: bool = True) -> list[Path]:
+    """Remove the `.name.PID.tmp` files (atomic_path's temp names) of writers that were
+    killed (dynaprep workers, merge-manifests, a checkpoint write); they are never part of
+    the output. A file whose PID is alive on this machine is kept: another rank or run may
+    be writing it right now. A PID means nothing on another machine: with shared storage,
+    pass `min_age_s` so that only files untouched that long go."""
+    removed = []
+    now = time.time()
+    for path in Path(out).rglob(f".*{TMP_SUFFIX}") if recursive else Path(out).glob(f".*{TMP_SUFFIX}"):
+        pid = path.name[:-len(TMP_SUFFIX)].rpartition(".")[2]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if min_age_s and now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        removed.append(path)
+    return removed

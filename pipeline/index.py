@@ -45,7 +45,8 @@ from dynavit.manifests import (
     write_manifest,
     write_shards,
 )
-from dynavit.manifests.io import TMP_SUFFIX, write_table_atomic
+from dynavit.manifests.atomic import remove_stale_temp_files
+from dynavit.manifests.io import write_table_atomic
 from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
 from .decode import DecodeError, encode_image, load_image
@@ -174,43 +175,6 @@ def prepare_out_dir(cfg: IndexConfig, units, resume: bool, overwrite: bool) -> N
 
 
 STALE_AFTER_S = 900.0
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (a zombie has finished writing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    except (OSError, ValueError, IndexError):
-        return True
-
-
-def remove_stale_temp_files(out, min_age_s: float = 0.0) -> list[Path]:
-    """Remove the `.name.PID.tmp` files of writers that were killed (merge-manifests,
-    workers, whole runs); they are never part of the output. A file whose PID is alive on
-    this machine is kept: another rank or run may be writing it right now."""
-    removed = []
-    now = time.time()
-    for path in Path(out).rglob(f".*{TMP_SUFFIX}"):
-        pid = path.name[:-len(TMP_SUFFIX)].rpartition(".")[2]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        try:
-            if min_age_s and now - path.stat().st_mtime < min_age_s:
-                continue
-            path.unlink()
-        except FileNotFoundError:  # its writer renamed or removed it meanwhile
-            continue
-        removed.append(path)
-    return removed
 
 
 def is_done(out, unit, cfg: "IndexConfig") -> bool:

@@ -15,7 +15,8 @@ import torch
 from tiny_dataset import make_tiny_dataset
 
 from dynavit.trainer.cli import main
-from dynavit.trainer.train import ConfigError, TrainConfig, load_weights
+from dynavit.trainer.config import ConfigError, TrainConfig
+from dynavit.trainer.model import load_weights
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS),
@@ -122,9 +123,9 @@ def test_resume_after_crash_mid_run(dataset, tmp_path, monkeypatch):
 
     save = train_module.save_checkpoint
 
-    def save_then_crash(path, obj):
-        save(path, obj)
-        if path.name == "last.pt" and obj["epoch"] == 1:
+    def save_then_crash(path, ckpt):
+        save(path, ckpt)
+        if path.name == "last.pt" and ckpt.epoch == 1:
             raise RuntimeError("simulated crash after epoch 1")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)

@@ -17,8 +17,9 @@ import click
 from click.core import ParameterSource
 
 from dynavit.trainer.data import DataError
-from dynavit.trainer.train import (AMP_MODES, DEVICES, SCHEDULES, SELECTS, ConfigError, TrainConfig,
-                                   resume_config, train)
+from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
+from dynavit.trainer.runtime import AMP_MODES, DEVICES
+from dynavit.trainer.train import train
 
 
 class DefaultGroup(click.Group):

@@ -197,10 +197,13 @@ def predict(run_dir, split: str | None = None, *, device: str = "auto", batch_si
     forward and autocast setting, at the run's eval K. Unlabeled samples are left out."""
     import torch
 
-    from dynavit.trainer.data import DataError, build_loader, normalize, open_dataset
+    from dynavit.trainer.config import ConfigError, TrainConfig, pick_val_split
+    from dynavit.trainer.data import DataError, build_loader, open_dataset
+    from dynavit.trainer.model import build_model
+    from dynavit.trainer.rundir import Checkpoint, RunDirError
+    from dynavit.trainer.runtime import autocast, resolve_amp, resolve_device, to_device
+    from dynavit.trainer.selection import SelectionError, resolve_selection
     from dynavit.trainer.sparse import sparse_forward
-    from dynavit.trainer.train import (DENSE_K, ConfigError, TrainConfig, build_model, effective_k,
-                                       pick_val_split, resolve_amp, resolve_device)
 
     run = load_run(run_dir) if not isinstance(run_dir, Run) else run_dir
     cfg = TrainConfig.from_dict(run.config)
@@ -216,36 +219,29 @@ def predict(run_dir, split: str | None = None, *, device: str = "auto", batch_si
     try:
         info = open_dataset(dataset)
         cfg.shards = dataset
-        k, eval_k = effective_k(cfg)
         split = split or run.meta.get("run", {}).get("val_split") or pick_val_split(cfg, info)
-        input_size = run.meta.get("run", {}).get("input_size")
-        input_hw = tuple(input_size) if input_size else (
-            (cfg.input_size, cfg.input_size) if cfg.input_size else tuple(info.image_size))
-        vit = build_model(cfg, info, input_hw, lambda msg: None)
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        state = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
-        vit.load_state_dict(state)
+        train_sel = resolve_selection(info, cfg.k, cfg.select, cfg.input_size)
+        eval_k = train_sel.k if cfg.eval_k is None else cfg.eval_k
+        sel = resolve_selection(info, eval_k, "dense" if eval_k == 100 else cfg.select, cfg.input_size)
+        vit = build_model(cfg, info, sel.input_size, lambda msg: None)
+        vit.load_state_dict(Checkpoint.load(best).model)
         dev = resolve_device(device)
         amp_dtype = resolve_amp(cfg.amp, dev)
         vit.to(dev).eval()
-        loader = build_loader(dataset, split, k=eval_k, scorer=cfg.scorer,
-                              select="dense" if eval_k == DENSE_K else cfg.select,
-                              batch_size=batch_size or cfg.batch_size, workers=workers, train=False,
-                              seed=cfg.seed, input_size=cfg.input_size)
-    except (ConfigError, DataError, RuntimeError, KeyError, OSError) as e:
+        loader = build_loader(dataset, split, selection=sel, scorer=cfg.scorer,
+                              batch_size=batch_size or cfg.batch_size, workers=workers, train=False, seed=cfg.seed)
+    except (ConfigError, SelectionError, DataError, RunDirError, RuntimeError, KeyError, OSError) as e:
         raise ReportError(f"{run.path}: cannot evaluate best.pt ({str(e).splitlines()[0]})") from None
 
     y_true, y_pred = [], []
     with torch.no_grad():
         for batch in loader:
-            images = normalize(batch.images.to(dev), info.mean, info.std)
-            keep_idx = None if batch.keep_idx is None else batch.keep_idx.to(dev)
-            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            images, keep_idx, labels = to_device(batch, dev, info.mean, info.std)
+            with autocast(dev, amp_dtype):
                 logits = sparse_forward(vit, images, keep_idx, validate=False)
-            labels = batch.labels
             keep = labels >= 0
-            y_true.append(labels[keep].numpy())
-            y_pred.append(logits.float().argmax(dim=1).cpu()[keep].numpy())
+            y_true.append(labels[keep].cpu().numpy())
+            y_pred.append(logits.float().argmax(dim=1)[keep].cpu().numpy())
     cat = (lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64))
     return cat(y_true), cat(y_pred), list(info.classes)
 

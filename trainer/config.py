@@ -1,0 +1,221 @@
+"""`dynatrain train` options: the TrainConfig, its checks (no side effects), and --resume.
+
+Everything that can reject the arguments runs here, before the run directory is touched,
+so a bad command line leaves nothing behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import timm
+import torch
+
+from dynavit.manifests import DatasetInfo, read_manifest
+from dynavit.manifests.options import ArgumentError
+
+from .data import DataError, open_dataset
+from .runtime import AMP_MODES, DEVICES, resolve_device
+from .selection import MODES as SELECTS
+from .selection import Selection, SelectionError, resolve_selection
+
+SCHEDULES = ("step", "cosine")
+# Options a resume may change without changing the result. `workers` is one of them: an
+# epoch's batches are a function of seed, epoch and rank, whatever the number of workers.
+RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite", "compile",
+                      "skip_bad_samples", "workers"}
+
+
+class ConfigError(ArgumentError):
+    """A bad argument, detected before anything is written. `param` names the option."""
+
+
+@dataclass
+class TrainConfig:
+    """Every `dynatrain train` option (the CLI builds one of these; `train` consumes it)."""
+
+    shards: str = ""                     # dataset directory written by `dynaprep index`
+    out: str = ""                        # run directory
+    model: str = "vit_base_patch16_224"  # any timm ViT name (with or without a pretrained tag)
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False             # timm's own pretrained weights
+    checkpoint: str | None = None        # local weights file
+    k: int | None = None                 # percent of patches kept in training (100 = dense)
+    eval_k: int | None = None            # percent kept in evaluation (default: k)
+    scorer: str = "l2"
+    select: str = "saliency"
+    input_size: int | None = None        # default: the stored image size
+    batch_size: int = 64
+    workers: int = 4
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    sched: str = "step"
+    step_epochs: int = 3
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    amp: str = "auto"
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+    seed: int = 42
+    compile: bool = False
+    device: str = "auto"
+    skip_bad_samples: bool = False
+    val_split: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What check_config resolved: the dataset, the val split and both selections."""
+
+    info: DatasetInfo
+    val_split: str
+    train: Selection
+    eval: Selection
+
+
+def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """The config of run `run` with `overrides` (options given again on the command line)
+    applied; returns it with the names of overridden fields that change the result."""
+    run = Path(run)
+    path = run / "config.json"
+    if not (run / "last.pt").is_file() or not path.is_file():
+        raise ConfigError(f"{run}: not a resumable run directory (needs config.json and last.pt)", "--resume")
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable run config ({e})", "--resume") from None
+    out = overrides.get("out")
+    if out and Path(out).resolve() != run.resolve():
+        raise ConfigError(f"--out {out} differs from the resumed run {run}; a resumed run continues in place", "--out")
+    changed = [k for k, v in overrides.items() if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != v]
+    cfg = dataclasses.replace(saved, **overrides)
+    cfg.resume, cfg.out = str(run), str(run)
+    return cfg, changed
+
+
+def pick_val_split(cfg: TrainConfig, info: DatasetInfo) -> str:
+    if cfg.val_split:
+        return cfg.val_split
+    for name in ("val", "test"):
+        if name in info.splits:
+            return name
+    raise ConfigError(f"{cfg.shards}: no 'val' or 'test' split (has {sorted(info.splits)}); "
+                      f"name one with --val-split", "--val-split")
+
+
+def _unlabeled(dataset_dir, split: str) -> bool:
+    """True when no ok row of the split has a label (e.g. ImageNet-style flat test/)."""
+    m = read_manifest(dataset_dir)
+    rows = m.filter(pc.and_(pc.equal(m["split"], split), pc.equal(m["status"], "ok")))
+    return rows.num_rows > 0 and rows["label"].null_count == rows.num_rows
+
+
+def check_config(cfg: TrainConfig) -> Checked:
+    """Validate every argument that can be checked without building the model. Raises
+    ConfigError with a one-line message."""
+    info = _check_dataset(cfg)
+    val_split = _check_splits(cfg, info)
+    try:  # the model's prefix tokens are known once it is built; seq_len is refined then
+        train = resolve_selection(info, cfg.k, cfg.select, cfg.input_size, param="--k")
+        k = train.k if cfg.eval_k is None else cfg.eval_k
+        evaluation = resolve_selection(info, k, "dense" if k == 100 else cfg.select, cfg.input_size,
+                                       param="--eval-k")
+    except SelectionError as e:
+        raise ConfigError(str(e), e.param) from None
+    _check_numbers(cfg)
+    _check_runtime(cfg)
+    _check_out(cfg)
+    return Checked(info, val_split, train, evaluation)
+
+
+def _check_dataset(cfg: TrainConfig) -> DatasetInfo:
+    if not cfg.shards:
+        raise ConfigError("missing --shards (a dataset directory written by `dynaprep index`)", "--shards")
+    try:
+        info = open_dataset(cfg.shards)
+    except (DataError, ValueError, OSError) as e:
+        raise ConfigError(str(e), "--shards") from None
+    if cfg.scorer not in info.scorers:
+        raise ConfigError(f"scorer {cfg.scorer!r} is not in this dataset's scorers {info.scorers}", "--scorer")
+    if len(info.classes) < 2:
+        raise ConfigError(f"{cfg.shards}: dataset.json lists {len(info.classes)} classes; training needs "
+                          f"labels (for --data wds, index with -o classes_file=...)", "--shards")
+    return info
+
+
+def _check_splits(cfg: TrainConfig, info: DatasetInfo) -> str:
+    if "train" not in info.splits:
+        raise ConfigError(f"{cfg.shards}: no 'train' split (has {sorted(info.splits)})", "--shards")
+    val_split = pick_val_split(cfg, info)
+    if val_split not in info.splits:
+        raise ConfigError(f"split {val_split!r} not in {cfg.shards} (has {sorted(info.splits)})", "--val-split")
+    for split in ("train", val_split):
+        if _unlabeled(cfg.shards, split):
+            raise ConfigError(f"split {split!r} of {cfg.shards} has no labels; name a labelled split with "
+                              f"--val-split", "--val-split")
+    return val_split
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name, value, ok in (("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--epochs", cfg.epochs, cfg.epochs >= 1),
+                            ("--workers", cfg.workers, cfg.workers >= 0),
+                            ("--lr", cfg.lr, cfg.lr > 0),
+                            ("--step-epochs", cfg.step_epochs, cfg.step_epochs >= 1),
+                            ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0),
+                            ("--label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1)):
+        if not ok:
+            raise ConfigError(f"{name} {value} is out of range", name)
+    if cfg.sched not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {cfg.sched!r}; choose from {', '.join(SCHEDULES)}", "--sched")
+    if cfg.select not in SELECTS:
+        raise ConfigError(f"unknown selection {cfg.select!r}; choose from {', '.join(SELECTS)}", "--select")
+
+
+def _check_runtime(cfg: TrainConfig) -> None:
+    if cfg.amp not in AMP_MODES:
+        raise ConfigError(f"unknown --amp {cfg.amp!r}; choose from {', '.join(AMP_MODES)}", "--amp")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"unknown --device {cfg.device!r}; choose from {', '.join(DEVICES)}", "--device")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available", "--device")
+    if resolve_device(cfg.device).type != "cuda" and cfg.amp == "fp16":
+        raise ConfigError("--amp fp16 needs a CUDA device (fp16 autocast + GradScaler); "
+                          "use --amp bf16 or --amp off on CPU", "--amp")
+    if not timm.is_model(cfg.model):
+        raise ConfigError(f"unknown timm model {cfg.model!r}", "--model")
+    if not isinstance(cfg.model_kwargs, dict):
+        raise ConfigError("--model-kwargs must be a JSON object", "--model-kwargs")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"{cfg.checkpoint}: no such file", "--checkpoint")
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    if cfg.resume:
+        return
+    if not cfg.out:
+        raise ConfigError("missing --out (the run directory)", "--out")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory", "--out")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ConfigError(f"--out {out} lies under a file", "--out")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"{out} is not empty; pass --overwrite to replace its run files, "
+                          f"or --resume {out} to continue it", "--out")

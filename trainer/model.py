@@ -1,0 +1,90 @@
+"""The model side of a run: an unmodified timm ViT behind the sparse forward, built for a
+dataset, and started from timm's or a local checkpoint's weights."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from .config import ConfigError, TrainConfig
+from .sparse import check_model, sparse_forward
+
+
+class SparseViT(nn.Module):
+    """`forward(images, keep_idx)` = sparse_forward of the wrapped timm ViT.
+
+    DDP only synchronises gradients of forwards that go through its own `forward`, so the
+    sparse forward has to be a module's forward for DDP to wrap; `self.vit` stays a plain
+    timm model whose state_dict is what checkpoints store.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None, validate: bool = True):
+        return sparse_forward(self.vit, images, keep_idx, validate=validate)
+
+
+def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:
+    kwargs = {"img_size": input_hw, **cfg.model_kwargs}
+    if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):
+        raise ConfigError(f"--model-kwargs img_size={kwargs['img_size']} differs from the input size "
+                          f"{tuple(input_hw)} (set by the dataset or --input-size)", "--model-kwargs")
+    kwargs.pop("num_classes", None)
+    try:
+        vit = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=len(info.classes), **kwargs)
+        check_model(vit)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"cannot build {cfg.model} for this dataset: {e}", "--model") from None
+    patch = tuple(vit.patch_embed.patch_size)
+    if patch != (info.patch_size, info.patch_size):
+        raise ConfigError(f"{cfg.model} has patch size {patch[0]} but the dataset was indexed with patch "
+                          f"{info.patch_size}; pick a matching model or pass "
+                          f"--model-kwargs '{{\"patch_size\": {info.patch_size}}}'", "--model")
+    if cfg.checkpoint:
+        load_weights(vit, cfg.checkpoint, log)
+    return vit
+
+
+def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> None:
+    """Load a timm/torch state_dict or a dynatrain checkpoint into `vit`. A classifier of a
+    different shape (other class count) is dropped and left freshly initialised; a
+    positional table of another grid is resampled the way timm does for pretrained weights."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, not a torch file, non-tensor payloads
+        raise ConfigError(f"{path}: cannot load weights ({type(e).__name__}: {e})".splitlines()[0], "--checkpoint") from None
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"{path}: not a state_dict of tensors", "--checkpoint")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod.").removeprefix("vit."): v for k, v in sd.items()}
+
+    own = vit.state_dict()
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=list(vit.patch_embed.grid_size),
+                                                 num_prefix_tokens=prefix)
+        log(f"note: {path}: resampled pos_embed to the {tuple(vit.patch_embed.grid_size)} grid")
+    head = vit.pretrained_cfg.get("classifier", "head") if getattr(vit, "pretrained_cfg", None) else "head"
+    dropped = [k for k in sd if k.startswith(head + ".") and k in own and sd[k].shape != own[k].shape]
+    if dropped:
+        log(f"note: {path}: classifier has another shape ({tuple(sd[dropped[0]].shape)} vs "
+            f"{tuple(own[dropped[0]].shape)}); dropped {', '.join(dropped)} and kept the fresh head")
+        for k in dropped:
+            del sd[k]
+    bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if bad:
+        raise ConfigError(f"{path}: shapes differ from {type(vit).__name__} for {', '.join(bad[:4])}", "--checkpoint")
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head + ".")]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})",
+                          "--checkpoint")
