@@ -43,7 +43,7 @@ bench-kernels: $(STAMP)
 	$(BIN)/python -m dynavit.pipeline.bench_kernels
 
 bench: $(STAMP)
-	$(BIN)/python -m dynavit.trainer.bench_report --out docs/BENCHMARKS.md
+	$(BIN)/dynatrain bench-report --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf out .pytest_cache

@@ -27,6 +27,7 @@ from .schema import (
     index_dtype_name,
     index_shard_name,
     k_count,
+    seq_len,
     key_for,
     k_ext,
 )

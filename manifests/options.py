@@ -38,13 +38,12 @@ def parse_k_list(text: str) -> list[int]:
     return ks
 
 
-def parse_triple(text: str, positive: bool = False) -> tuple[float, float, float]:
+def parse_triple(text: str) -> tuple[float, float, float]:
     """'0.485,0.456,0.406' → three finite floats (R,G,B)."""
     try:
         t = tuple(parse_list(text, float, "numbers"))
     except ValueError:
         t = ()
-    if len(t) != 3 or not all(math.isfinite(v) for v in t) or (positive and min(t) <= 0):
-        kind = "positive finite" if positive else "finite"
-        raise ValueError(f"expected three comma-separated {kind} numbers (R,G,B), got {text!r}")
+    if len(t) != 3 or not all(math.isfinite(v) for v in t):
+        raise ValueError(f"expected three comma-separated finite numbers (R,G,B), got {text!r}")
     return t

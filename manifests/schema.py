@@ -176,7 +176,23 @@ def index_shard_name(split: str, scorer: str, shard: int) -> str:
 
 
 def k_count(k_percent: int, n: int) -> int:
-    return max(1, k_percent * n // 100)
+    """Patches kept at K percent of n (DESIGN §5): max(1, floor(K·n/100)), exact integers.
+    The one definition; everything that needs a kept count calls it."""
+    if isinstance(k_percent, bool) or not isinstance(k_percent, int) and not hasattr(k_percent, "__index__"):
+        raise ValueError(f"K must be an integer percentage in 1..100, got {k_percent!r}")
+    k = int(k_percent)
+    if not 1 <= k <= 100:
+        raise ValueError(f"K must be in 1..100, got {k_percent!r}")
+    if n < 1:
+        raise ValueError(f"grid must have at least one patch, got n={n}")
+    return max(1, k * int(n) // 100)
+
+
+def seq_len(k_percent: int, n: int, num_prefix: int = 1) -> int:
+    """Model sequence length S: kept patches + prefix tokens (1 CLS, plus any registers).
+    Equals 1 + floor(K·n/100) for a plain ViT except when that floor is 0: one patch is
+    still kept, so S=2."""
+    return num_prefix + k_count(k_percent, n)
 
 
 def index_dtype_name(n: int) -> str:

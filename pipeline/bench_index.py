@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 from PIL import Image
 
@@ -85,40 +84,7 @@ def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size
     return result.ok / (time.perf_counter() - t0)
 
 
-@click.command()
-@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (500×375, quality 90).")
-@click.option("--workers", default="1,2", show_default=True, help="Worker counts to measure, comma-separated.")
-@click.option("--shard-size", default=250, show_default=True)
-@click.option("--scorer", default="l2", show_default=True)
-@click.option("--k", "ks", default="70,50,25", show_default=True)
-@click.option("--format", "fmt", default="jpg", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
-def main(n, workers, shard_size, scorer, ks, fmt, workdir, json_out):
-    """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
-    work = Path(workdir or tempfile.mkdtemp(prefix="dynaprep-bench-"))
-    src = make_jpegs(work / "src", n)
-    ks = [int(k) for k in ks.split(",")]
-    scorers = scorer.split(",")
-    rows = []
-    for w in (int(x) for x in workers.split(",")):
-        run_floor(src, w, shard_size, 224, 16, fmt, 95)  # warm the page cache and numba's disk cache
-        floor = run_floor(src, w, shard_size, 224, 16, fmt, 95)
-        ours = run_dynaprep(src, work / "out", w, shard_size, 224, 16, fmt, 95, ks, scorers)
-        rows.append({"workers": w, "floor_img_s": floor, "dynaprep_img_s": ours, "ratio": ours / floor})
-    base = rows[0]["dynaprep_img_s"]
-    click.echo(f"{n} JPEGs 500x375 q90 -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}")
-    click.echo(f"{'workers':>7} {'floor img/s':>12} {'dynaprep img/s':>15} {'ratio':>6} {'scaling':>8}")
-    for r in rows:
-        r["scaling"] = r["dynaprep_img_s"] / base
-        click.echo(f"{r['workers']:>7} {r['floor_img_s']:>12.1f} {r['dynaprep_img_s']:>15.1f} "
-                   f"{r['ratio']:>6.3f} {r['scaling']:>7.2f}x")
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=2))
-    if not workdir:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 if __name__ == "__main__":
-    main()
+    from .cli import bench_index_command
+
+    bench_index_command()

@@ -2,29 +2,40 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from dynavit.manifests import validate_dataset
+from dynavit.manifests import FormatError, validate_dataset
+from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
+from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from .sources import SOURCES, SourceError, open_source
-from .topk import k_list_option
 
 DEFAULT_WORKERS = os.cpu_count() or 1
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
-    return sorted(set(k_list_option(ctx, param, value)), reverse=True)
+    try:
+        return sorted(set(parse_k_list(value)), reverse=True)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _k_list_or_none(ctx, param, value: str | None) -> list[int] | None:
+    return None if value is None else _int_list(ctx, param, value)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else parse_list(value)
 
 
 def _scorers(ctx, param, value: str) -> list[str]:
     from .saliency import SCORERS
 
-    names = [v.strip() for v in value.split(",") if v.strip()]
+    names = [v.strip() for v in value.split(",") if v.strip()]  # empty is reported below
     bad = [n for n in names if n not in SCORERS]
     if bad or not names:
         raise click.BadParameter(f"unknown scorer {', '.join(bad) or value!r}; valid: {', '.join(SCORERS)}")
@@ -35,11 +46,9 @@ def _triple(ctx, param, value: str | None):
     if value is None:
         return None
     try:
-        t = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        t = ()
-    if len(t) != 3 or not all(map(math.isfinite, t)):
-        raise click.BadParameter(f"expected three comma-separated finite numbers (R,G,B), got {value!r}")
+        t = parse_triple(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     if param.name == "std" and min(t) <= 0:
         raise click.BadParameter(f"std must be positive, got {value!r}")
     return t
@@ -224,7 +233,76 @@ def verify(out, no_checksums):
     click.echo(f"{out}: ok")
 
 
-from .show import show_command; main.add_command(show_command, "show")  # noqa: E402,E702
+
+# --- show --------------------------------------------------------------------------------
+
+@main.command("show", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "png", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write (replaced atomically).")
+@click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
+@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number of samples (rows), drawn at random with --seed; ignored with --keys.")
+@click.option("--k", "ks", default=None, callback=_k_list_or_none,
+              help="K values to show, comma-separated; each must be in dataset.json's ks. [default: all]")
+@click.option("--keys", default=None, help="Comma-separated sample keys to show instead of a random choice.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random sample choice.")
+@click.option("--scorer", "scorer", default="all", show_default=True,
+              help="Scorers whose heatmaps are drawn, comma-separated, or all; the first one's top-K "
+                   "sets are the kept patches shown.")
+@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
+@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
+              help="Side of one panel in inches (PNG width = panels × size × dpi).")
+def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size):
+    """Draw sampled images of a dataset with their score heatmaps and kept patches per K."""
+    scorers = None if scorer.strip() == "all" else _names(scorer)
+    try:
+        plan_show(out_dir, split, n, ks, keys=_names(keys), seed=seed, scorers=scorers)  # arguments first
+        require_matplotlib()
+        facts = render_show(out_dir, split, n, ks, png, keys=_names(keys), seed=seed, scorers=scorers,
+                            panel_inches=panel_size, dpi=dpi)
+    except ShowError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
+    except (MissingExtra, FormatError) as e:
+        raise click.ClickException(str(e)) from None
+    w, h = facts["size_px"]
+    click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
+               f"({facts['scorer']}) → {png} ({w}x{h} px)")
+
+
+@main.command("bench-index")
+@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (500×375, quality 90).")
+@click.option("--workers", default="1,2", show_default=True, help="Worker counts to measure, comma-separated.")
+@click.option("--shard-size", default=250, show_default=True)
+@click.option("--scorer", default="l2", show_default=True)
+@click.option("--k", "ks", default="70,50,25", show_default=True)
+@click.option("--format", "fmt", default="jpg", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+def bench_index_command(n, workers, shard_size, scorer, ks, fmt, workdir, json_out):
+    """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="dynaprep-bench-"))
+    src = make_jpegs(work / "src", n)
+    ks, scorers = parse_k_list(ks), parse_list(scorer)
+    rows = []
+    for w in parse_list(workers, int, "integers"):
+        run_floor(src, w, shard_size, 224, 16, fmt, 95)  # warm the page cache and numba's disk cache
+        floor = run_floor(src, w, shard_size, 224, 16, fmt, 95)
+        ours = run_dynaprep(src, work / "out", w, shard_size, 224, 16, fmt, 95, ks, scorers)
+        rows.append({"workers": w, "floor_img_s": floor, "dynaprep_img_s": ours, "ratio": ours / floor})
+    base = rows[0]["dynaprep_img_s"]
+    click.echo(f"{n} JPEGs 500x375 q90 -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}")
+    click.echo(f"{'workers':>7} {'floor img/s':>12} {'dynaprep img/s':>15} {'ratio':>6} {'scaling':>8}")
+    for r in rows:
+        r["scaling"] = r["dynaprep_img_s"] / base
+        click.echo(f"{r['workers']:>7} {r['floor_img_s']:>12.1f} {r['dynaprep_img_s']:>15.1f} "
+                   f"{r['ratio']:>6.3f} {r['scaling']:>7.2f}x")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2))
+    if not workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 
 from dynavit.manifests import (
@@ -275,54 +274,3 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
     return {"png": str(png_path), "size_px": (width, height), "dpi": dpi, "nrows": nrows, "ncols": ncols,
             "columns": columns, "split": plan.split, "ks": plan.ks, "scorers": plan.scorers,
             "scorer": main_scorer, "num_patches": n_patches, "grid": grid, "samples": out_samples}
-
-
-# --- command --------------------------------------------------------------------------------
-
-def _csv(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _k_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-
-
-@click.command("show", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "png", required=True, type=click.Path(dir_okay=False),
-              help="PNG file to write (replaced atomically).")
-@click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
-@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Number of samples (rows), drawn at random with --seed; ignored with --keys.")
-@click.option("--k", "ks", default=None, callback=_k_list,
-              help="K values to show, comma-separated; each must be in dataset.json's ks. [default: all]")
-@click.option("--keys", default=None, help="Comma-separated sample keys to show instead of a random choice.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random sample choice.")
-@click.option("--scorer", "scorer", default="all", show_default=True,
-              help="Scorers whose heatmaps are drawn, comma-separated, or all; the first one's top-K "
-                   "sets are the kept patches shown.")
-@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
-@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
-              help="Side of one panel in inches (PNG width = panels × size × dpi).")
-def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size):
-    """Draw sampled images of a dataset with their score heatmaps and kept patches per K."""
-    scorers = None if scorer.strip() == "all" else _csv(scorer)
-    try:
-        plan_show(out_dir, split, n, ks, keys=_csv(keys), seed=seed, scorers=scorers)  # arguments first
-        require_matplotlib()
-        facts = render_show(out_dir, split, n, ks, png, keys=_csv(keys), seed=seed, scorers=scorers,
-                            panel_inches=panel_size, dpi=dpi)
-    except ShowError as e:
-        raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
-    except (MissingExtra, FormatError) as e:
-        raise click.ClickException(str(e)) from None
-    w, h = facts["size_px"]
-    click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
-               f"({facts['scorer']}) → {png} ({w}x{h} px)")

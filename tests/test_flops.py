@@ -14,11 +14,11 @@ from dynavit.trainer.flops import (
     count_macs,
     count_macs_breakdown,
     fit_analytic,
-    flops_command,
     flops_table,
     model_dims,
     seq_len,
 )
+from dynavit.trainer.cli_tools import flops_command
 
 KS = [100, 90, 70, 60, 50, 30, 25, 1]
 
@@ -136,7 +136,7 @@ def test_cli_bad_arguments_exit_2_and_write_nothing(tmp_path, args):
 
 def test_bench_step_smoke(tmp_path):
     # bench_step reuses count_macs for its ideal speed-up column; keep it runnable.
-    from dynavit.trainer.bench_step import main as bench_main
+    from dynavit.trainer.cli_tools import bench_step_command as bench_main
 
     out = tmp_path / "b.json"
     r = CliRunner().invoke(bench_main, ["--batch", "1", "--k", "50", "--steps", "1",

@@ -18,13 +18,11 @@ import os
 import tarfile
 import time
 
-import click
 import numpy as np
 import torch
 
 from dynavit.manifests import read_shards, resolve, schema, write_json_atomic
 
-from dynavit.pipeline.topk import k_list_option
 
 from .bench_step import bench as bench_step
 from .data import build_loader, open_dataset
@@ -173,33 +171,3 @@ def format_bench(r: dict) -> str:
                    [[x["workers"], f"{x['loader_img_s']:.1f}", f"{x['floor_img_s']:.1f}", f"{x['loader_per_worker']:.1f}",
                      f"{x['floor_per_worker']:.1f}", f"{x['ratio']:.2f}"] for x in r["loader"]])]
     return "\n".join(out)
-
-
-@click.command("bench")
-@click.option("--shards", type=click.Path(exists=True, file_okay=False), required=True,
-              help="A dataset directory written by dynaprep (its image size sets the model's).")
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
-@click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
-@click.option("--k", "ks", default="100,50,25", show_default=True, callback=k_list_option,
-              help="K values (100 = dense via sparse_forward).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(1), help="Timed steps per repeat.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Interleaved repeats (median).")
-@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True, help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
-@click.option("--scorer", default="l2", show_default=True, help="Index shard set the loader reads.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
-def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
-    """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
-    try:
-        kwargs = json.loads(model_kwargs)
-        worker_counts = [int(w) for w in workers.split(",")]
-    except ValueError as e:
-        raise click.UsageError(f"bad --model-kwargs or --workers: {e}") from None
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    result = run_bench(shards, model_name, kwargs, ks, batch, steps, repeats, amp, device, worker_counts, scorer)
-    click.echo(format_bench(result))
-    if json_path:
-        write_json_atomic(json_path, result)

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and write docs/BENCHMARKS.md from what they print.
 
-    python -m dynavit.trainer.bench_report --out docs/BENCHMARKS.md [--quick]
+    dynatrain bench-report --out docs/BENCHMARKS.md [--quick]      (= make bench)
 
 Each benchmark runs as its own command (the one shown in the report, so a reader can re-run
 it), its output is quoted verbatim, and the targets of the issues are checked against its
@@ -19,8 +19,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import click
-
 BIN = Path(sys.executable).parent
 
 
@@ -34,13 +32,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+class BenchmarkFailed(RuntimeError):
+    """A benchmark command exited non-zero; the message has its command and stderr tail."""
+
+
 def _run(cmd: list[str], log) -> str:
     shown = " ".join(shlex.quote(c) for c in cmd).replace(str(BIN) + "/", "")
     log(f"$ {shown}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise click.ClickException(f"{shown} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise BenchmarkFailed(f"{shown} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     log(f"  ({time.perf_counter() - t0:.0f} s)")
     return shown, proc.stdout.strip()
 
@@ -49,17 +51,11 @@ def _check(ok: bool, text: str) -> str:
     return f"- {'met' if ok else '**missed**'}: {text}"
 
 
-@click.command()
-@click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--work", default="out/bench", show_default=True, type=click.Path(file_okay=False),
-              help="Where benchmark data is generated (kept between runs).")
-@click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run, not figures to publish).")
-def main(out, work, quick):
+def write_report(out, work, quick: bool, log=print) -> None:
     """Run the kernel, dynaprep, FLOP and dynatrain benchmarks; write the Markdown report."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     py = str(BIN / "python")
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
     sections, checks = [], []
 
     kernels_json = work / "kernels.json"
@@ -110,7 +106,7 @@ def main(out, work, quick):
     head = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` (`python -m dynavit.trainer.bench_report{' --quick' if quick else ''}`) on "
+        f"Written by `make bench` (`dynatrain bench-report{' --quick' if quick else ''}`) on "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), {gpu or 'no GPU'}, Python {platform.python_version()}, "
@@ -128,8 +124,9 @@ def main(out, work, quick):
     tmp = Path(tempfile.mkstemp(dir=Path(out).parent, suffix=".md.tmp")[1])
     tmp.write_text("\n".join(head + body) + "\n")
     os.replace(tmp, out)
-    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    from .cli_tools import bench_report_command
+
+    bench_report_command()

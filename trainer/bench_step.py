@@ -1,6 +1,6 @@
 """Train-step (or inference) throughput of the sparse forward vs dense, on synthetic input.
 
-    python -m dynavit.trainer.bench_step --model vit_tiny_patch16_224 --batch 32 \
+    dynatrain bench-step --model vit_tiny_patch16_224 --batch 32 \
         --k 100,70,50,25 --steps 5 --repeats 3 --device cpu [--amp bf16] [--infer] [--json F]
 
 One model, one optimizer, one batch for every configuration, so the only thing that
@@ -18,16 +18,15 @@ import contextlib
 import statistics
 import time
 
-import click
 import torch
 import torch.nn.functional as F
 
 from dynavit.manifests import write_json_atomic
-from dynavit.pipeline.topk import k_count, k_list_option
+from dynavit.manifests import k_count
 from dynavit.trainer.flops import build_meta_model, count_macs
 from dynavit.trainer.sparse import sparse_forward
 
-_AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +58,7 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
     x = torch.randn(batch, 3, h, w, generator=gen).to(dev)
     y = torch.randint(0, model.num_classes, (batch,), generator=gen).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = _AMP[amp]
+    dtype = AMP_DTYPES[amp]
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and dev.type == "cuda")
 
     configs = [("dense", None)] + [(k, _random_keep(batch, n, k_count(k, n), gen).to(dev))
@@ -115,52 +114,7 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
     return rows
 
 
-@click.command("bench-step")
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
-              help="timm VisionTransformer name (random weights, pretrained=False).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
-              help="Images per step.")
-@click.option("--k", "ks", default="100,70,50,25", show_default=True, callback=k_list_option,
-              help="Comma-separated keep percentages; dense timm forward is always added.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(1),
-              help="Timed steps per configuration per repeat.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
-              help="Untimed steps per configuration before timing.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
-              help="Interleaved rounds over all configurations; the median is reported.")
-@click.option("--amp", type=click.Choice(list(_AMP)), default="off", show_default=True,
-              help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              show_default=True, help="Where to run.")
-@click.option("--infer", is_flag=True, help="Time inference (forward only) instead of a "
-              "train step (forward, backward, AdamW step).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the rows and the settings to this JSON file.")
-def main(model_name, batch, ks, steps, warmup, repeats, amp, device, infer, json_path):
-    """Measured vs ideal speed-up of the sparse forward over dense timm, synthetic data."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    try:
-        rows = bench(model_name, ks, batch, steps, warmup, repeats, amp, device, infer)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise click.BadParameter(str(e).splitlines()[0], param_hint="--model")
-        raise
-    what = "inference" if infer else "train step (fwd+bwd+AdamW)"
-    click.echo(f"{model_name} batch={batch} amp={amp} device={device} "
-               f"threads={torch.get_num_threads()} {what}")
-    click.echo(f"{'K':>6} {'S':>5} {'img/s':>9} {'speedup':>8} {'ideal':>7} {'ratio':>6} "
-               f"{'spread':>7}")
-    for r in rows:
-        click.echo(f"{r['K']!s:>6} {r['S']:>5} {r['imgs_per_s']:9.1f} {r['speedup']:8.3f} "
-                   f"{r['ideal_speedup']:7.3f} {r['efficiency']:6.3f} {r['spread']:7.1%}")
-    if json_path:
-        doc = dict(model=model_name, batch=batch, amp=amp, device=device, infer=infer,
-                   steps=steps, warmup=warmup, repeats=repeats,
-                   threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
-        write_json_atomic(json_path, doc)
-    return rows
-
-
 if __name__ == "__main__":
-    main()
+    from .cli_tools import bench_step_command
+
+    bench_step_command()

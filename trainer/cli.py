@@ -119,14 +119,12 @@ def train_command(ctx, **options):
         raise click.ClickException(str(e)) from None
 
 
-# Subcommands live next to what they measure; registered after the group exists.
-from dynavit.trainer.bench import bench_command  # noqa: E402
-from dynavit.trainer.flops import flops_command  # noqa: E402
-from dynavit.trainer.report import report_command  # noqa: E402
+# The tools' commands (cli_tools.py), registered after the group exists.
+from dynavit.trainer import cli_tools  # noqa: E402
 
-cli.add_command(bench_command, "bench")
-cli.add_command(flops_command, "flops")
-cli.add_command(report_command, "report")
+for _command in (cli_tools.flops_command, cli_tools.bench_command, cli_tools.bench_step_command,
+                 cli_tools.bench_report_command, cli_tools.report_command):
+    cli.add_command(_command)
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-import click
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynavit.manifests import write_json_atomic
-from dynavit.pipeline.topk import k_count, k_list_option, seq_len  # noqa: F401  (seq_len: re-exported)
+from dynavit.manifests import k_count, seq_len  # noqa: F401 (seq_len: re-exported)
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 __all__ = [
@@ -153,44 +152,3 @@ def flops_table(model_name, ks: Iterable[int]):
             r["fit_gmacs"] = f / 1e9
             r["rel_err"] = abs(f - r["macs"]) / r["macs"]
     return rows, fit
-
-
-@click.command("flops")
-@click.option("--model", "model_name", default="vit_base_patch16_224", show_default=True,
-              help="timm VisionTransformer name; built with pretrained=False on the meta "
-                   "device (no weights are downloaded or allocated).")
-@click.option("--k", "ks", default="100,90,70,60,50,30,25", show_default=True,
-              callback=k_list_option, help="Comma-separated keep percentages K (100 = dense).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the table, the fit and the closed form to this JSON file.")
-def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> None:
-    """Exact MACs of the sparse forward per K, the fitted alpha·S²+beta·S+gamma model, and
-    what an fvcore-style count that skips attention (SDPA) would report."""
-    try:
-        model = build_meta_model(model_name)
-        dims = model_dims(model)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise click.BadParameter(str(e).splitlines()[0], param_hint="--model")
-    rows, fit = flops_table(model, ks)
-    cf = closed_form_coeffs(**dims)
-
-    click.echo(f"{model_name}: N={dims['N']} D={dims['dim']} depth={dims['depth']} "
-               f"(1 GMAC = 1e9 multiply-adds = 2 GFLOPs)")
-    head = f"{'K':>4} {'S':>5} {'GMACs':>9} {'fit':>9} {'rel.err':>9} {'no-attn':>9}"
-    click.echo(head)
-    for r in rows:
-        fit_s = f"{r['fit_gmacs']:9.4f} {r['rel_err']:9.2e}" if fit else f"{'-':>9} {'-':>9}"
-        click.echo(f"{r['K']:>4} {r['S']:>5} {r['gmacs']:9.4f} {fit_s} {r['gmacs_no_attn']:9.4f}")
-    if fit:
-        click.echo(f"fit: alpha={fit['alpha']:.6g} beta={fit['beta']:.6g} "
-                   f"gamma={fit['gamma']:.6g} max rel err={fit['max_rel_err']:.2e}")
-    else:
-        click.echo("fit: needs at least 3 distinct S")
-    click.echo(f"closed form: alpha={cf[0]} beta={cf[1]} gamma={cf[2]}")
-    click.echo("no-attn = total minus SDPA (QKᵀ, AV), i.e. what fvcore reports")
-
-    if json_path:
-        doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
-                   fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
-                   unit="MACs (FLOPs/2), counted by torch FlopCounterMode")
-        write_json_atomic(json_path, doc)

@@ -29,7 +29,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from dynavit.manifests import atomic_path
@@ -457,41 +456,3 @@ def build_report(runs, out_dir, *, confusion: bool = True, split: str | None = N
              out / "curves.png", *files]
     return {"rows": rows, "files": [str(f) for f in files], "confusion": cms, "per_class": per_class,
             "warnings": warnings}
-
-
-@click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Report directory (created): sweep.md, sweep.csv, acc_vs_time.png, acc_vs_k.png, curves.png, "
-                   "confusion-<run>.png, per_class-<run>.csv.")
-@click.option("--confusion/--no-confusion", default=True, show_default=True,
-              help="Re-evaluate each run's best.pt for the confusion matrix and per-class metrics.")
-@click.option("--split", default=None, help="Split for the confusion matrices. [default: each run's val split]")
-@click.option("--shards", type=click.Path(file_okay=False), default=None,
-              help="Dataset directory, if it moved since training. [default: the one in config.json]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Device for the re-evaluation.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Eval batch size. [default: the run's]")
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data loading workers.")
-def report_command(runs, out_dir, confusion, split, shards, device, batch_size, workers):
-    """Summarise training runs: K-sweep table (sweep.md/.csv), accuracy/time plots, learning
-    curves, and per-run confusion matrices with per-class precision/recall/F1."""
-    try:
-        loaded = [load_run(r) for r in runs]
-    except ReportError as e:
-        raise click.BadParameter(str(e), param_hint="RUN") from None
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise click.BadParameter("no CUDA device is available", param_hint="'--device'")
-    try:
-        require_matplotlib()
-        result = build_report(loaded, out_dir, confusion=confusion, split=split, device=device,
-                              batch_size=batch_size, workers=workers, shards=shards, log=click.echo)
-    except MissingExtra as e:
-        raise click.ClickException(str(e)) from None
-    for warning in result["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
-    best = max(result["rows"], key=lambda r: r["best_acc1"])
-    click.echo(f"dynatrain report: {len(result['rows'])} runs → {out_dir}/sweep.md "
-               f"(best top-1 {best['best_acc1']:.2f}% at K={best['k']}); {len(result['files'])} files")
