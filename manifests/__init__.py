@@ -1,5 +1,5 @@
 """The on-disk contract shared by dynaprep (writer) and dynatrain (reader): DESIGN.md §3–5."""
-from .io import (
+from .io import (  # noqa: F401 (the package API)
     atomic_path,
     iter_tar_samples,
     npy_bytes,

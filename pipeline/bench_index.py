@@ -8,10 +8,8 @@ top-K, tar writing and Parquet manifests; the ratio dynaprep/floor is that overh
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import shutil
-import tempfile
 import time
 from pathlib import Path
 

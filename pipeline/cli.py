@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -11,6 +13,7 @@ import click
 from dynavit.manifests import FormatError, validate_dataset
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
+from .bench_index import make_jpegs, run_dynaprep, run_floor
 from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from .sources import SOURCES, SourceError, open_source
 

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dynavit.manifests.schema import index_dtype_name, k_count, seq_len  # noqa: F401 (re-exported)
+from dynavit.manifests.schema import index_dtype_name, k_count, seq_len  # noqa: F401 (seq_len: re-exported)
 
 
 def index_dtype(n: int) -> np.dtype:

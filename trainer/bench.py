@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import multiprocessing as mp
 import os
 import tarfile
@@ -21,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from dynavit.manifests import read_shards, resolve, schema, write_json_atomic
+from dynavit.manifests import read_shards, resolve, schema
 
 
 from .bench_step import bench as bench_step

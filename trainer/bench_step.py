@@ -21,7 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dynavit.manifests import write_json_atomic
 from dynavit.manifests import k_count
 from dynavit.trainer.flops import build_meta_model, count_macs
 from dynavit.trainer.sparse import sparse_forward

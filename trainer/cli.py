@@ -9,7 +9,6 @@ Errors in the arguments print one line and exit with code 2 before anything is w
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from dynavit.trainer.data import DataError
+from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
 from dynavit.trainer.train import train
@@ -43,18 +43,6 @@ class DefaultGroup(click.Group):
         self.format_commands(ctx, formatter)
 
 
-def _json_object(ctx, param, value):
-    if value is None:
-        return {}
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
-    return obj
-
-
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
     """dynatrain: train timm ViTs on saliency-pruned token sequences."""
@@ -69,7 +57,7 @@ def cli():
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
               help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
-@click.option("--model-kwargs", callback=_json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
+@click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Start from local weights: a timm/torch state_dict or a dynatrain last.pt/best.pt. A classifier of another shape is dropped.")
 @click.option("--input-size", type=click.IntRange(1), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
@@ -120,10 +108,10 @@ def train_command(ctx, **options):
 
 
 # The tools' commands (cli_tools.py), registered after the group exists.
-from dynavit.trainer import cli_tools  # noqa: E402
 
 for _command in (cli_tools.flops_command, cli_tools.bench_command, cli_tools.bench_step_command,
-                 cli_tools.bench_report_command, cli_tools.report_command):
+                 cli_tools.bench_report_command, cli_tools.report_command, cli_tools.predict_command,
+                 cli_tools.bench_infer_command, cli_tools.bench_compare_command):
     cli.add_command(_command)
 
 

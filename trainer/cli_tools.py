@@ -1,4 +1,5 @@
-"""The click commands of dynatrain's tools: flops, bench, bench-step, bench-report, report.
+"""The click commands of dynatrain's tools: flops, bench, bench-step, bench-report, report,
+predict, bench-infer, bench-compare.
 
 Only option parsing, output and the mapping from errors to exit codes live here; the work
 is in the library modules named by each command (flops.py, bench.py, bench_step.py,
@@ -7,19 +8,30 @@ bench_report.py, report.py). `dynatrain` registers these in cli.py.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Optional
 
 import click
 import torch
 
 from dynavit.manifests import write_json_atomic
-from dynavit.manifests.options import parse_k_list
+from dynavit.manifests.options import parse_k_list, parse_triple
 
 from .bench import format_bench, run_bench
+from .bench_compare import compare as compare_methods
+from .bench_compare import format_compare
+from .bench_infer import format_table as format_infer_table
+from .bench_infer import run_bench as run_infer_bench
 from .bench_report import BenchmarkFailed, write_report
 from .bench_step import AMP_DTYPES
 from .bench_step import bench as bench_step
 from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
+from .predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
+                      predict, write_rows)
 from .report import MissingExtra, ReportError, build_report, load_run, require_matplotlib
 
 
@@ -29,6 +41,19 @@ def k_list(ctx, param, value: str) -> list[int]:
         return parse_k_list(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def json_object(ctx, param, value):
+    """click callback: a JSON object option (e.g. --model-kwargs)."""
+    if value is None:
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return obj
 
 
 @click.command("flops")
@@ -199,3 +224,240 @@ def bench_report_command(out, work, quick):
     except BenchmarkFailed as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out}")
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+def _parse_triple(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        v = parse_triple(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if param.name == "std" and any(a <= 0 for a in v):
+        raise click.BadParameter("std must be positive")
+    return v
+
+
+def _parse_device(ctx, param, value):
+    if value in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise click.BadParameter(f"{value!r}: use cpu, cuda[:N] or auto")
+    return str(dev)
+
+
+def _check_predict_out(ctx, param, value):
+    p = Path(value)
+    if p.suffix.lower() not in (".csv", ".parquet"):
+        raise click.BadParameter(f"{value}: must end in .csv or .parquet")
+    if p.is_dir():
+        raise click.BadParameter(f"{value} is a folder")
+    return p
+
+
+@click.command("predict", context_settings={"help_option_names": ["-h", "--help"],
+                                            "max_content_width": 100})
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, callback=_check_predict_out, metavar="FILE.csv|FILE.parquet",
+              help="Output table, one row per input image (format from the extension).")
+@click.option("--k", type=click.IntRange(1, 100), default=100, show_default=True,
+              help="Percent of patches kept (100 = dense, no scoring).")
+@click.option("--scorer", type=click.Choice(SCORERS), default="l2", show_default=True,
+              help="Patch saliency score (DESIGN.md §5), computed online on the device.")
+@click.option("--round-to", type=click.IntRange(min=1), default=None,
+              help="Round the sequence length up to a multiple of this (e.g. 8); keeps a few more patches.")
+@click.option("--device", default="auto", show_default=True, callback=_parse_device,
+              help="cpu, cuda, cuda:N, or auto (cuda if available).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per forward pass.")
+@click.option("--model", "model_name", default=None,
+              help="timm model name; required for a plain state_dict, overrides a checkpoint's.")
+@click.option("--model-kwargs", callback=json_object, default=None, metavar="JSON",
+              help="Extra timm.create_model kwargs, e.g. '{\"depth\": 6}' (added to the checkpoint's).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classes of a plain state_dict (default: rows of head.weight).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Input size (default: the checkpoint's input size / pos_embed grid).")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875,
+              show_default=True, help="Center-crop fraction (resize short side to size/crop_pct).")
+@click.option("--mean", callback=_parse_triple, default=None, metavar="R,G,B",
+              help="Normalization mean (default: the checkpoint's, else ImageNet).")
+@click.option("--std", callback=_parse_triple, default=None, metavar="R,G,B",
+              help="Normalization std (default: the checkpoint's, else ImageNet).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes reported per image.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_size, model_name,
+                    model_kwargs, num_classes, image_size, crop_pct, mean, std, top, overwrite, progress):
+    """Classify IMAGES (files or folders) with a trained ViT, pruning tokens online.
+
+    CHECKPOINT is a dynatrain checkpoint (best.pt / last.pt) or a plain timm state_dict (then
+    --model is needed). Unreadable images become rows with status 'failed' and the reason.
+    """
+    if out.exists() and not overwrite:
+        raise click.BadParameter(f"{out} exists (pass --overwrite to replace it)", param_hint="--out")
+    try:
+        vit, classes, info = load_model(checkpoint, model_name, num_classes, image_size, model_kwargs)
+    except PredictError as e:
+        raise click.BadParameter(str(e), param_hint="CHECKPOINT") from None
+    if image_size is not None and info["image_size"] != (image_size, image_size):
+        raise click.BadParameter(f"model input is {info['image_size']}, not {image_size}",
+                                 param_hint="--image-size")
+    patch = int(vit.patch_embed.patch_size[0])
+    if any(s % patch for s in info["image_size"]):
+        raise click.BadParameter(f"{info['image_size']} is not a multiple of patch {patch}",
+                                 param_hint="--image-size")
+    try:
+        files = list_images(images)
+    except PredictError as e:
+        raise click.BadParameter(str(e), param_hint="IMAGES") from None
+    if not files:
+        raise click.UsageError("no images found in the given IMAGES (extensions: "
+                               + ", ".join(IMAGE_EXTENSIONS) + ")")
+    mean = mean or info.get("mean") or IMAGENET_MEAN
+    std = std or info.get("std") or IMAGENET_STD
+    if progress is None:
+        progress = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    try:
+        rows = predict(vit, files, k=k, scorer=scorer, device=device, batch_size=batch_size,
+                       mean=mean, std=std, top=top, classes=classes, round_to=round_to,
+                       crop_pct=crop_pct, progress=progress)
+    except PredictError as e:
+        raise click.UsageError(str(e)) from None
+    write_rows(rows, out, top)
+    ok = sum(r["status"] == "ok" for r in rows)
+    dt = time.perf_counter() - t0
+    click.echo(f"predict: {len(rows)} images, {ok} ok, {len(rows) - ok} failed, "
+               f"{info['model_name']} K={k} {scorer} on {device}, {dt:.1f}s "
+               f"({len(rows) / max(dt, 1e-9):.1f} img/s) -> {out}", err=True)
+
+
+# --- bench-infer ---------------------------------------------------------------------------------
+
+def _bench_infer_list(ctx, param, value):
+    try:
+        out = [v.strip() for v in value.split(",") if v.strip()]
+    except AttributeError:
+        raise click.BadParameter("expected a comma-separated list") from None
+    if not out:
+        raise click.BadParameter("expected a comma-separated list")
+    if param.name == "k":
+        try:
+            ks = [int(v) for v in out]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a list of integers") from None
+        if any(not 1 <= k <= 100 for k in ks):
+            raise click.BadParameter("K must be in 1..100")
+        return ks
+    bad = [v for v in out if v not in SCORERS]
+    if bad:
+        raise click.BadParameter(f"unknown scorer(s) {', '.join(bad)}; valid: {', '.join(SCORERS)}")
+    return out
+
+
+@click.command("bench-infer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
+@click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size.")
+@click.option("--k", default="100,70,50,25", show_default=True, callback=_bench_infer_list,
+              help="Percents of patches kept.")
+@click.option("--scorers", default=",".join(SCORERS), show_default=True, callback=_bench_infer_list,
+              help="Online scorers to time.")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--round-to", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Also time S rounded up to a multiple of this (0: off).")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--latency/--no-latency", default=True, show_default=True, help="Also time batch 1.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile every module first.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write raw timings.")
+def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precision, round_to, reps, iters, warmup,
+                        latency, compile_, threads, json_out):
+    """Images/s of dense vs sparse (precomputed indices) vs online Dyna-ViT per scorer and K."""
+    try:
+        kwargs = json.loads(model_kwargs)
+        assert isinstance(kwargs, dict)
+    except (json.JSONDecodeError, AssertionError):
+        raise click.BadParameter("must be a JSON object", param_hint="--model-kwargs") from None
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise click.BadParameter(f"{device!r} is not a torch device", param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available", param_hint="--device")
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    click.echo(f"bench_infer: {model} batch {batch} K={k} on {device} ...", err=True)
+    res = run_infer_bench(model, batch, k, scorers, device, precision, round_to or None, reps, iters,
+                    warmup, latency, model_kwargs=kwargs, compile=compile_,
+                    log=lambda s: click.echo(s, err=True))
+    click.echo(format_infer_table(res))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    click.echo(f"bench_infer: done in {time.perf_counter() - t0:.0f}s", err=True)
+
+
+# --- bench-compare -------------------------------------------------------------------------------
+
+@click.command("bench-compare")
+@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
+              help="timm VisionTransformer to benchmark (random weights, nothing downloaded).")
+@click.option("--k", "ks", default="70,50", show_default=True, callback=k_list,
+              help="Comma-separated Dyna-ViT keep percentages K; ToMe and EViT are matched "
+                   "to each K's exact MACs.")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Images per forward.")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(1),
+              help="Forwards per timing.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
+              help="Timings per configuration (interleaved); median and fastest are reported.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0),
+              help="Untimed forwards per configuration first.")
+@click.option("--ref-model", default="vit_base_patch16_224", show_default=True,
+              help="Model whose matched parameters and GMACs are printed alongside "
+                   "(counted on the meta device); '' for none.")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--threads", default=0, type=click.IntRange(0),
+              help="torch intra-op threads (0: torch's default).")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="wall: elapsed time; cpu: this process's CPU time (steadier on a machine "
+                   "shared with other jobs; use with --threads 1).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results to this JSON file.")
+def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_model, device, threads, clock,
+                          json_path):
+    """Dyna-ViT vs ToMe vs EViT at matched exact MACs: GMACs and inference img/s."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        res = compare_methods(model_name, ks, batch=batch, steps=steps, repeats=repeats,
+                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise click.UsageError(str(e).splitlines()[0])
+    click.echo(format_compare(res))
+    if json_path:
+        d = os.path.dirname(os.path.abspath(json_path))
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(tmp, json_path)

@@ -15,13 +15,12 @@ For a plain ViT the count is exactly quadratic in the sequence length S:
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynavit.manifests import write_json_atomic
 from dynavit.manifests import k_count, seq_len  # noqa: F401 (seq_len: re-exported)
 from dynavit.trainer.sparse import check_model, sparse_forward
 
@@ -35,7 +34,6 @@ __all__ = [
     "fit_analytic",
     "build_meta_model",
     "flops_table",
-    "flops_command",
 ]
 
 

@@ -1,0 +1,218 @@
+"""Inference benchmark of online Dyna-ViT *with* its overhead (the paper's protocol).
+
+    python -m dynavit.trainer.bench_infer --model vit_tiny_patch16_224 --batch 32 --k 100,70,50,25 --device cpu
+
+For one model, batch size and precision it measures, side by side in one process:
+
+- ``dense``: ``model(x)`` on all N patches (the baseline of every ratio);
+- ``sparse idx``: ``sparse_forward(model, x, keep_idx)`` with indices computed beforehand
+  (the offline path: what training and pre-indexed evaluation pay);
+- ``online <scorer>``: ``DynaViT(model, k, scorer)(x)``: scoring + top-K + sparse forward,
+  all on the device, per scorer;
+
+each per K, with and without rounding the sequence length S up to a multiple of
+``--round-to`` (8). Reported: images/s at ``--batch``, the speed-up over dense measured in
+the same run, the share of the online step spent on scoring + selection
+(``DynaViT.keep_indices`` timed alone / the online step), and the batch-1 latency (ms).
+
+Protocol: weights are random (timing does not depend on them), inputs are fixed synthetic
+images (smooth random fields plus noise, uint8, normalized once; not timed); every
+configuration is warmed up, then the configurations are timed round-robin ``--reps`` times
+(``--iters`` calls each, device synchronized) and the median is reported, so slow drifts of
+the machine (clocks, other load) hit every configuration alike. ``--precision bf16/fp16``
+runs the model under autocast; the scores are computed in float32 either way.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dynavit.trainer.online import DynaViT
+from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS, keep_count
+from dynavit.trainer.sparse import check_model, num_patches, sparse_forward
+
+__all__ = ["run_bench", "format_table"]
+
+
+def _sync(dev: torch.device) -> Callable[[], None]:
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def synthetic_images(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [B,H,W,3]: bilinearly upsampled coarse random fields plus pixel noise, so patches
+    differ in energy, edges and entropy like natural images do (constant or pure-noise images
+    would make every scorer's work and ties atypical)."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, (batch, 3, max(2, h // 16), max(2, w // 16))))
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear",
+                                             align_corners=False).numpy()
+    img = smooth.transpose(0, 2, 3, 1) + rng.normal(0, 12, (batch, h, w, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _normalize(u8: np.ndarray, dev, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(u8).to(dev).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return ((x - m) / s).contiguous()
+
+
+def _time_round_robin(fns: dict[str, Callable[[], object]], reps: int, iters: int, warmup: int,
+                      sync) -> dict[str, float]:
+    """Median seconds per call of every fn, timed round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_bench(model_name: str = "vit_tiny_patch16_224", batch: int = 32, ks=(100, 70, 50, 25),
+              scorers=SCORERS, device: str = "cpu", precision: str = "fp32", round_to: int = 8,
+              reps: int = 3, iters: int = 1, warmup: int = 1, latency: bool = True,
+              image_size=None, model_kwargs=None, compile: bool = False,
+              log=lambda s: None) -> dict:
+    """Measure every configuration; returns {'meta': ..., 'rows': [...]} (see format_table)."""
+    import timm
+
+    dev = torch.device(device)
+    kw = dict(model_kwargs or {})
+    if image_size:
+        kw["img_size"] = image_size
+    vit = check_model(timm.create_model(model_name, pretrained=False, **kw)).to(dev).eval()
+    n = num_patches(vit)
+    prefix = int(vit.num_prefix_tokens)
+    h, w = (int(v) for v in vit.patch_embed.img_size)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
+    sync = _sync(dev)
+    wrap = (lambda m: torch.compile(m)) if compile else (lambda m: m)
+
+    xs = {batch: _normalize(synthetic_images(batch, h, w, seed=0), dev, IMAGENET_MEAN, IMAGENET_STD)}
+    if latency and batch != 1:
+        xs[1] = xs[batch][:1].contiguous()
+
+    class _Sparse(torch.nn.Module):  # so --compile can wrap the precomputed-index path too
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, idx):
+            return sparse_forward(self.m, x, idx, validate=False)
+
+    dense = wrap(vit)
+    sparse = wrap(_Sparse(vit))
+    rows = []
+    variants = [None] + ([round_to] if round_to else [])
+    for b, x in xs.items():
+        fns: dict[str, Callable[[], object]] = {}
+        info: dict[str, dict] = {}
+
+        def add(key, fn, **meta):
+            def run(fn=fn):
+                with torch.inference_mode(), ctx():
+                    return fn()
+            fns[key] = run
+            info[key] = meta
+
+        add("dense", lambda: dense(x), K=100, mode="dense", scorer="", round_to=None, S=prefix + n)
+        for k in ks:
+            for r in variants:
+                kept = keep_count(k, n, r, prefix)
+                if r is not None and kept == keep_count(k, n, None, prefix):
+                    continue  # rounding changes nothing (e.g. K=100)
+                if kept < n:
+                    with torch.inference_mode():
+                        idx = DynaViT(vit, k=k, scorer="l2", round_to=r).to(dev).keep_indices(x)
+                    add(f"idx-{k}-{r}", lambda idx=idx: sparse(x, idx), K=k, mode="sparse idx",
+                        scorer="(precomputed)", round_to=r, S=prefix + kept)
+                for sc in scorers:
+                    net = DynaViT(vit, k=k, scorer=sc, round_to=r).to(dev).eval()
+                    cnet = wrap(net)
+                    add(f"online-{k}-{sc}-{r}", lambda cnet=cnet: cnet(x), K=k, mode="online",
+                        scorer=sc, round_to=r, S=prefix + kept)
+                    if b == batch and kept < n:
+                        sel = wrap(_Select(net))
+                        add(f"select-{k}-{sc}-{r}", lambda sel=sel: sel(x), K=k, mode="select",
+                            scorer=sc, round_to=r, S=prefix + kept)
+        log(f"  timing {len(fns)} configurations at batch {b} ...")
+        t = _time_round_robin(fns, reps=reps, iters=iters, warmup=warmup, sync=sync)
+        for key, sec in t.items():
+            rows.append({"batch": b, "key": key, "seconds": sec, **info[key]})
+
+    meta = {"model": model_name, "batch": batch, "precision": precision, "device": _device_name(dev),
+            "n_patches": n, "prefix": prefix, "image_size": [h, w], "reps": reps, "iters": iters,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile,
+            "round_to": round_to}
+    return {"meta": meta, "rows": rows}
+
+
+class _Select(torch.nn.Module):
+    def __init__(self, net: DynaViT):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.keep_indices(x)
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    big = [r for r in rows if r["batch"] == meta["batch"]]
+    by = {r["key"]: r for r in big}
+    lat = {r["key"]: r for r in rows if r["batch"] == 1}
+    dense = by["dense"]["seconds"]
+    b = meta["batch"]
+    lines = [f"### {meta['model']}: batch {b}, {meta['precision']}, {meta['device']}",
+             "",
+             f"N = {meta['n_patches']} patches, image {meta['image_size'][0]}x{meta['image_size'][1]}, "
+             f"torch {meta['torch']}, median of {meta['reps']} round-robin reps x {meta['iters']} "
+             f"call(s){', torch.compile' if meta['compile'] else ''}. Speed-up = dense time / "
+             f"time, same run. Scoring share = score + top-K alone / online step.",
+             "",
+             "| K | path | scorer | S | img/s | × dense | scoring share | batch-1 ms |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for key, r in by.items():
+        if r["mode"] == "select":
+            continue
+        share = ""
+        if r["mode"] == "online":
+            sk = key.replace("online-", "select-", 1)
+            if sk in by:
+                share = f"{100 * by[sk]['seconds'] / r['seconds']:.1f} %"
+            else:
+                share = "0 % (K=100: no scoring)" if r["K"] == 100 else ""
+        l1 = f"{1000 * lat[key]['seconds']:.2f}" if key in lat else ""
+        path = r["mode"] + (f", S↑{r['round_to']}" if r["round_to"] else "")
+        lines.append(f"| {r['K']} | {path} | {r['scorer']} | {r['S']} | {b / r['seconds']:.1f} | "
+                     f"{dense / r['seconds']:.2f} | {share} | {l1} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from .cli_tools import bench_infer_command
+
+    bench_infer_command()
