@@ -126,8 +126,14 @@ def main(args=None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; say it once
+        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
             click.echo(f"Error: {e.format_message()}", err=True)
+        elif e.exit_code != 2 or rank == "0":
+            # A bad argument fails every rank alike: rank 0 says it. A data error is met by
+            # one rank; the others then only see their collective break, so every rank
+            # that fails says why, with its rank.
+            click.echo(f"Error (rank {rank}/{world}): {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
