@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
-from .io import npy_bytes, sha256_file
-from .schema import CLS_EXT, IMAGE_EXTS, SCORES_EXT, image_shard_name, index_dtype_name, index_shard_name, k_ext
+from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
+from .schema import (CLS_EXT, IMAGE_EXTS, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
+                     index_dtype_name, index_shard_name, k_ext)
 from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, scan_members, split_name
+
+
+UNLABELED = -1  # label of a sample of an unlabeled split
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -160,6 +165,115 @@ class MismatchError(Exception):
         self.got, self.pos = got, pos
 
 
+# --- reading: the sample table of a split --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    images: str  # absolute paths, so worker processes need no dataset dir
+    index: str
+    layout: IndexShard | None  # None when the shard is bad
+
+
+@dataclass
+class SampleTable:
+    """Every usable sample of a split, in file order (shard by shard)."""
+
+    shards: list[Shard]
+    keys: list[str]
+    shard: np.ndarray      # int32: which shard
+    pos: np.ndarray        # int32: position in its index shard
+    offset: np.ndarray     # int64: byte offset of the image member's data
+    size: np.ndarray       # int64: its length
+    label: np.ndarray      # int64; UNLABELED when none
+    problems: list[tuple[str, int]]  # (one-line message, samples lost) per bad shard
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> SampleTable:
+    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard."""
+    try:
+        rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
+        manifest = read_manifest(dataset_dir)
+    except (FormatError, OSError) as e:
+        raise ShardError(str(e)) from None
+    manifest = manifest.filter(pc.and_(pc.equal(manifest["split"], split), pc.equal(manifest["status"], STATUS_OK)))
+    by_shard: dict[int, tuple[list, list]] = {}
+    for shard_no, key, label in zip(manifest["shard"].to_pylist(), manifest["key"].to_pylist(),
+                                    manifest["label"].to_pylist()):
+        keys, labels = by_shard.setdefault(shard_no, ([], []))
+        keys.append(key)
+        labels.append(UNLABELED if label is None else label)
+
+    shards: list[Shard] = []
+    keys: list[str] = []
+    cols: dict[str, list] = {"shard": [], "pos": [], "offset": [], "size": [], "label": []}
+    problems = []
+    for row in sorted(rows, key=lambda r: r["shard"]):
+        paths = {e["scorer"]: e["path"] for e in row["index"]}
+        if scorer not in paths:
+            raise ShardError(f"shards.parquet: shard {split}/{row['shard']} has no index shard for scorer "
+                            f"{scorer!r} (has {', '.join(sorted(paths)) or 'none'})")
+        if row["count"] == 0:
+            continue
+        images = str(resolve(dataset_dir, row["images"]).absolute())
+        index = str(resolve(dataset_dir, paths[scorer]).absolute())
+        want_keys, want_labels = by_shard.get(row["shard"], ([], []))
+        try:
+            members = _image_members(images, index, want_keys, row["count"], info.external_images)
+            layout = IndexShard(index, row["count"])
+        except (TarError, ShardError) as e:
+            problems.append((str(e), row["count"]))
+            continue
+        s = len(shards)
+        shards.append(Shard(images, index, layout))
+        for pos, (key, label) in enumerate(zip(want_keys, want_labels)):
+            member = members[key]
+            keys.append(key)
+            cols["shard"].append(s)
+            cols["pos"].append(pos)
+            cols["offset"].append(member.offset)
+            cols["size"].append(member.size)
+            cols["label"].append(label)
+    return SampleTable(shards, keys, np.asarray(cols["shard"], np.int32), np.asarray(cols["pos"], np.int32),
+                       np.asarray(cols["offset"], np.int64), np.asarray(cols["size"], np.int64),
+                       np.asarray(cols["label"], np.int64), problems)
+
+
+def _image_members(images: str, index: str, keys: list[str], count: int, external: bool) -> dict:
+    """key → image member for the `keys` of one shard. Our image shard holds exactly those
+    keys in that order; a user's WebDataset may also hold samples that failed indexing."""
+    if len(keys) != count:
+        raise ShardError(f"{images} / {index}: manifest.parquet has {len(keys)} ok samples, shards.parquet "
+                        f"says {count}")
+    scanned = scan_image_shard(images)
+    if not external:
+        found = [key for key, _, _ in scanned]
+        if len(found) != count:
+            raise ShardError(f"{images} / {index}: {len(found)} samples, shards.parquet says {count} "
+                            f"(truncated shard?)")
+        if found != keys:
+            i = next(i for i, (a, b) in enumerate(zip(found, keys)) if a != b)
+            raise ShardError(f"{images}: keys differ from manifest.parquet at sample {i}: "
+                            f"{found[i]!r} vs {keys[i]!r}")
+    members = {key: member for key, member, _ in scanned}
+    missing = [key for key in keys if members.get(key) is None]
+    if missing:
+        problem = next((p for key, _, p in scanned if key == missing[0]), None) or "not in the image shard"
+        raise ShardError(f"{images}: sample {missing[0]!r}: {problem}")
+    return members
+
+
+class ShardError(Exception):
+    """A shard that does not match the manifests (count, keys, a missing member); one line."""
+
+
+def read_member(fd_images: int, table: "SampleTable", i: int) -> bytes:
+    """The image bytes of sample i (fd_images: the opened image shard of its shard)."""
+    return os.pread(fd_images, int(table.size[i]), int(table.offset[i]))
+
+
 # --- .npy members -------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
@@ -196,5 +310,5 @@ def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
     return None
 
 
-__all__ = ["ShardPairWriter", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
+__all__ = ["ShardPairWriter", "SampleTable", "Shard", "ShardError", "build_table", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
            "check_indices", "TarError", "CLS_EXT", "SCORES_EXT", "k_ext"]

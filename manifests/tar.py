@@ -175,13 +175,14 @@ def _scan_with_tarfile(path: str) -> list[Member]:
 
 
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's tariterators.base_plus_ext
-_META = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset skips __key__-style metadata members
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta, matched at the start
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
     """(key, lower-cased extension) of a member name, or (None, None) for members that
-    belong to no sample (no extension, webdataset metadata)."""
-    if _META.search(name):
+    belong to no sample (no extension, webdataset metadata such as __key__), exactly as
+    webdataset's tar_file_iterator + base_plus_ext decide."""
+    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
         return None, None
     m = _BASE_PLUS_EXT.match(name)
     return (m.group(1), m.group(2).lower()) if m else (None, None)

@@ -16,22 +16,15 @@ canvas (no pyplot, no global backend switch).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dynavit.manifests import (
-    FormatError,
-    atomic_path,
-    iter_tar_samples,
-    npy_load,
-    read_dataset_info,
-    read_manifest,
-    read_shards,
-    resolve,
-)
-from dynavit.manifests.schema import IMAGE_EXTS
+from dynavit.manifests import FormatError, atomic_path, read_dataset_info, read_manifest, read_npy
+from dynavit.manifests.schema import SCORES_EXT, k_ext
+from dynavit.manifests.shards import UNLABELED, MismatchError, ShardError, build_table, read_member
 
 DIM = 0.25  # brightness factor of pruned patches in the "kept" panels
 PANEL_INCHES = 2.0
@@ -126,56 +119,58 @@ def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, 
 
 
 def load_samples(plan: ShowPlan) -> list[dict]:
-    """Image, label, scores per scorer and kept indices per K (first scorer) of each key."""
+    """Image, label, scores per scorer and kept indices per K (first scorer) of each key,
+    read by offset through the shard reader the trainer uses."""
     from .decode import DecodeError, load_image
 
-    try:
-        shard_rows = {int(r["shard"]): r for r in read_shards(plan.out_dir).to_pylist() if r["split"] == plan.split}
-    except (FormatError, OSError) as e:
-        raise FormatError(str(e)) from None
-    wanted = {}
-    for key, shard in plan.key_shard.items():
-        wanted.setdefault(shard, set()).add(key)
-    found: dict[str, dict] = {}
-    for shard, keys in sorted(wanted.items()):
-        row = shard_rows.get(shard)
-        if row is None:
-            raise FormatError(f"shards.parquet has no row for {plan.split} shard {shard}")
-        index_paths = {e["scorer"]: e["path"] for e in row["index"]}
-        images_path = resolve(plan.out_dir, row["images"])
-        for key, members in iter_tar_samples(images_path):
-            if key not in keys:
-                continue
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if ext is None:
-                raise FormatError(f"{images_path}: sample {key} has no image member ({', '.join(members)})")
-            # The indexer's decoder: EXIF orientation and odd modes of a user's wds images
-            # must give the pixels the scores were computed on.
-            try:
-                rgb = load_image(members[ext], tuple(plan.info.image_size), patch_size=1, keep_size=True).rgb
-            except DecodeError as e:
-                raise FormatError(f"{images_path}: sample {key}: {e}") from None
-            label = int(members["cls"].decode()) if "cls" in members else None
-            found[key] = {"key": key, "image": rgb, "label": label, "scores": {}, "indices": {}}
-        for scorer in plan.scorers:
-            if scorer not in index_paths:
-                raise FormatError(f"shards.parquet: {plan.split} shard {shard} has no index shard for {scorer!r}")
-            path = resolve(plan.out_dir, index_paths[scorer])
-            for key, members in iter_tar_samples(path):
-                if key not in keys or key not in found:
-                    continue
-                found[key]["scores"][scorer] = npy_load(members["scores.npy"]).astype(np.float32)
-                if scorer == plan.scorers[0]:
-                    for k in plan.ks:
-                        name = f"k{k}.npy"
-                        if name not in members:
-                            raise FormatError(f"{path}: sample {key} has no {name}")
-                        found[key]["indices"][k] = npy_load(members[name]).astype(np.int64)
-    missing = [k for k in plan.keys if k not in found or len(found[k]["scores"]) != len(plan.scorers)]
+    tables = {}
+    for scorer in plan.scorers:
+        try:
+            tables[scorer] = build_table(plan.out_dir, plan.info, plan.split, scorer)
+        except ShardError as e:
+            raise FormatError(str(e)) from None
+        if tables[scorer].problems:
+            raise FormatError(tables[scorer].problems[0][0])
+    first = tables[plan.scorers[0]]
+    where = {key: i for i, key in enumerate(first.keys)}
+    missing = [k for k in plan.keys if k not in where]
     if missing:
         raise FormatError(f"{plan.out_dir}: samples {', '.join(missing[:5])} listed in manifest.parquet "
                           f"are missing from their {plan.split} shards")
-    return [found[k] for k in plan.keys]
+    out = []
+    for key in plan.keys:
+        i = where[key]
+        shard = first.shards[first.shard[i]]
+        fd = os.open(shard.images, os.O_RDONLY)
+        try:
+            data = read_member(fd, first, i)
+        finally:
+            os.close(fd)
+        # The indexer's decoder: EXIF orientation and odd modes of a user's wds images
+        # must give the pixels the scores were computed on.
+        try:
+            rgb = load_image(data, tuple(plan.info.image_size), patch_size=1, keep_size=True).rgb
+        except DecodeError as e:
+            raise FormatError(f"{shard.images}: sample {key}: {e}") from None
+        label = int(first.label[i])
+        sample = {"key": key, "image": rgb, "label": None if label == UNLABELED else label, "scores": {},
+                  "indices": {}}
+        for scorer, table in tables.items():
+            index = table.shards[table.shard[i]]
+            fd = os.open(index.index, os.O_RDONLY)
+            try:
+                sample["scores"][scorer] = read_npy(index.layout.read(fd, int(table.pos[i]), key, SCORES_EXT)
+                                                    ).astype(np.float32)
+                if scorer == plan.scorers[0]:
+                    for k in plan.ks:
+                        sample["indices"][k] = read_npy(index.layout.read(fd, int(table.pos[i]), key, k_ext(k))
+                                                        ).astype(np.int64)
+            except (KeyError, MismatchError) as e:
+                raise FormatError(f"{index.index}: sample {key}: {e}") from None
+            finally:
+                os.close(fd)
+        out.append(sample)
+    return out
 
 
 def keep_mask(indices: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:

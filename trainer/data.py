@@ -40,13 +40,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
-from dynavit.manifests import (DatasetInfo, FormatError, IndexShard, TarError, check_indices, read_dataset_info,
-                               read_manifest, read_npy, read_shards, resolve, scan_image_shard)
-from dynavit.manifests.schema import SCORES_EXT, STATUS_OK, k_ext
-from dynavit.manifests.shards import MismatchError
+from dynavit.manifests import DatasetInfo, FormatError, check_indices, read_dataset_info, read_npy
+from dynavit.manifests.schema import SCORES_EXT, k_ext
+from dynavit.manifests.shards import UNLABELED, MismatchError, SampleTable, Shard, ShardError, build_table
 from dynavit.pipeline.decode import decode_stored, load_image
 from dynavit.pipeline.topk import select_topk
 
@@ -54,8 +52,6 @@ from .selection import MODES as SELECT_MODES
 from .selection import Selection, SelectionError, resolve_selection
 
 log = logging.getLogger(__name__)
-
-UNLABELED = -1  # label of a sample without a label (unlabeled splits)
 
 # Independent per-sample random streams, so that e.g. enabling crops does not change flips.
 _CROP, _SELECT, _FLIP = 1, 2, 3
@@ -140,106 +136,6 @@ def _sample_bits(seed: int, epoch: int, key: str, purpose: int) -> int:
 
 def _sample_rng(seed: int, epoch: int, key: str, purpose: int) -> np.random.Generator:
     return np.random.default_rng(_sample_bits(seed, epoch, key, purpose))
-
-
-# --- the sample table ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Shard:
-    images: str  # absolute paths, so worker processes need no dataset dir
-    index: str
-    layout: IndexShard | None  # None when the shard is bad
-
-
-@dataclass
-class SampleTable:
-    """Every usable sample of a split, in file order (shard by shard)."""
-
-    shards: list[Shard]
-    keys: list[str]
-    shard: np.ndarray      # int32: which shard
-    pos: np.ndarray        # int32: position in its index shard
-    offset: np.ndarray     # int64: byte offset of the image member's data
-    size: np.ndarray       # int64: its length
-    label: np.ndarray      # int64; UNLABELED when none
-    problems: list[tuple[str, int]]  # (one-line message, samples lost) per bad shard
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> SampleTable:
-    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard."""
-    try:
-        rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
-        manifest = read_manifest(dataset_dir)
-    except (FormatError, OSError) as e:
-        raise DataError(str(e)) from None
-    manifest = manifest.filter(pc.and_(pc.equal(manifest["split"], split), pc.equal(manifest["status"], STATUS_OK)))
-    by_shard: dict[int, tuple[list, list]] = {}
-    for shard_no, key, label in zip(manifest["shard"].to_pylist(), manifest["key"].to_pylist(),
-                                    manifest["label"].to_pylist()):
-        keys, labels = by_shard.setdefault(shard_no, ([], []))
-        keys.append(key)
-        labels.append(UNLABELED if label is None else label)
-
-    shards: list[Shard] = []
-    keys: list[str] = []
-    cols: dict[str, list] = {"shard": [], "pos": [], "offset": [], "size": [], "label": []}
-    problems = []
-    for row in sorted(rows, key=lambda r: r["shard"]):
-        paths = {e["scorer"]: e["path"] for e in row["index"]}
-        if scorer not in paths:
-            raise DataError(f"shards.parquet: shard {split}/{row['shard']} has no index shard for scorer "
-                            f"{scorer!r} (has {', '.join(sorted(paths)) or 'none'})")
-        if row["count"] == 0:
-            continue
-        images = str(resolve(dataset_dir, row["images"]).absolute())
-        index = str(resolve(dataset_dir, paths[scorer]).absolute())
-        want_keys, want_labels = by_shard.get(row["shard"], ([], []))
-        try:
-            members = _image_members(images, index, want_keys, row["count"], info.external_images)
-            layout = IndexShard(index, row["count"])
-        except (TarError, DataError) as e:
-            problems.append((f"{e} (shard skipped)" if isinstance(e, DataError) else str(e), row["count"]))
-            continue
-        s = len(shards)
-        shards.append(Shard(images, index, layout))
-        for pos, (key, label) in enumerate(zip(want_keys, want_labels)):
-            member = members[key]
-            keys.append(key)
-            cols["shard"].append(s)
-            cols["pos"].append(pos)
-            cols["offset"].append(member.offset)
-            cols["size"].append(member.size)
-            cols["label"].append(label)
-    return SampleTable(shards, keys, np.asarray(cols["shard"], np.int32), np.asarray(cols["pos"], np.int32),
-                       np.asarray(cols["offset"], np.int64), np.asarray(cols["size"], np.int64),
-                       np.asarray(cols["label"], np.int64), problems)
-
-
-def _image_members(images: str, index: str, keys: list[str], count: int, external: bool) -> dict:
-    """key → image member for the `keys` of one shard. Our image shard holds exactly those
-    keys in that order; a user's WebDataset may also hold samples that failed indexing."""
-    if len(keys) != count:
-        raise DataError(f"{images} / {index}: manifest.parquet has {len(keys)} ok samples, shards.parquet "
-                        f"says {count}")
-    scanned = scan_image_shard(images)
-    if not external:
-        found = [key for key, _, _ in scanned]
-        if len(found) != count:
-            raise DataError(f"{images} / {index}: {len(found)} samples, shards.parquet says {count} "
-                            f"(truncated shard?)")
-        if found != keys:
-            i = next(i for i, (a, b) in enumerate(zip(found, keys)) if a != b)
-            raise DataError(f"{images}: keys differ from manifest.parquet at sample {i}: "
-                            f"{found[i]!r} vs {keys[i]!r}")
-    members = {key: member for key, member, _ in scanned}
-    missing = [key for key in keys if members.get(key) is None]
-    if missing:
-        problem = next((p for key, _, p in scanned if key == missing[0]), None) or "not in the image shard"
-        raise DataError(f"{images}: sample {missing[0]!r}: {problem}")
-    return members
 
 
 # --- reading one batch ---------------------------------------------------------------------
@@ -520,7 +416,10 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
             selection = resolve_selection(info, None if select == "dense" else k, select, input_size)
         except SelectionError as e:
             raise DataError(f"{dataset_dir}: {e}") from None
-    table = build_table(dataset_dir, info, split, scorer)
+    try:
+        table = build_table(dataset_dir, info, split, scorer)
+    except ShardError as e:
+        raise DataError(str(e)) from None
     if train and len(table) < world_size * batch_size and (skip_bad_samples or not table.problems):
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import tarfile
 
 from dynavit.manifests.schema import IMAGE_EXTS
+from dynavit.manifests.tar import group_by_keys
 
 from .base import RawSample, Source, SourceError, WorkUnit
 
@@ -49,15 +49,6 @@ except ImportError:  # pragma: no cover - webdataset depends on it
 IMAGE_SUFFIXES = IMAGE_EXTS
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_ERROR_KEY = "__tar_error__"
-_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's own rule
-_SKIP_META = re.compile(r"__[^/]*__($|/)")
-
-
-def base_plus_ext(path: str) -> tuple[str | None, str | None]:
-    m = _BASE_PLUS_EXT.match(path)
-    return (m.group(1), m.group(2)) if m else (None, None)
-
-
 def _is_input_tar(name: str) -> bool:
     return name.lower().endswith(TAR_SUFFIXES) and not name.startswith((".", "topk-"))
 
@@ -139,50 +130,38 @@ class WdsSource(Source):
     def read_unit(self, unit: WorkUnit):
         path = unit.payload
         tar_name = os.path.basename(path)
+        failure: list[BaseException] = []
+
+        def members():  # (name, bytes) of every regular member, streamed (also .tar.gz)
+            try:
+                with tarfile.open(path, mode="r|*") as tf:
+                    for info in tf:
+                        if info.isreg():
+                            yield info.name, tf.extractfile(info).read()
+                        tf.members = []  # streaming: do not keep every TarInfo
+            except (OSError, tarfile.TarError, EOFError) as e:
+                failure.append(e)
+
         seen: set[str] = set()
-        key, members, problem = None, {}, None
 
-        def finish():
+        def finish(key, group, problem):
             if key in seen:
-                err = "key appears twice in this tar (non-adjacent members)"
-            else:
-                err = problem
+                problem = "key appears twice in this tar (non-adjacent members)"
             seen.add(key)
-            return self._sample(tar_name, key, members, err)
+            return self._sample(tar_name, key, {ext: data for ext, (_, data) in group.items()}, problem)
 
-        try:
-            with tarfile.open(path, mode="r|*") as tf:
-                for info in tf:
-                    if not info.isreg():
-                        continue
-                    fname = info.name
-                    if ("/" not in fname and fname.startswith("__") and fname.endswith("__")) \
-                            or _SKIP_META.match(fname):
-                        continue
-                    prefix, suffix = base_plus_ext(fname)
-                    if prefix is None:
-                        continue
-                    suffix = suffix.lower()
-                    if prefix != key:
-                        if key is not None:
-                            yield finish()
-                        key, members, problem = prefix, {}, None
-                    data = tf.extractfile(info).read()
-                    if suffix in members:
-                        problem = problem or f"duplicate member {fname}"
-                    else:
-                        members[suffix] = data
-                    tf.members = []  # streaming: do not keep every TarInfo
-        except (OSError, tarfile.TarError, EOFError) as e:
-            if key is not None:
-                problem = problem or "tar ends inside this sample"
-                yield finish()
-                key = None
+        last = None
+        for sample in group_by_keys(members()):  # webdataset's grouping rule, shared with the trainer
+            if last is not None:
+                yield finish(*last)
+            last = sample
+        if last is not None:
+            key, group, problem = last
+            yield finish(key, group, problem or ("tar ends inside this sample" if failure else None))
+        if failure:
             # One per unreadable tar; the unit index keeps the key unique within the split.
             yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
-                            f"unreadable tar {path}: {e}")
-        if key is not None:
-            yield finish()
+                            f"unreadable tar {path}: {failure[0]}")
 
     def _sample(self, tar_name: str, key: str, members: dict, err: str | None) -> RawSample:
         source = f"{tar_name}#{key}"
