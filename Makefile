@@ -6,12 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= out/demo
-FIGS   ?= docs/demo
+# make demo writes only under out/; `make figures` refreshes the README's pictures in docs/demo on purpose.
+FIGS   ?= $(DEMO)/figures
 # A 6-block ViT-Ti at 128 px (8x8 = 64 patches) learns the demo in a few CPU epochs.
 DEMO_TRAIN = --model vit_tiny_patch16_224 --model-kwargs '{"depth": 6}' --epochs 5 --batch-size 32 \
              --lr 2e-3 --sched cosine --warmup-epochs 1 --workers 2 --seed 42
 
-.PHONY: venv test demo bench bench-kernels clean
+.PHONY: venv test demo figures bench bench-kernels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ demo: $(STAMP)
 	$(BIN)/dynatrain --shards $(DEMO)/data --out $(DEMO)/runs/k25-random --k 25 --select random $(DEMO_TRAIN)
 	$(BIN)/dynatrain report $(DEMO)/runs/dense $(DEMO)/runs/k50 $(DEMO)/runs/k25 $(DEMO)/runs/k25-random --out $(FIGS)
 	@echo "demo done: data in $(DEMO), figures and the K-sweep table in $(FIGS)/ (sweep.md)"
+
+figures:
+	$(MAKE) demo FIGS=docs/demo
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m dynavit.pipeline.bench_kernels
