@@ -18,6 +18,7 @@ from click.core import ParameterSource
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
+from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
 from dynavit.trainer.train import train
 
@@ -56,6 +57,10 @@ def cli():
 @click.option("--scorer", default="l2", show_default=True, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy; must be in the dataset).")
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
               help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
+@click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,
+              help="Token reduction: dynavit (the K%% saliency patches, before the encoder), tome (ToMe merging) or "
+                   "evit (EViT top-attention tokens at blocks 4/7/10), both inside the encoder from every patch, with r "
+                   "/ keep rate chosen so that their exact MACs match Dyna-ViT's at --k.")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
 @click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
@@ -111,7 +116,8 @@ def train_command(ctx, **options):
 
 for _command in (cli_tools.flops_command, cli_tools.bench_command, cli_tools.bench_step_command,
                  cli_tools.bench_report_command, cli_tools.report_command, cli_tools.predict_command,
-                 cli_tools.bench_infer_command, cli_tools.bench_compare_command):
+                 cli_tools.bench_infer_command, cli_tools.bench_compare_command, cli_tools.evaluate_command,
+                 cli_tools.compare_command):
     cli.add_command(_command)
 
 

@@ -29,6 +29,7 @@ from .bench_infer import run_bench as run_infer_bench
 from .bench_report import BenchmarkFailed, write_report
 from .bench_step import AMP_DTYPES
 from .bench_step import bench as bench_step
+from .compare import compare_runs, write_compare
 from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
 from .predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
                       predict, write_rows)
@@ -461,3 +462,87 @@ def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_mod
         with os.fdopen(fd, "w") as f:
             json.dump(res, f, indent=2)
         os.replace(tmp, json_path)
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+def _check_json_out(ctx, param, value):
+    if value is not None and Path(value).is_dir():
+        raise click.BadParameter(f"{value} is a folder")
+    return value
+
+
+@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--online", is_flag=True,
+              help="Read the stored images densely and score + select the patches on the device "
+                   "(DynaViT); no stored indices are used, so any --k and --scorer work.")
+@click.option("--k", type=click.IntRange(1, 100), default=None,
+              help="Percent of patches kept (100 = dense). Without --online it must be indexed in the "
+                   "dataset. [default: the run's eval K]")
+@click.option("--scorer", type=click.Choice(SCORERS), default=None,
+              help="Saliency scorer: online, computed on the device; otherwise the stored index shards "
+                   "of that scorer. [default: the run's]")
+@click.option("--split", default=None, help="Split to evaluate. [default: the run's val split]")
+@click.option("--shards", type=click.Path(file_okay=False), default=None,
+              help="Dataset directory, if it moved since training. [default: the one in config.json]")
+@click.option("--device", default="auto", show_default=True, callback=_parse_device,
+              help="cpu, cuda, cuda:N, or auto (cuda if available).")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Eval batch size. [default: the run's]")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Data loading worker processes. [default: the run's]")
+@click.option("--round-to", type=click.IntRange(min=1), default=None,
+              help="--online: round the sequence length up to a multiple of this (keeps a few more patches).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_check_json_out,
+              help="Also write the result (the run, the settings, acc1, acc5, loss, timing) to this JSON file.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, workers, round_to, json_path,
+                     progress):
+    """Top-1 / top-5 / loss of RUN's best.pt on a split, with the stored kept-patch indices
+    (the training path) or, with --online, with the patches scored and selected on the fly.
+
+    RUN is a dynatrain run directory (config.json, best.pt). Prints one line; bad arguments
+    exit 2, unreadable shards exit 1.
+    """
+    from .data import DataError
+    from .evaluate import EvaluateError, evaluate_run, format_result
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    try:
+        result = evaluate_run(run, online=online, k=k, scorer=scorer, split=split, shards=shards, device=device,
+                              batch_size=batch_size, workers=workers, round_to=round_to, progress=progress)
+    except EvaluateError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
+    except DataError as e:
+        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else "data error") from None
+    click.echo(format_result(result))
+    if json_path:
+        write_json_atomic(json_path, result)
+    return result
+
+
+# --- compare ---------------------------------------------------------------------------------------
+
+@click.command("compare", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for compare.md, compare.csv and acc_vs_gmacs.png (created).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per timed forward.")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Forwards per timing.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
+              help="Interleaved timings per run (median).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def compare_command(runs, out_dir, batch, steps, repeats, device):
+    """The paper's Table 3 from finished runs (e.g. one per --method at the same --k): method,
+    parameter, exact GMACs, train img/s, inference img/s measured side by side, best top-1."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available", param_hint="--device")
+    try:
+        rows = compare_runs(runs, batch=batch, steps=steps, repeats=repeats, device=device)
+    except ReportError as e:
+        raise click.BadParameter(str(e), param_hint="RUN") from None
+    files = write_compare(rows, out_dir)
+    click.echo((Path(out_dir) / "compare.md").read_text().rstrip())
+    click.echo(f"dynatrain compare: {len(rows)} runs → {', '.join(str(f) for f in files)}", err=True)

@@ -20,6 +20,7 @@ from dynavit.manifests import DatasetInfo, read_manifest
 from dynavit.manifests.options import ArgumentError
 
 from .data import DataError, open_dataset
+from .selection import METHODS
 from .runtime import AMP_MODES, DEVICES, resolve_device
 from .selection import MODES as SELECTS
 from .selection import Selection, SelectionError, resolve_selection
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_k: int | None = None            # percent kept in evaluation (default: k)
     scorer: str = "l2"
     select: str = "saliency"
+    method: str = "dynavit"              # dynavit (before the encoder) | tome | evit (inside it), at K's MACs
     input_size: int | None = None        # default: the stored image size
     batch_size: int = 64
     workers: int = 4
@@ -131,16 +133,25 @@ def check_config(cfg: TrainConfig) -> Checked:
     ConfigError with a one-line message."""
     info = _check_dataset(cfg)
     val_split = _check_splits(cfg, info)
+    _check_numbers(cfg)
+    _check_runtime(cfg)
+    _check_out(cfg)
+    return _selections(cfg, info, val_split)
+
+
+def _selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
     try:  # the model's prefix tokens are known once it is built; seq_len is refined then
+        if cfg.method != "dynavit":  # ToMe / EViT read every patch; K is their MAC budget
+            if cfg.k is None or not 1 <= cfg.k <= 100:
+                raise ConfigError(f"--method {cfg.method} needs --k (the budget: Dyna-ViT's MACs at K)", "--k")
+            dense = resolve_selection(info, None, "dense")
+            return Checked(info, val_split, dense, dense)
         train = resolve_selection(info, cfg.k, cfg.select, cfg.input_size, param="--k")
         k = train.k if cfg.eval_k is None else cfg.eval_k
         evaluation = resolve_selection(info, k, "dense" if k == 100 else cfg.select, cfg.input_size,
                                        param="--eval-k")
     except SelectionError as e:
         raise ConfigError(str(e), e.param) from None
-    _check_numbers(cfg)
-    _check_runtime(cfg)
-    _check_out(cfg)
     return Checked(info, val_split, train, evaluation)
 
 
@@ -186,6 +197,13 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown schedule {cfg.sched!r}; choose from {', '.join(SCHEDULES)}", "--sched")
     if cfg.select not in SELECTS:
         raise ConfigError(f"unknown selection {cfg.select!r}; choose from {', '.join(SELECTS)}", "--select")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}", "--method")
+    if cfg.method != "dynavit" and (cfg.select != "saliency" or cfg.input_size is not None):
+        raise ConfigError(f"--method {cfg.method} reduces tokens inside the encoder from every patch; "
+                          f"--select and --input-size are Dyna-ViT's", "--method")
+    if cfg.method != "dynavit" and cfg.eval_k not in (None, cfg.k):
+        raise ConfigError(f"--method {cfg.method}: --eval-k must equal --k (the compute budget)", "--eval-k")
 
 
 def _check_runtime(cfg: TrainConfig) -> None:

@@ -11,23 +11,50 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .config import ConfigError, TrainConfig
+from .selection import METHODS  # noqa: F401 (re-exported)
 from .sparse import check_model, sparse_forward
 
 
 class SparseViT(nn.Module):
-    """`forward(images, keep_idx)` = sparse_forward of the wrapped timm ViT.
+    """`forward(images, keep_idx)`: the wrapped timm ViT through the run's token-reduction
+    method: Dyna-ViT's sparse_forward on the kept patches, or ToMe / EViT inside the encoder
+    (which see every patch; keep_idx is None for them).
 
     DDP only synchronises gradients of forwards that go through its own `forward`, so the
-    sparse forward has to be a module's forward for DDP to wrap; `self.vit` stays a plain
+    method's forward has to be a module's forward for DDP to wrap; `self.vit` stays a plain
     timm model whose state_dict is what checkpoints store.
     """
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, method: str = "dynavit", param=None):
         super().__init__()
-        self.vit = vit
+        self.vit, self.method, self.param = vit, method, param
 
-    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None, validate: bool = True):
-        return sparse_forward(self.vit, images, keep_idx, validate=validate)
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None, validate: bool = True):
+        return method_forward(self.vit, images, keep_idx, self.method, self.param, validate=validate)
+
+
+def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str = "dynavit", param=None,
+                   validate: bool = False) -> torch.Tensor:
+    if method == "tome":
+        from .tome import tome_forward
+        return tome_forward(vit, images, param)
+    if method == "evit":
+        from .evit import evit_forward
+        return evit_forward(vit, images, param)
+    return sparse_forward(vit, images, keep_idx, validate=validate)
+
+
+def match_method(vit: nn.Module, method: str, k: int) -> tuple[object, str]:
+    """The parameter of `method` whose exact MACs come closest to Dyna-ViT's at K on this
+    model (budget.match_budget), and its description; (None, "K=k") for Dyna-ViT."""
+    if method == "dynavit":
+        return None, f"K={k}"
+    from .budget import match_budget
+
+    m = match_budget(vit, k)
+    if method == "tome":
+        return int(m["tome"]["r"]), f"r={m['tome']['r']} ({m['tome']['rel']:+.1%} MACs vs K={k})"
+    return float(m["evit"]["keep_rate"]), f"keep_rate={m['evit']['keep_rate']} ({m['evit']['rel']:+.1%} MACs vs K={k})"
 
 
 def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:

@@ -91,6 +91,8 @@ class EpochRecord:
     steps_per_rank: list[int]
     train_images: int
     val_images: int
+    method: str = "dynavit"   # where tokens are reduced (K is the MAC budget of tome / evit)
+    method_param: str = ""    # e.g. "K=70", "r=10 (-1.5% MACs vs K=70)"
 
     def line(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"

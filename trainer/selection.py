@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from dynavit.manifests import DatasetInfo, k_count
 
 MODES = ("saliency", "random", "center", "dense")
+# Where tokens are reduced: Dyna-ViT before the encoder (with a MODE), ToMe / EViT inside it.
+METHODS = ("dynavit", "tome", "evit")
 DENSE_K = 100
 
 

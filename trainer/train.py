@@ -37,10 +37,9 @@ from dynavit.manifests import write_json_atomic
 
 from .config import Checked, ConfigError, TrainConfig, check_config
 from .data import DataError, Loader, build_loader
-from .model import SparseViT, build_model
+from .model import SparseViT, build_model, match_method, method_forward
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
-from .sparse import sparse_forward
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -66,7 +65,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     vit = build_model(cfg, info, checked.train.input_size, log).to(device)
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
-    model: nn.Module = SparseViT(vit)
+    budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # ToMe / EViT read every patch, at K's MACs
+    param, described = match_method(vit, cfg.method, budget_k)
+    model: nn.Module = SparseViT(vit, cfg.method, param)
     if cfg.compile:
         model = torch.compile(model)
     if ctx.world_size > 1:
@@ -87,7 +88,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     ctx.barrier()  # every rank has checked --out before rank 0 writes into it
     if ctx.main:
         start_run_dir(out, cfg, checked, ctx, amp_dtype, sel, eval_sel, train_loader.steps, vit, start_epoch, history)
-    log(f"dynatrain: {cfg.model} on {info.dataset} · K={sel.k} (S={sel.seq_len}) · eval K={eval_sel.k} · "
+    log(f"dynatrain: {cfg.model} on {info.dataset} · {cfg.method} {described} (S={sel.seq_len}) · eval K={eval_sel.k} · "
         f"{train_loader.steps} steps/epoch × {ctx.world_size} rank(s) · {device} · amp {cfg.amp} → {out}")
 
     val: dict[str, Any] = {}
@@ -95,14 +96,15 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cfg, ctx, amp_dtype,
                                 epoch)
-        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes))
+        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param)
         record = EpochRecord(
             epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
             acc5=val["acc5"], epoch_seconds=time.perf_counter() - epoch_start, images_per_s=stats["images_per_s"],
-            seq_len=sel.seq_len, eval_seq_len=eval_sel.seq_len, k=sel.k, eval_k=eval_sel.k, lr=stats["lr"],
+            seq_len=sel.seq_len, eval_seq_len=eval_sel.seq_len, k=budget_k,
+            eval_k=eval_sel.k if cfg.method == "dynavit" else budget_k, lr=stats["lr"],
             skipped=stats["skipped"], val_skipped=val["val_skipped"], steps=stats["steps"],
             steps_per_rank=stats["steps_per_rank"], train_images=stats["train_images"],
-            val_images=val["val_images"])
+            val_images=val["val_images"], method=cfg.method, method_param=described)
         history.append(record)
         is_best = record.acc1 > best_acc1
         if is_best:
@@ -121,16 +123,16 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
                 f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
 
     if not val:  # resumed a run that had already finished: report its last evaluation
-        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes))
+        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param)
     speeds = [m.images_per_s for m in history]
     summary = {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
                "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
-               "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": sel.k, "eval_k": eval_sel.k,
-               "seq_len": sel.seq_len, "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
+               "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": budget_k, "eval_k": eval_sel.k,
+               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described, "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
         log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {len(history)} epochs · "
-            f"{summary['images_per_s']:.0f} img/s · K={sel.k} S={sel.seq_len} → {out}")
+            f"{summary['images_per_s']:.0f} img/s · {cfg.method} {described} S={sel.seq_len} → {out}")
     return summary
 
 
@@ -290,7 +292,8 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, criteri
 
 
 @torch.no_grad()
-def evaluate(vit, loader: Loader, ctx: Dist, amp_dtype, num_classes: int) -> dict[str, Any]:
+def evaluate(vit, loader: Loader, ctx: Dist, amp_dtype, num_classes: int, method: str = "dynavit",
+             param=None) -> dict[str, Any]:
     """Top-1 / top-min(5, C) accuracy (percent), mean CE loss and per-class top-1 over the
     split, each sample counted once across ranks. Runs on the bare ViT, not through DDP:
     per-rank eval step counts may differ and DDP's forward would then wait on collectives."""
@@ -300,7 +303,7 @@ def evaluate(vit, loader: Loader, ctx: Dist, amp_dtype, num_classes: int) -> dic
     for batch in loader:
         images, keep_idx, labels = to_device(batch, device, loader.info.mean, loader.info.std)
         with autocast(device, amp_dtype):
-            logits = sparse_forward(vit, images, keep_idx, validate=False)
+            logits = method_forward(vit, images, keep_idx, method, param)
         logits = logits.float()
         pred = logits.topk(top, dim=1).indices
         correct1 = (pred[:, 0] == labels).double()

@@ -1,0 +1,126 @@
+"""`dynatrain compare`: the paper's Table 3 from finished runs, one row per run.
+
+    method · parameter · GMACs · train img/s · inference img/s · best top-1
+
+Every number is measured, none copied: GMACs are the exact count (FlopCounterMode, attention
+included) of the run's own forward (Dyna-ViT's sparse forward at K, ToMe at its r, EViT at
+its keep rate) on a meta-device copy of the run's model; train img/s is the mean of the
+run's metrics.jsonl; inference img/s is timed here, side by side for every run in one
+process (interleaved repeats, median), on random input of the model's size; best top-1 is
+the highest acc1 of metrics.jsonl. Runs are typically trained with `--method` at one `--k`
+(the budget), so that their GMACs match.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dynavit.manifests import atomic_path, k_count
+
+from .budget import count_evit_macs, count_tome_macs
+from .config import TrainConfig
+from .flops import build_meta_model, count_macs
+from .model import match_method, method_forward
+from .report import load_run
+from .selection import DENSE_K
+
+FIELDS = ("run", "method", "parameter", "gmacs", "train_img_s", "infer_img_s", "best_acc1")
+
+
+def _model(cfg: TrainConfig, run_meta: dict, device: str = "cpu"):
+    import timm
+
+    kwargs = {"img_size": tuple(run_meta["run"]["input_size"]), **cfg.model_kwargs,
+              "num_classes": run_meta["dataset"]["num_classes"]}
+    kwargs.pop("pretrained", None)
+    if device == "meta":
+        return build_meta_model(cfg.model, **kwargs)
+    return timm.create_model(cfg.model, pretrained=False, **kwargs).to(device).eval()
+
+
+def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3, device: str = "cpu") -> list[dict]:
+    rows, forwards = [], []
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        cfg = TrainConfig.from_dict(run.config)
+        k = run.metrics[-1].get("k", cfg.k)
+        meta_model = _model(cfg, run.meta, "meta")
+        param, described = match_method(meta_model, cfg.method, k)
+        if cfg.method == "tome":
+            macs = count_tome_macs(meta_model, param)
+        elif cfg.method == "evit":
+            macs = count_evit_macs(meta_model, param)
+        else:
+            macs = count_macs(meta_model, k)
+        best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
+        rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
+                     else f"dynavit ({cfg.select})", "parameter": described, "gmacs": macs / 1e9,
+                     "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
+                     "infer_img_s": None, "best_acc1": best["acc1"]})
+        model = _model(cfg, run.meta, device)
+        n = model.patch_embed.num_patches
+        keep = None
+        if cfg.method == "dynavit" and k != DENSE_K:
+            gen = torch.Generator().manual_seed(0)
+            keep = torch.stack([torch.randperm(n, generator=gen)[:k_count(k, n)].sort().values
+                                for _ in range(batch)]).to(device)
+        x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device)
+        forwards.append(lambda m=model, x=x, keep=keep, method=cfg.method, p=param: method_forward(m, x, keep, method, p))
+    times: list[list[float]] = [[] for _ in forwards]
+    with torch.no_grad():
+        for f in forwards:  # warm-up
+            f()
+        for _ in range(repeats):  # interleaved, so that machine noise hits every run alike
+            for i, f in enumerate(forwards):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    f()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[i].append((time.perf_counter() - t0) / steps)
+    for row, t in zip(rows, times):
+        row["infer_img_s"] = batch / statistics.median(t)
+    return rows
+
+
+def write_compare(rows: list[dict], out_dir) -> list[Path]:
+    """compare.md, compare.csv and (with matplotlib) acc_vs_gmacs.png in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| run | method | parameter | GMACs | train img/s | inference img/s | best top-1 |",
+             "|:--|:--|:--|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']} | {r['gmacs']:.3f} | {r['train_img_s']:.1f} | "
+                     f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
+    files = [out / "compare.md", out / "compare.csv"]
+    with atomic_path(files[0]) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_path(files[1]) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows({k: r[k] for k in FIELDS} for r in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return files
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for r in rows:
+        ax.scatter(r["gmacs"], r["best_acc1"])
+        ax.annotate(f"{r['method']} {r['parameter'].split(' (')[0]}", (r["gmacs"], r["best_acc1"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("GMACs per image (exact)")
+    ax.set_ylabel("best top-1 (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out / "acc_vs_gmacs.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return files + [out / "acc_vs_gmacs.png"]

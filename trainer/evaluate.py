@@ -1,0 +1,272 @@
+"""`dynatrain evaluate`: top-1 / top-5 / loss of a run's best.pt on a split, with the stored
+indices (the training path) or with online scoring (DESIGN.md §6b).
+
+    dynatrain evaluate runs/k70                          # stored k70 indices of the val split
+    dynatrain evaluate runs/k70 --online                 # same images, scored on the device
+    dynatrain evaluate runs/k70 --online --k 50 --scorer sobel --json k50-sobel.json
+
+Stored (default): the run's own model builder, loader, normalisation, sparse forward and
+autocast setting at the run's eval K (or --k, if the dataset has it indexed), the same
+computation the trainer's per-epoch evaluation runs, so at the run's eval K on its val split
+it reproduces the acc1 logged for best.pt.
+
+Online (`online=True`): the same stored images are read densely (the K=100 loader, no
+kept-index arrays), normalised on the device, and ``DynaViT(vit, k, scorer, mean, std)``
+scores every patch and keeps the top-K on the device. Any K in 1..100 and any scorer work;
+they default to the run's eval K and scorer. With the run's scorer and K the online kept sets
+equal the stored ones except where two patch scores tie within float rounding at the K
+boundary (``trainer/scoring.py``), so the accuracy matches the stored evaluation.
+
+Errors: ``EvaluateError`` (one line, ``param`` names the option) for arguments that cannot be
+used (run directory, dataset, split, K, scorer); ``DataError`` for shards that fail while
+reading. The CLI maps them to exit codes 2 and 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig, pick_val_split
+from .data import DataError, build_loader, open_dataset
+from .model import build_model
+from .online import DynaViT
+from .rundir import Checkpoint, RunDirError, RunInfo
+from .runtime import autocast, resolve_amp, to_device
+from .scoring import SCORERS
+from .selection import SelectionError, resolve_selection
+from .sparse import sparse_forward
+
+__all__ = ["EvaluateError", "evaluate_run", "format_result"]
+
+
+class EvaluateError(ValueError):
+    """An argument the evaluation cannot use; one line, `param` names the option."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvaluateError(f"{name!r} is not a torch device (cpu, cuda, cuda:N, auto)", "--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError(f"{name}: CUDA is not available on this machine", "--device")
+    return dev
+
+
+def _run_eval_k(cfg: TrainConfig) -> int:
+    """The K the run evaluated at (its --eval-k, else its --k; 100 for a dense run)."""
+    if cfg.eval_k is not None:
+        return int(cfg.eval_k)
+    if cfg.select == "dense" or cfg.k is None:
+        return 100
+    return int(cfg.k)
+
+
+def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scorer: Optional[str] = None,
+                 split: Optional[str] = None, shards: Optional[str] = None, device: str = "auto",
+                 batch_size: Optional[int] = None, workers: Optional[int] = None,
+                 round_to: Optional[int] = None, predictions: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
+    """Evaluate `run_dir`/best.pt on `split` (default: the run's validation split).
+
+    Returns a JSON-ready dict: mode ("stored" | "online"), split, k, scorer, select, kept
+    patches, seq_len, images, acc1 / acc5 (percent), loss (mean cross-entropy), seconds,
+    images_per_s, device, amp, the checkpoint's epoch and the acc1 training logged for it
+    (``trained_acc1``, measured on the run's val split at its eval K). With `predictions`,
+    also ``keys``, ``y_true`` and ``y_pred`` per labelled sample, in file order.
+    Unlabelled samples are left out. `workers` defaults to the run's loader workers."""
+    run = Path(run_dir)
+    try:
+        meta = RunInfo.read(run)
+    except RunDirError as e:
+        raise EvaluateError(str(e), "RUN") from None
+    try:
+        cfg = TrainConfig.from_dict(meta.config)
+    except TypeError as e:
+        raise EvaluateError(f"{run}/config.json: malformed config ({_first_line(e)})", "RUN") from None
+    # The weights come from best.pt: never download timm's or read the starting checkpoint.
+    cfg = dataclasses.replace(cfg, pretrained=False, checkpoint=None)
+    method = getattr(cfg, "method", None) or meta.config.get("method") or "dynavit"
+    if method != "dynavit":  # ToMe / EViT reduce tokens inside the encoder: no kept-patch sets
+        raise EvaluateError(f"{run} was trained with --method {method}; evaluate runs Dyna-ViT's kept-patch "
+                            f"forward (stored or online) only", "RUN")
+
+    candidates = [shards] if shards else [cfg.shards, meta.dataset.get("path")]
+    dataset = next((c for c in candidates if c and Path(c, "dataset.json").is_file()), None)
+    if dataset is None:
+        hint = "" if shards else " (moved? pass --shards)"
+        raise EvaluateError(f"{candidates[0]}: not a dynaprep dataset (no dataset.json){hint}", "--shards")
+    try:
+        info = open_dataset(dataset)
+    except DataError as e:
+        raise EvaluateError(str(e), "--shards") from None
+    cfg.shards = str(dataset)
+
+    if split is None:
+        try:
+            split = meta.run.get("val_split") or pick_val_split(cfg, info)
+        except ConfigError as e:
+            raise EvaluateError(str(e), "--split") from None
+    if split not in info.splits:
+        raise EvaluateError(f"{dataset}: no split {split!r} (available: {', '.join(info.splits)})", "--split")
+
+    run_k = _run_eval_k(cfg)
+    k = run_k if k is None else k
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= 100:
+        raise EvaluateError(f"K must be an integer in 1..100, got {k!r}", "--k")
+    k = int(k)
+    scorer = scorer or cfg.scorer
+    if scorer not in SCORERS:
+        raise EvaluateError(f"unknown scorer {scorer!r}; valid scorers: {', '.join(SCORERS)}", "--scorer")
+    if round_to is not None and not online:
+        raise EvaluateError("--round-to changes the online selection; it needs --online", "--round-to")
+    if batch_size is not None and batch_size < 1:
+        raise EvaluateError(f"batch size must be at least 1, got {batch_size}", "--batch-size")
+    if workers is not None and workers < 0:
+        raise EvaluateError(f"workers must be >= 0, got {workers}", "--workers")
+    dev = _device(device)
+
+    best = run / "best.pt"
+    try:
+        ckpt = Checkpoint.load(best)
+    except RunDirError as e:
+        raise EvaluateError(str(e), "RUN") from None
+
+    try:
+        if online:  # the stored images, every patch: DynaViT selects on the device
+            sel = resolve_selection(info, 100, "dense", cfg.input_size)
+            select = "saliency"
+        else:
+            select = "dense" if k == 100 else cfg.select
+            if select == "saliency" and scorer not in info.scorers:
+                raise EvaluateError(f"{dataset} has no stored indices for scorer {scorer!r} (has "
+                                    f"{', '.join(info.scorers)}); use --online to score it on the fly",
+                                    "--scorer")
+            sel = resolve_selection(info, k, select, cfg.input_size)
+    except SelectionError as e:
+        if e.param in (None, "--k") and not online and k not in info.k_values():
+            raise EvaluateError(f"K={k} is not indexed in {dataset} (stored K: "
+                                f"{', '.join(str(v) for v in info.k_values())}; 100 = dense); --online "
+                                f"selects any K on the fly", "--k") from None
+        raise EvaluateError(str(e), e.param or "--k") from None
+    try:
+        vit = build_model(cfg, info, sel.input_size, lambda msg: None)
+    except ConfigError as e:
+        raise EvaluateError(f"{run}: cannot rebuild the model ({e})", "RUN") from None
+    try:
+        vit.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise EvaluateError(f"{best}: does not fit {cfg.model} ({(lines[1:] or lines)[0][:300]})", "RUN") from None
+    sel = dataclasses.replace(sel, num_prefix=int(vit.num_prefix_tokens))
+    vit.to(dev).eval()
+    if online:
+        try:
+            net = DynaViT(vit, k=k, scorer=scorer, mean=info.mean, std=info.std, round_to=round_to).to(dev).eval()
+        except (TypeError, ValueError) as e:
+            raise EvaluateError(f"online selection: {_first_line(e)}", "--k") from None
+        kept, seq_len = net.keep, net.seq_len
+    else:
+        net = None
+        kept = sel.num_patches if sel.dense else sel.kept
+        seq_len = sel.seq_len
+    amp_dtype = resolve_amp(cfg.amp, dev)
+    if amp_dtype == torch.float16 and dev.type != "cuda":
+        amp_dtype = None  # fp16 autocast is a CUDA mode (training refuses it elsewhere)
+
+    # The loader needs an index shard set to exist; online reads only its image members.
+    loader_scorer = scorer if scorer in info.scorers else info.scorers[0]
+    loader = build_loader(dataset, split, selection=sel, scorer=loader_scorer,
+                          batch_size=batch_size or cfg.batch_size,
+                          workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed)
+    stored_labels = getattr(getattr(loader, "table", None), "label", None)  # -1 = unlabelled
+    if stored_labels is not None and len(stored_labels) and bool((np.asarray(stored_labels) < 0).all()):
+        raise EvaluateError(f"split {split!r} of {dataset} has no labels; name a labelled split", "--split")
+
+    from tqdm.auto import tqdm
+
+    num_classes = len(info.classes)
+    top = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top-1 hits, top-5 hits, count
+    keys: list[str] = []
+    y_true: list[np.ndarray] = []
+    y_pred: list[np.ndarray] = []
+    bar = tqdm(total=loader.steps, unit="batch", desc="evaluate", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            images, keep_idx, labels = to_device(batch, dev, info.mean, info.std)
+            with autocast(dev, amp_dtype):
+                logits = net(images) if online else sparse_forward(vit, images, keep_idx, validate=False)
+            logits = logits.float()
+            mask = labels >= 0  # unlabelled samples carry -1
+            if not bool(mask.all()):
+                logits, labels = logits[mask], labels[mask]
+            pred = logits.topk(top, dim=1).indices
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += (pred[:, 0] == labels).double().sum()
+            sums[2] += (pred == labels[:, None]).any(dim=1).double().sum()
+            sums[3] += labels.shape[0]
+            if predictions:
+                m = mask.cpu().numpy()
+                keys.extend(key for key, ok in zip(batch.keys, m) if ok)
+                y_true.append(labels.cpu().numpy())
+                y_pred.append(pred[:, 0].cpu().numpy())
+            bar.update()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    bar.close()
+    loss, hits1, hits5, n = sums.tolist()
+    n = int(n)
+    result: dict[str, Any] = {
+        "run": str(run), "checkpoint": str(best), "epoch": int(ckpt.epoch), "trained_acc1": float(ckpt.acc1),
+        "model": cfg.model, "dataset": str(dataset), "split": split,
+        "mode": "online" if online else "stored", "k": k, "run_eval_k": run_k,
+        "scorer": scorer if select == "saliency" and k < 100 else None,
+        "select": "dense" if (k == 100 or (not online and sel.dense)) else select,
+        "round_to": round_to, "kept": int(kept), "num_patches": int(sel.num_patches), "seq_len": int(seq_len),
+        "images": n, "acc1": 100.0 * hits1 / n if n else 0.0, "acc5": 100.0 * hits5 / n if n else 0.0,
+        "loss": loss / n if n else float("nan"), "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else 0.0,
+        "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "batch_size": loader.batch_size,
+    }
+    if predictions:
+        cat = (lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64))
+        result.update(keys=keys, y_true=cat(y_true).tolist(), y_pred=cat(y_pred).tolist())
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """The one-line summary the CLI prints."""
+    if r["select"] == "dense":
+        how = "dense"
+    elif r["select"] == "saliency":
+        how = f"{r['scorer']}"
+    else:
+        how = r["select"]
+    rounding = f" round-to {r['round_to']}" if r.get("round_to") else ""
+    return (f"evaluate: {r['run']} best.pt (epoch {r['epoch']}) on {r['split']} · {r['mode']} {how} "
+            f"K={r['k']}{rounding} (S={r['seq_len']}) · {r['images']} images · top-1 {r['acc1']:.2f}% · "
+            f"top-5 {r['acc5']:.2f}% · loss {r['loss']:.4f} · {r['device']} {r['seconds']:.1f}s "
+            f"({r['images_per_s']:.0f} img/s)")
