@@ -29,6 +29,7 @@ from .bench_infer import run_bench as run_infer_bench
 from .bench_report import BenchmarkFailed, write_report
 from .bench_step import AMP_DTYPES
 from .bench_step import bench as bench_step
+from .budget import budget_table, match_budgets
 from .compare import compare_runs, write_compare
 from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
 from .predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
@@ -65,7 +66,9 @@ def json_object(ctx, param, value):
               callback=k_list, help="Comma-separated keep percentages K (100 = dense).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table, the fit and the closed form to this JSON file.")
-def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> None:
+@click.option("--method", type=click.Choice(["dynavit", "all"]), default="dynavit", show_default=True,
+              help="all: also the ToMe r and EViT keep rate whose exact MACs match Dyna-ViT's at each K < 100.")
+def flops_command(model_name: str, ks: list[int], json_path: Optional[str], method: str) -> None:
     """Exact MACs of the sparse forward per K, the fitted alpha·S²+beta·S+gamma model, and
     what an fvcore-style count that skips attention (SDPA) would report."""
     try:
@@ -90,11 +93,16 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str]) -> N
         click.echo("fit: needs at least 3 distinct S")
     click.echo(f"closed form: alpha={cf[0]} beta={cf[1]} gamma={cf[2]}")
     click.echo("no-attn = total minus SDPA (QKᵀ, AV), i.e. what fvcore reports")
+    budgets = None
+    if method == "all":
+        budgets = match_budgets(model_name, [k for k in ks if k < 100])
+        click.echo("\nmatched budgets (exact MACs of each method's own forward):")
+        click.echo(budget_table(budgets))
 
     if json_path:
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
                    fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
-                   unit="MACs (FLOPs/2), counted by torch FlopCounterMode")
+                   unit="MACs (FLOPs/2), counted by torch FlopCounterMode", budgets=budgets)
         write_json_atomic(json_path, doc)
 
 
