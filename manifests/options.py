@@ -38,12 +38,15 @@ def parse_k_list(text: str) -> list[int]:
     return ks
 
 
-def parse_triple(text: str) -> tuple[float, float, float]:
-    """'0.485,0.456,0.406' → three finite floats (R,G,B)."""
+def parse_triple(text: str, positive: str | None = None) -> tuple[float, float, float]:
+    """'0.485,0.456,0.406' → three finite floats (R,G,B); with `positive` (the value's name,
+    e.g. "std") each must also be > 0."""
     try:
         t = tuple(parse_list(text, float, "numbers"))
     except ValueError:
         t = ()
     if len(t) != 3 or not all(math.isfinite(v) for v in t):
         raise ValueError(f"expected three comma-separated finite numbers (R,G,B), got {text!r}")
+    if positive and min(t) <= 0:
+        raise ValueError(f"{positive} must be positive, got {text!r}")
     return t

@@ -49,12 +49,9 @@ def _triple(ctx, param, value: str | None):
     if value is None:
         return None
     try:
-        t = parse_triple(value)
+        return parse_triple(value, positive="std" if param.name == "std" else None)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    if param.name == "std" and min(t) <= 0:
-        raise click.BadParameter(f"std must be positive, got {value!r}")
-    return t
 
 
 def _check_out(out: str) -> None:
@@ -128,7 +125,16 @@ def main():
                    "--data wds is indexed in place, in the tars' order.")
 @click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of --order shuffle.")
 @click.option("--workers", default=DEFAULT_WORKERS, show_default=True, type=click.IntRange(min=1),
-              help="Worker processes (one shard at a time each).")
+              help="Worker processes (one shard at a time each); with --executor ray and no --ray-address, "
+                   "the CPUs of the local Ray.")
+@click.option("--executor", type=click.Choice(["processes", "ray"]), default="processes", show_default=True,
+              help="processes: a local process pool; ray: one Ray task per shard, on a local Ray or the "
+                   "cluster at --ray-address (needs: pip install \"dynavit[ray]\"). Same output bytes.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="Ray cluster to join (e.g. auto, ray://head:10001) [--executor ray; default: start a local Ray].")
+@click.option("--max-retries", default=None, type=click.IntRange(min=0),
+              help="Retries of a shard whose task raises or whose worker dies, before the run fails "
+                   "[--executor ray; default: 2].")
 @click.option("--rank", default=0, show_default=True, type=click.IntRange(min=0),
               help="This machine's index for multi-machine runs: takes shards rank, rank+W, ...")
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1),
@@ -143,7 +149,8 @@ def main():
                    "(demo: n_train, n_val, seed, image_size [--image-size]; wds: split, classes_file).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
-          order, order_seed, workers, rank, world_size, resume, overwrite, strict, mean, std, options, progress):
+          order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
+          mean, std, options, progress):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
     from .index import IndexConfig, RunError, UnitError, run_index
 
@@ -153,6 +160,15 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
     if world_size > 1 and overwrite:
         raise click.UsageError("--overwrite with --world-size > 1 would delete other ranks' shards")
+    if executor != "ray" and (ray_address is not None or max_retries is not None):
+        raise click.UsageError("--ray-address and --max-retries need --executor ray")
+    if executor == "ray":
+        from .ray_executor import RayMissing, require_ray
+
+        try:
+            require_ray()
+        except RayMissing as e:
+            raise _ExitTwo(str(e)) from None
     if data == "demo":
         options.setdefault("image_size", image_size)
     elif not src:
@@ -170,7 +186,8 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
                       scorers=scorers, image_size=image_size, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
                       image_format=image_format, quality=quality, shard_size=shard_size,
                       order=order, order_seed=order_seed, mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
-                      workers=workers, rank=rank, world_size=world_size)
+                      workers=workers, rank=rank, world_size=world_size, executor=executor, ray_address=ray_address,
+                      max_retries=IndexConfig.max_retries if max_retries is None else max_retries)
     try:
         result = run_index(cfg, source, resume=resume, overwrite=overwrite,
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
@@ -200,6 +217,11 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         what += [f"{len(problems)} dataset problems (see the warnings above)"] if problems else []
         click.echo(f"--strict: {'; '.join(what)}", err=True)
         sys.exit(1)
+
+
+class _ExitTwo(click.ClickException):
+    """A one-line `Error: ...` with exit status 2 (no usage text)."""
+    exit_code = 2
 
 
 def _os_error(e: OSError) -> str:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from dynavit.trainer.sparse import check_model
+from dynavit.trainer.sparse import _check_images, check_model
 
 __all__ = ["check_token_model", "stem", "attend", "cls_attention_row", "check_images"]
 
@@ -45,14 +45,7 @@ def check_token_model(model: nn.Module, method: str) -> VisionTransformer:
     return m
 
 
-def check_images(m: VisionTransformer, images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [B,C,H,W] tensor, got {shape}")
-    img_size = getattr(m.patch_embed, "img_size", None)
-    if img_size is not None and tuple(images.shape[-2:]) != tuple(img_size):
-        raise ValueError(f"image size {tuple(images.shape[-2:])} does not match the model's "
-                         f"img_size {tuple(img_size)}")
+check_images = _check_images  # the sparse forward's input checks, one definition
 
 
 def stem(m: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

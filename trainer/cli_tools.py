@@ -241,12 +241,9 @@ def _parse_triple(ctx, param, value):
     if value is None:
         return None
     try:
-        v = parse_triple(value)
+        return parse_triple(value, positive="std" if param.name == "std" else None)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    if param.name == "std" and any(a <= 0 for a in v):
-        raise click.BadParameter("std must be positive")
-    return v
 
 
 def _parse_device(ctx, param, value):
