@@ -32,6 +32,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+KEPT = "<!-- measured by hand below this line: kept by make bench -->"
+
+
 class BenchmarkFailed(RuntimeError):
     """A benchmark command exited non-zero; the message has its command and stderr tail."""
 
@@ -120,6 +123,11 @@ def write_report(out, work, quick: bool, log=print) -> None:
     body = []
     for title, cmd, text in sections:
         body += ["", f"## {title}", "", "```", f"$ {cmd}", text, "```"]
+    # Measurements that this script cannot redo (a before/after of code that is gone, GPU
+    # runs) live below KEPT in the same file and survive a re-run.
+    old = Path(out).read_text() if Path(out).exists() else ""
+    if KEPT in old:
+        body += ["", old[old.index(KEPT):].rstrip()]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(dir=Path(out).parent, suffix=".md.tmp")[1])
     tmp.write_text("\n".join(head + body) + "\n")
