@@ -102,3 +102,17 @@ def test_eval_visits_every_sample_once_in_file_order(sorted_ds):
         assert sorted(k for s in seen for k in s) == [f"{i:010d}" for i in range(N_TRAIN)]
         for s in seen:
             assert s == sorted(s)
+
+
+def test_recycled_worker_buffers_give_the_same_batches_when_consumed_in_turn(sorted_ds):
+    import torch
+
+    def batches(recycle):
+        loader = build_loader(sorted_ds, "train", k=50, batch_size=4, workers=2, seed=3, recycle_buffers=recycle)
+        # consumed as the training loop does: each batch used (here: copied) before the next is drawn
+        return [(b.keys, b.images.clone(), b.keep_idx.clone()) for b in loader]
+
+    plain, ring = batches(False), batches(True)
+    assert len(plain) == 34 > 2 * 8  # more batches per worker than the ring has buffers
+    for (ka, ia, xa), (kb, ib, xb) in zip(plain, ring):
+        assert ka == kb and torch.equal(ia, ib) and torch.equal(xa, xb)

@@ -65,7 +65,7 @@ def loader_rate(dataset_dir, k: int, scorer: str, batch: int, workers: int) -> f
     """One training epoch of the loader (shuffle, decode, select, flip, collate), no model,
     timed from the first batch on so that worker start-up is not counted."""
     loader = build_loader(dataset_dir, "train", k=k, scorer=scorer, batch_size=batch, workers=workers,
-                          train=True, seed=0)
+                          train=True, seed=0, recycle_buffers=True)  # as the training loop reads it
     loader.set_epoch(0)
     n, t0 = 0, None
     for b in loader:
@@ -106,7 +106,8 @@ def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, w
     dtype = {"off": None, "bf16": torch.bfloat16}[amp]
     out = []
     for k in ks:
-        loader = build_loader(dataset_dir, "train", k=k, scorer=scorer, batch_size=batch, workers=workers, seed=0)
+        loader = build_loader(dataset_dir, "train", k=k, scorer=scorer, batch_size=batch, workers=workers, seed=0,
+                              recycle_buffers=True)
         loader.set_epoch(0)
         it = iter(loader)
         n, t0 = 0, None

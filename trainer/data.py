@@ -151,6 +151,7 @@ class ReadPlan:
     seed: int
     skip_bad: bool
     external_images: bool  # images are the user's own WebDataset (not written by dynaprep)
+    recycle: bool = False  # workers reuse a ring of shared buffers (see _shared_buffer)
 
 
 class BatchReader:
@@ -198,7 +199,7 @@ class BatchReader:
             keeps.append(keep)
             labels.append(self.table.label[i])
             keys.append(self.table.keys[i])
-        return collate(images, keeps, labels, keys, skipped)
+        return collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
 
     def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
         t, p, sel = self.table, self.plan, self.plan.selection
@@ -269,7 +270,28 @@ class BatchReader:
             raise DataError(f"{where}: {e}") from None
 
 
-def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: int) -> Batch:
+# Batches a worker sends are recycled: allocating a fresh shared-memory segment for every
+# 4.8 MB batch (tmpfs page faults) cost ~0.35 ms per image, a third of a JPEG decode. A
+# DataLoader worker has at most prefetch_factor (2) batches in flight, so a buffer comes
+# back into use only after RING - 2 more batches of that worker were taken by the main
+# process: batch.images stays valid while the consumer draws a few more batches (the loop
+# normalises it into a new tensor at once); copy it to keep it longer. Opt-in
+# (build_loader(recycle_buffers=True)): the training loop and the benchmarks use it, a
+# caller that keeps batches (list(loader)) gets fresh buffers.
+RING = 8
+_rings: dict[tuple, list] = {}
+
+
+def _shared_buffer(shape: tuple) -> torch.Tensor:
+    ring = _rings.setdefault(shape, [])
+    if len(ring) < RING:
+        ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
+        return ring[-1]
+    ring.append(ring.pop(0))
+    return ring[-1]
+
+
+def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: int, recycle: bool = False) -> Batch:
     if not images:
         return Batch(torch.empty(0, dtype=torch.uint8), None, torch.empty(0, dtype=torch.int64), [], skipped)
     # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
@@ -279,7 +301,8 @@ def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: i
     # In the main process numpy's allocator is several times faster than a fresh torch
     # tensor (page faults on every 4.8 MB batch), and from_numpy shares the memory.
     if torch.utils.data.get_worker_info() is not None:
-        buf = torch.empty((len(images), *images[0].shape), dtype=torch.uint8).share_memory_()
+        shape = (len(images), *images[0].shape)
+        buf = _shared_buffer(shape) if recycle else torch.empty(shape, dtype=torch.uint8).share_memory_()
         np.stack(images, out=buf.numpy())
     else:
         buf = torch.from_numpy(np.stack(images))
@@ -400,7 +423,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  batch_size: int, workers: int = 0, train: bool = True, seed: int = 42,
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
                  flip: bool | None = None, skip_bad_samples: bool = False, pin_memory: bool = False,
-                 selection: Selection | None = None) -> Loader:
+                 selection: Selection | None = None, recycle_buffers: bool = False) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here."""
     info = open_dataset(dataset_dir)
@@ -424,7 +447,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
     plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),
-                    skip_bad_samples, info.external_images)
+                    skip_bad_samples, info.external_images, recycle_buffers)
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 
