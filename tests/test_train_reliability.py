@@ -115,3 +115,35 @@ def test_a_data_error_on_rank_1_reaches_the_user(dataset, tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("Error (rank 1/2)")]
     assert len(lines) == 1 and victim in lines[0] and "images-" in lines[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    args = ["--shards", str(dataset), "--epochs", "3", *TINY, "--workers", "2", "--select", "random"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run([str(VENV_BIN / "dynatrain"), *args, "--out", str(straight)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(VENV_BIN / "dynatrain"), *args, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "last.pt").exists():  # epoch 1 checkpointed
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, mid epoch 2
+    proc.wait()
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) < 3
+    subprocess.run([str(VENV_BIN / "dynatrain"), "--resume", str(killed)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(killed / "last.pt", weights_only=True)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ma = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
