@@ -187,6 +187,27 @@ def upsample(grid_values: np.ndarray, patch: int) -> np.ndarray:
 
 # --- drawing --------------------------------------------------------------------------------
 
+def _draw_kept(row, c: int, s: dict, rgb, ks, grid, patch: int, n_patches: int, mask_images: list, r: int):
+    """The kept-patches and mask panels of one sample, two per K, from column c on."""
+    masks, kept = {}, {}
+    for k in ks:
+        idx = s["indices"][k]
+        mask = keep_mask(idx, grid, patch)
+        dimmed = np.where(mask[..., None], rgb, (rgb.astype(np.float32) * DIM).round().astype(np.uint8))
+        title = f"K={k} ({len(idx)} kept of {n_patches})"
+        row[c].imshow(dimmed, interpolation="nearest")
+        row[c].set_title(title, fontsize=8)
+        im = row[c + 1].imshow(mask.astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        row[c + 1].set_title(f"mask {title}", fontsize=8)
+        row[c + 1].set_axis_on()  # a frame: white kept patches must not melt into the page
+        row[c + 1].set_xticks([])
+        row[c + 1].set_yticks([])
+        mask_images.append((r, k, im))
+        masks[k], kept[k] = mask, len(idx)
+        c += 2
+    return masks, kept
+
+
 def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None,
                 panel_inches: float = PANEL_INCHES, dpi: int = DPI) -> dict:
     """Draw the figure to `png_path` (atomically) and return its layout facts:
@@ -234,23 +255,7 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
             fig.colorbar(im, ax=row[c], fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
             row[c].set_title(f"{scorer} score", fontsize=8)
             c += 1
-        masks, kept = {}, {}
-        for k in plan.ks:
-            idx = s["indices"][k]
-            mask = keep_mask(idx, grid, patch)
-            dimmed = np.where(mask[..., None], rgb, (rgb.astype(np.float32) * DIM).round().astype(np.uint8))
-            title = f"K={k} ({len(idx)} kept of {n_patches})"
-            row[c].imshow(dimmed, interpolation="nearest")
-            row[c].set_title(title, fontsize=8)
-            im = row[c + 1].imshow(mask.astype(np.uint8) * 255, cmap="gray", vmin=0, vmax=255,
-                                   interpolation="nearest")
-            row[c + 1].set_title(f"mask {title}", fontsize=8)
-            row[c + 1].set_axis_on()  # a frame: white kept patches must not melt into the page
-            row[c + 1].set_xticks([])
-            row[c + 1].set_yticks([])
-            mask_images.append((r, k, im))
-            masks[k], kept[k] = mask, len(idx)
-            c += 2
+        masks, kept = _draw_kept(row, c, s, rgb, plan.ks, grid, patch, n_patches, mask_images, r)
         out_samples.append({"key": s["key"], "label": s["label"], "class_name": name or None, "masks": masks,
                             "kept": kept, "indices": {k: v.copy() for k, v in s["indices"].items()},
                             "mask_boxes": {}})

@@ -67,18 +67,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
     budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # ToMe / EViT read every patch, at K's MACs
     param, described = match_method(vit, cfg.method, budget_k)
-    model: nn.Module = SparseViT(vit, cfg.method, param)
-    if cfg.compile:
-        model = torch.compile(model)
-    if ctx.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(SparseViT(vit, cfg.method, param), cfg, ctx)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
-
-    # timm's grouping: no weight decay on biases, norms, pos_embed and the cls/reg tokens.
-    params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, train_loader.steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer, scheduler, scaler = make_optimizer(cfg, vit, amp_dtype, device, train_loader.steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     start_epoch, best_acc1, best_epoch, history = 0, -1.0, 0, []
@@ -128,7 +119,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     summary = {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
                "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
                "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": budget_k, "eval_k": eval_sel.k,
-               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described, "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
+               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described,
+               "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
         log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {len(history)} epochs · "
@@ -137,6 +129,15 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
 
 
 # --- set-up pieces, in the order run() uses them ------------------------------------------------
+
+def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: Dist) -> nn.Module:
+    if cfg.compile:
+        model = torch.compile(model)
+    if ctx.world_size > 1:
+        device = ctx.device
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
 
 def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -> tuple[Loader, Loader]:
     def loader(split: str, selection, is_train: bool) -> Loader:
@@ -148,6 +149,16 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size
         raise ConfigError(str(e)) from None
+
+
+def make_optimizer(cfg: TrainConfig, vit: nn.Module, amp_dtype, device: torch.device, steps_per_epoch: int):
+    """AdamW with timm's grouping (no weight decay on biases, norms, pos_embed and the cls/reg
+    tokens), the per-step LR schedule, and a GradScaler that only fp16 enables."""
+    params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
