@@ -207,8 +207,15 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         info = json.loads((Path(out) / "dataset.json").read_text())
         for name, c in info["splits"].items():
             click.echo(f"  {name}: {c['ok']} ok, {c['failed']} failed, {c['shards']} shards")
+        for reason, count in failure_reasons(out):
+            click.echo(f"  failed: {count} × {reason}")
         click.echo(f"  wrote {out}/dataset.json")
         failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
+        empty = [name for name, c in info["splits"].items() if c["ok"] == 0]
+        if empty:  # nothing to train or evaluate on: that is not a success
+            click.echo(f"Error: split {', '.join(empty)} has 0 usable samples (see the failure reasons above)",
+                       err=True)
+            sys.exit(1)
     else:
         click.echo(f"rank {rank}/{world_size} done; when every rank has finished run: dynaprep merge-manifests {out}")
     problems = getattr(source, "problems", lambda: [])()
@@ -217,6 +224,19 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         what += [f"{len(problems)} dataset problems (see the warnings above)"] if problems else []
         click.echo(f"--strict: {'; '.join(what)}", err=True)
         sys.exit(1)
+
+
+def failure_reasons(out, top: int = 5) -> list[tuple[str, int]]:
+    """The most common reasons of failed rows, with counts (numbers in them blanked, so
+    that "image is 256×256, not 224×224" and "…300×200…" count as one reason)."""
+    import re
+    from collections import Counter
+
+    from dynavit.manifests import read_manifest
+
+    rows = read_manifest(out).to_pylist()
+    reasons = Counter(re.sub(r"\d+", "N", r["error"] or "") for r in rows if r["status"] == "failed")
+    return reasons.most_common(top)
 
 
 class _ExitTwo(click.ClickException):

@@ -292,3 +292,17 @@ def test_class_sorted_source_is_written_in_a_seeded_random_order(tmp_path):
     assert json.loads((tmp_path / "a" / "dataset.json").read_text())["order"] == {"policy": "shuffle", "seed": 0}
     assert json.loads((tmp_path / "src-order" / "dataset.json").read_text())["order"] == {"policy": "source"}
     assert validate_dataset(tmp_path / "a") == []
+
+
+def test_a_split_with_zero_usable_samples_exits_1_naming_the_reasons(tmp_path):
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            (src / "train" / c / f"{i}.jpg").write_bytes(b"")  # empty files: every input fails
+    out = tmp_path / "out"
+    result = run("index", "--data", "imagefolder", "--src", src, "--out", out, *SMALL, ok=False)
+    assert result.exit_code == 1
+    assert "6 × empty file" in result.output and "train has 0 usable samples" in result.output
+    rows = read_manifest(out)
+    assert len(rows) == 6 and all(r["status"] == "failed" for r in rows)  # every input accounted for
