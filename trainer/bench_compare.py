@@ -53,12 +53,7 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
     than the time it waited for a core (use it with 1 thread)."""
     import timm
 
-    if clock not in ("wall", "cpu"):
-        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    if clock == "cpu" and torch.device(device).type != "cpu":
-        raise ValueError("clock='cpu' only measures CPU devices")
-    now = time.perf_counter if clock == "wall" else time.process_time
-
+    now = _clock(clock, device)
     model_kwargs = dict(model_kwargs or {})
     budgets = match_budgets(model_name, ks, model_kwargs)
     refs = (match_budgets(ref_model, ks) if ref_model and ref_model != model_name
@@ -67,15 +62,49 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(dev).eval()
+    gen = torch.Generator().manual_seed(seed)
+    configs = _configs(model, budgets, refs, batch, gen, dev)
+    times = _time_configs(configs, warmup, repeats, steps, dev, now)
+
+    dense_macs = configs[0]["macs"]
+    dense = _row(configs[0], times, batch, steps, dense_macs)
+    dense["speedup"] = dense["best_speedup"] = 1.0
+    out_ks = []
+    for b in budgets:
+        rows = []
+        for c in configs[1:]:
+            if c["key"][0] == b["K"]:
+                rr = _row(c, times, batch, steps, dense_macs)
+                rr["speedup"] = rr["imgs_per_s"] / dense["imgs_per_s"]
+                rr["best_speedup"] = rr["best_imgs_per_s"] / dense["best_imgs_per_s"]
+                rows.append(rr)
+        out_ks.append(dict(K=b["K"], rows=rows))
+    return dict(model=model_name, ref_model=ref_model, batch=batch, steps=steps,
+                repeats=repeats, device=str(dev), threads=torch.get_num_threads(), clock=clock,
+                dense=dense, ks=out_ks)
+
+
+def _clock(clock: str, device: str):
+    """The timer for `clock` ('wall' or 'cpu'; the process CPU clock needs a CPU device)."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError("clock='cpu' only measures CPU devices")
+    return time.perf_counter if clock == "wall" else time.process_time
+
+
+def _configs(model, budgets: list[dict], refs: list, batch: int, gen: torch.Generator,
+             dev: torch.device) -> list[dict]:
+    """Dense first, then Dyna-ViT / ToMe / EViT per K: key, method, param, macs, ref_param,
+    ref_macs and `run` (one forward of a fixed random batch)."""
     gh, gw = model.patch_embed.grid_size
     n = int(gh) * int(gw)
     h, w = model.patch_embed.img_size
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn from `gen` in this order (the batch, then the kept indices per K): same seed,
+    # same inputs.
     x = torch.randn(batch, model.in_chans, h, w, generator=gen).to(dev)
     prefix = model.num_prefix_tokens
-
-    dense_macs = budgets[0]["dense"]["macs"]
-    configs = [dict(key="dense", method="dense", param="K=100", macs=dense_macs,
+    configs = [dict(key="dense", method="dense", param="K=100", macs=budgets[0]["dense"]["macs"],
                     ref_param="K=100", ref_macs=refs[0]["dense"]["macs"] if refs[0] else None,
                     run=lambda: model(x))]
     for b, ref in zip(budgets, refs):
@@ -96,7 +125,13 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
                  ref_macs=ref["evit"]["macs"] if ref else None,
                  run=lambda kr=kr: evit_forward(model, x, kr)),
         ]
+    return configs
 
+
+def _time_configs(configs: list[dict], warmup: int, repeats: int, steps: int, dev: torch.device,
+                  now) -> dict:
+    """Seconds of `steps` runs per repeat, per config key. The order is rotated every repeat
+    so that drift of the machine spreads over all configurations."""
     times = {c["key"]: [] for c in configs}
     with torch.inference_mode():
         for c in configs:  # warm-up (allocator, kernels)
@@ -111,31 +146,18 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
                     c["run"]()
                 _sync(dev)
                 times[c["key"]].append(now() - t0)
+    return times
 
-    def row(c):
-        med = statistics.median(times[c["key"]])
-        best = min(times[c["key"]])
-        return dict(method=c["method"], param=c["param"], macs=c["macs"],
-                    ref_param=c["ref_param"], ref_macs=c["ref_macs"],
-                    imgs_per_s=batch * steps / med, best_imgs_per_s=batch * steps / best,
-                    spread=(max(times[c["key"]]) - best) / best, times_s=times[c["key"]],
-                    ideal=dense_macs / c["macs"])
 
-    dense = row(configs[0])
-    dense["speedup"] = dense["best_speedup"] = 1.0
-    out_ks = []
-    for b in budgets:
-        rows = []
-        for c in configs[1:]:
-            if c["key"][0] == b["K"]:
-                rr = row(c)
-                rr["speedup"] = rr["imgs_per_s"] / dense["imgs_per_s"]
-                rr["best_speedup"] = rr["best_imgs_per_s"] / dense["best_imgs_per_s"]
-                rows.append(rr)
-        out_ks.append(dict(K=b["K"], rows=rows))
-    return dict(model=model_name, ref_model=ref_model, batch=batch, steps=steps,
-                repeats=repeats, device=str(dev), threads=torch.get_num_threads(), clock=clock,
-                dense=dense, ks=out_ks)
+def _row(c: dict, times: dict, batch: int, steps: int, dense_macs) -> dict:
+    """The result row of config `c` (without the speed-ups, which need the dense row)."""
+    med = statistics.median(times[c["key"]])
+    best = min(times[c["key"]])
+    return dict(method=c["method"], param=c["param"], macs=c["macs"],
+                ref_param=c["ref_param"], ref_macs=c["ref_macs"],
+                imgs_per_s=batch * steps / med, best_imgs_per_s=batch * steps / best,
+                spread=(max(times[c["key"]]) - best) / best, times_s=times[c["key"]],
+                ideal=dense_macs / c["macs"])
 
 
 def format_compare(res: dict) -> str:

@@ -28,12 +28,15 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from dynavit.trainer.data import normalize
 from dynavit.trainer.online import DynaViT
+from dynavit.trainer.runtime import autocast
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS, keep_count
 from dynavit.trainer.sparse import check_model, num_patches, sparse_forward
 
@@ -59,10 +62,7 @@ def synthetic_images(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _normalize(u8: np.ndarray, dev, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(u8).to(dev).permute(0, 3, 1, 2).float() / 255.0
-    m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous()
+    return normalize(torch.from_numpy(u8).to(dev).permute(0, 3, 1, 2), mean, std).contiguous()
 
 
 def _time_round_robin(fns: dict[str, Callable[[], object]], reps: int, iters: int, warmup: int,
@@ -90,70 +90,27 @@ def run_bench(model_name: str = "vit_tiny_patch16_224", batch: int = 32, ks=(100
               image_size=None, model_kwargs=None, compile: bool = False,
               log=lambda s: None) -> dict:
     """Measure every configuration; returns {'meta': ..., 'rows': [...]} (see format_table)."""
-    import timm
-
     dev = torch.device(device)
-    kw = dict(model_kwargs or {})
-    if image_size:
-        kw["img_size"] = image_size
-    vit = check_model(timm.create_model(model_name, pretrained=False, **kw)).to(dev).eval()
+    vit = _build_vit(model_name, image_size, model_kwargs, dev)
     n = num_patches(vit)
     prefix = int(vit.num_prefix_tokens)
     h, w = (int(v) for v in vit.patch_embed.img_size)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
-    sync = _sync(dev)
+    # fp32 runs under no autocast context at all (not a disabled one): nothing extra is timed.
+    ctx = (lambda: autocast(dev, amp)) if amp is not None else nullcontext
     wrap = (lambda m: torch.compile(m)) if compile else (lambda m: m)
 
     xs = {batch: _normalize(synthetic_images(batch, h, w, seed=0), dev, IMAGENET_MEAN, IMAGENET_STD)}
     if latency and batch != 1:
         xs[1] = xs[batch][:1].contiguous()
-
-    class _Sparse(torch.nn.Module):  # so --compile can wrap the precomputed-index path too
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, idx):
-            return sparse_forward(self.m, x, idx, validate=False)
-
-    dense = wrap(vit)
-    sparse = wrap(_Sparse(vit))
+    bench = _Bench(vit=vit, dev=dev, n=n, prefix=prefix, wrap=wrap, ctx=ctx,
+                   dense=wrap(vit), sparse=wrap(_Sparse(vit)))
     rows = []
-    variants = [None] + ([round_to] if round_to else [])
     for b, x in xs.items():
-        fns: dict[str, Callable[[], object]] = {}
-        info: dict[str, dict] = {}
-
-        def add(key, fn, **meta):
-            def run(fn=fn):
-                with torch.inference_mode(), ctx():
-                    return fn()
-            fns[key] = run
-            info[key] = meta
-
-        add("dense", lambda: dense(x), K=100, mode="dense", scorer="", round_to=None, S=prefix + n)
-        for k in ks:
-            for r in variants:
-                kept = keep_count(k, n, r, prefix)
-                if r is not None and kept == keep_count(k, n, None, prefix):
-                    continue  # rounding changes nothing (e.g. K=100)
-                if kept < n:
-                    with torch.inference_mode():
-                        idx = DynaViT(vit, k=k, scorer="l2", round_to=r).to(dev).keep_indices(x)
-                    add(f"idx-{k}-{r}", lambda idx=idx: sparse(x, idx), K=k, mode="sparse idx",
-                        scorer="(precomputed)", round_to=r, S=prefix + kept)
-                for sc in scorers:
-                    net = DynaViT(vit, k=k, scorer=sc, round_to=r).to(dev).eval()
-                    cnet = wrap(net)
-                    add(f"online-{k}-{sc}-{r}", lambda cnet=cnet: cnet(x), K=k, mode="online",
-                        scorer=sc, round_to=r, S=prefix + kept)
-                    if b == batch and kept < n:
-                        sel = wrap(_Select(net))
-                        add(f"select-{k}-{sc}-{r}", lambda sel=sel: sel(x), K=k, mode="select",
-                            scorer=sc, round_to=r, S=prefix + kept)
+        # The scoring share (select-*) is measured at the main batch size only.
+        fns, info = _configs(bench, x, ks, scorers, round_to, with_select=b == batch)
         log(f"  timing {len(fns)} configurations at batch {b} ...")
-        t = _time_round_robin(fns, reps=reps, iters=iters, warmup=warmup, sync=sync)
+        t = _time_round_robin(fns, reps=reps, iters=iters, warmup=warmup, sync=_sync(dev))
         for key, sec in t.items():
             rows.append({"batch": b, "key": key, "seconds": sec, **info[key]})
 
@@ -162,6 +119,79 @@ def run_bench(model_name: str = "vit_tiny_patch16_224", batch: int = 32, ks=(100
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile,
             "round_to": round_to}
     return {"meta": meta, "rows": rows}
+
+
+def _build_vit(model_name: str, image_size, model_kwargs, dev: torch.device) -> torch.nn.Module:
+    """A random-weight timm ViT in eval mode on `dev` (timing does not depend on weights)."""
+    import timm
+
+    kw = dict(model_kwargs or {})
+    if image_size:
+        kw["img_size"] = image_size
+    return check_model(timm.create_model(model_name, pretrained=False, **kw)).to(dev).eval()
+
+
+@dataclass
+class _Bench:
+    """What every configuration of one run shares: the model, its patch counts, and how a
+    module is wrapped (torch.compile or not) and called (autocast or not)."""
+
+    vit: torch.nn.Module
+    dev: torch.device
+    n: int                  # patches of the input
+    prefix: int             # CLS (+ register) tokens
+    wrap: Callable
+    ctx: Callable
+    dense: Callable         # wrap(vit)
+    sparse: Callable        # wrap(_Sparse(vit))
+
+
+def _configs(bench: _Bench, x: torch.Tensor, ks, scorers, round_to,
+             with_select: bool) -> tuple[dict[str, Callable[[], object]], dict[str, dict]]:
+    """({key: zero-argument call}, {key: row fields}) of every configuration on input `x`:
+    dense, then per K and rounding variant the precomputed-index path (when K < 100), and
+    per scorer the online step and (`with_select`) its scoring + selection alone."""
+    fns: dict[str, Callable[[], object]] = {}
+    info: dict[str, dict] = {}
+    n, prefix, wrap = bench.n, bench.prefix, bench.wrap
+
+    def add(key, fn, **meta):
+        def run(fn=fn):
+            with torch.inference_mode(), bench.ctx():
+                return fn()
+        fns[key] = run
+        info[key] = meta
+
+    add("dense", lambda: bench.dense(x), K=100, mode="dense", scorer="", round_to=None, S=prefix + n)
+    for k in ks:
+        for r in [None] + ([round_to] if round_to else []):
+            kept = keep_count(k, n, r, prefix)
+            if r is not None and kept == keep_count(k, n, None, prefix):
+                continue  # rounding changes nothing (e.g. K=100)
+            if kept < n:
+                with torch.inference_mode():
+                    idx = DynaViT(bench.vit, k=k, scorer="l2", round_to=r).to(bench.dev).keep_indices(x)
+                add(f"idx-{k}-{r}", lambda idx=idx: bench.sparse(x, idx), K=k, mode="sparse idx",
+                    scorer="(precomputed)", round_to=r, S=prefix + kept)
+            for sc in scorers:
+                net = DynaViT(bench.vit, k=k, scorer=sc, round_to=r).to(bench.dev).eval()
+                cnet = wrap(net)
+                add(f"online-{k}-{sc}-{r}", lambda cnet=cnet: cnet(x), K=k, mode="online",
+                    scorer=sc, round_to=r, S=prefix + kept)
+                if with_select and kept < n:
+                    sel = wrap(_Select(net))
+                    add(f"select-{k}-{sc}-{r}", lambda sel=sel: sel(x), K=k, mode="select",
+                        scorer=sc, round_to=r, S=prefix + kept)
+    return fns, info
+
+
+class _Sparse(torch.nn.Module):  # so --compile can wrap the precomputed-index path too
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, idx):
+        return sparse_forward(self.m, x, idx, validate=False)
 
 
 class _Select(torch.nn.Module):

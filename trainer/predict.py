@@ -39,8 +39,9 @@ from dynavit.trainer.online import DynaViT
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS
 from dynavit.trainer.sparse import check_model
 
+# SCORERS is re-exported: the CLI (cli_tools) takes the scorer names from here.
 __all__ = ["predict", "load_model", "list_images", "write_rows",
-           "IMAGE_EXTENSIONS", "PredictError"]
+           "IMAGE_EXTENSIONS", "PredictError", "SCORERS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm", ".jfif")
@@ -100,9 +101,34 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
     """(timm ViT in eval mode on CPU, class names or None, info) from a checkpoint file.
 
     info: model_name, image_size (H, W), mean/std if the checkpoint records them."""
-    import timm
-
     path = Path(checkpoint)
+    # Not Checkpoint.load: a plain timm state_dict is accepted here too, and a dynatrain
+    # checkpoint needs only its model / config / classes entries.
+    sd, name, cfg, classes, info = _unpack_checkpoint(path, _read_checkpoint(path), model_name)
+    num_classes = _num_classes(path, sd, classes, num_classes)
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    kwargs.update(model_kwargs or {})
+    for key in ("num_classes", "pretrained", "pretrained_cfg_overlay"):
+        kwargs.pop(key, None)
+    size = image_size or cfg.get("input_size")
+
+    vit = _create(name, num_classes, kwargs, size)  # outside the try: its PredictError is final
+    try:
+        m = check_model(vit)
+    except (TypeError, ValueError) as e:
+        raise PredictError(f"{name}: {e}") from None
+    if not size:  # the grid the checkpoint's pos_embed was trained at (square grids)
+        size = _trained_size(sd, m)
+        if size:
+            m = check_model(_create(name, num_classes, kwargs, size))
+    _load_exact(m, sd, name)
+    m.eval()
+    info["model_name"] = name
+    info["image_size"] = tuple(int(v) for v in m.patch_embed.img_size)
+    return m, classes, info
+
+
+def _read_checkpoint(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -110,7 +136,13 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
         raise PredictError(f"cannot read checkpoint {path}: {msg}") from None
     if not isinstance(obj, dict):
         raise PredictError(f"{path} is not a checkpoint: expected a dict, got {type(obj).__name__}")
+    return obj
 
+
+def _unpack_checkpoint(path: Path, obj: dict, model_name: Optional[str]):
+    """(state_dict without wrapper prefixes, model name, config dict, class names or None,
+    info with the mean/std the checkpoint records) of a dynatrain checkpoint or a plain
+    state_dict; `model_name` overrides the checkpoint's."""
     classes = None
     cfg: dict = {}
     info: dict[str, Any] = {}
@@ -134,8 +166,11 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
                            f"state_dict of tensors")
     if not name:
         raise PredictError(f"{path} does not name its model: pass --model")
-    sd = _strip_prefixes(dict(sd))
+    return _strip_prefixes(dict(sd)), name, cfg, classes, info
 
+
+def _num_classes(path: Path, sd: dict, classes: Optional[list[str]], num_classes: Optional[int]) -> int:
+    """`num_classes`, else the checkpoint's class count, else the rows of head.weight."""
     head = sd.get("head.weight")
     if num_classes is None:
         if classes is not None:
@@ -147,36 +182,39 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
     if classes is not None and len(classes) != num_classes:
         raise PredictError(f"--num-classes {num_classes} differs from the checkpoint's "
                            f"{len(classes)} classes")
+    return num_classes
 
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    kwargs.update(model_kwargs or {})
-    for key in ("num_classes", "pretrained", "pretrained_cfg_overlay"):
-        kwargs.pop(key, None)
-    size = image_size or cfg.get("input_size")
 
-    def build(img_size):
-        kw = dict(kwargs)
-        if img_size:
-            kw["img_size"] = img_size
-        try:
-            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictError(f"cannot build model {name!r}: {msg}") from None
+def _create(name: str, num_classes: int, kwargs: dict, img_size) -> nn.Module:
+    """A fresh (random-weight) timm model; `img_size` only when one is known."""
+    import timm
 
-    vit = build(size)
+    kw = dict(kwargs)
+    if img_size:
+        kw["img_size"] = img_size
     try:
-        m = check_model(vit)
-    except (TypeError, ValueError) as e:
-        raise PredictError(f"{name}: {e}") from None
-    if not size:  # the grid the checkpoint's pos_embed was trained at (square grids)
-        pe = sd.get("pos_embed")
-        if isinstance(pe, torch.Tensor) and pe.ndim == 3 and tuple(pe.shape) != tuple(m.pos_embed.shape):
-            n = int(pe.shape[1]) - (0 if m.no_embed_class else int(m.num_prefix_tokens))
-            side = math.isqrt(max(n, 0))
-            if side > 0 and side * side == n:
-                size = side * int(m.patch_embed.patch_size[0])
-                vit = m = check_model(build(size))
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PredictError(f"cannot build model {name!r}: {msg}") from None
+
+
+def _trained_size(sd: dict, m: nn.Module) -> Optional[int]:
+    """The square input size the checkpoint's pos_embed was trained at, or None when it
+    fits `m` already (or is not a square grid)."""
+    pe = sd.get("pos_embed")
+    if isinstance(pe, torch.Tensor) and pe.ndim == 3 and tuple(pe.shape) != tuple(m.pos_embed.shape):
+        n = int(pe.shape[1]) - (0 if m.no_embed_class else int(m.num_prefix_tokens))
+        side = math.isqrt(max(n, 0))
+        if side > 0 and side * side == n:
+            return side * int(m.patch_embed.patch_size[0])
+    return None
+
+
+def _load_exact(m: nn.Module, sd: dict, name: str) -> None:
+    """Load `sd` into `m`; any shape mismatch, missing or unexpected key is a PredictError
+    (no resampling or head dropping as in model.load_weights: prediction needs the trained
+    weights as they are)."""
     try:
         res = m.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -190,10 +228,6 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
                 parts.append(f"{len(keys)} {what} keys (e.g. {keys[0]})")
         raise PredictError(f"checkpoint does not fit {name}: {', '.join(parts)}; check --model / "
                            f"--model-kwargs")
-    m.eval()
-    info["model_name"] = name
-    info["image_size"] = tuple(int(v) for v in m.patch_embed.img_size)
-    return m, classes, info
 
 
 # ---------------------------------------------------------------------------------------------
