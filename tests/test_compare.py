@@ -70,3 +70,29 @@ def test_method_argument_errors_exit_2(tmp_path, capsys):
                         *extra]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dynamicvit", "tnt", "cropr"])
+def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, tmp_path):
+    import torch
+
+    from dynavit.trainer.compare import method_macs
+    from dynavit.trainer.model import make_heads
+
+    run = tmp_path / method
+    assert run_cli(["--shards", runs / "ds", "--out", run, "--method", method, *COMMON]) == 0
+    record = metrics(run)[-1]
+    assert record["method"] == method and record["k"] == 50
+    name, value = record["method_param"].split()[0].split("=")
+    param = int(value) if name == "r" else float(value)
+    meta = build_meta_model("vit_tiny_patch16_224", num_classes=4, **MODEL_KWARGS)
+    macs = method_macs(meta, method, 50, param, make_heads(meta, method, 4))
+    assert abs(macs / count_macs(meta, 50) - 1) < 0.05  # within 5 % of Dyna-ViT's MACs at K=50
+    last = torch.load(run / "last.pt", weights_only=True)
+    heads = make_heads(build_meta_model("vit_tiny_patch16_224", num_classes=4, **MODEL_KWARGS), method, 4)
+    assert set(last["method_state"]) == set(heads.state_dict())  # the heads are saved beside the backbone
+    timm_model = __import__("timm").create_model("vit_tiny_patch16_224", num_classes=4, **MODEL_KWARGS)
+    timm_model.load_state_dict(last["model"], strict=True)  # and the backbone stays plain timm
+    assert run_cli(["--resume", run, "--epochs", 2]) == 0  # heads are restored on resume
+    assert [m["epoch"] for m in metrics(run)] == [1, 2]

@@ -58,9 +58,10 @@ def cli():
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
               help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
 @click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,
-              help="Token reduction: dynavit (the K%% saliency patches, before the encoder), tome (ToMe merging) or "
-                   "evit (EViT top-attention tokens at blocks 4/7/10), both inside the encoder from every patch, with r "
-                   "/ keep rate chosen so that their exact MACs match Dyna-ViT's at --k.")
+              help="Token reduction: dynavit (the K%% saliency patches, before the encoder), or inside the encoder "
+                   "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
+                   "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
+                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k.")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
 @click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")

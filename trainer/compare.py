@@ -24,7 +24,7 @@ from dynavit.manifests import atomic_path, k_count
 from .budget import count_evit_macs, count_tome_macs
 from .config import TrainConfig
 from .flops import build_meta_model, count_macs
-from .model import match_method, method_forward
+from .model import make_heads, match_method, method_forward
 from .report import load_run
 from .selection import DENSE_K
 
@@ -48,20 +48,19 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         run = load_run(run_dir)
         cfg = TrainConfig.from_dict(run.config)
         k = run.metrics[-1].get("k", cfg.k)
+        num_classes = run.meta["dataset"]["num_classes"]
         meta_model = _model(cfg, run.meta, "meta")
-        param, described = match_method(meta_model, cfg.method, k)
-        if cfg.method == "tome":
-            macs = count_tome_macs(meta_model, param)
-        elif cfg.method == "evit":
-            macs = count_evit_macs(meta_model, param)
-        else:
-            macs = count_macs(meta_model, k)
+        meta_heads = make_heads(meta_model, cfg.method, num_classes)
+        param, described = match_method(meta_model, cfg.method, k, meta_heads)
+        macs = method_macs(meta_model, cfg.method, k, param, meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
         rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
                      else f"dynavit ({cfg.select})", "parameter": described, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
                      "infer_img_s": None, "best_acc1": best["acc1"]})
         model = _model(cfg, run.meta, device)
+        heads = make_heads(model, cfg.method, num_classes)
+        heads = None if heads is None else heads.to(device).eval()
         n = model.patch_embed.num_patches
         keep = None
         if cfg.method == "dynavit" and k != DENSE_K:
@@ -69,7 +68,8 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
             keep = torch.stack([torch.randperm(n, generator=gen)[:k_count(k, n)].sort().values
                                 for _ in range(batch)]).to(device)
         x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device)
-        forwards.append(lambda m=model, x=x, keep=keep, method=cfg.method, p=param: method_forward(m, x, keep, method, p))
+        forwards.append(lambda m=model, x=x, keep=keep, method=cfg.method, p=param, h=heads:
+                        method_forward(m, x, keep, method, p, heads=h))
     times: list[list[float]] = [[] for _ in forwards]
     with torch.no_grad():
         for f in forwards:  # warm-up
@@ -85,6 +85,24 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
     for row, t in zip(rows, times):
         row["infer_img_s"] = batch / statistics.median(t)
     return rows
+
+
+def method_macs(model, method: str, k: int, param, heads=None) -> int:
+    """Exact MACs of one inference forward of `method` at its parameter (heads included)."""
+    if method == "tome":
+        return count_tome_macs(model, param)
+    if method == "evit":
+        return count_evit_macs(model, param)
+    if method == "dynamicvit":
+        from .dynamicvit import count_dynamicvit_macs
+        return count_dynamicvit_macs(model, heads, param)
+    if method == "tnt":
+        from .tnt import count_tnt_macs
+        return count_tnt_macs(model, heads, param)
+    if method == "cropr":
+        from .cropr import count_cropr_macs
+        return count_cropr_macs(model, heads, param)
+    return count_macs(model, k)
 
 
 def write_compare(rows: list[dict], out_dir) -> list[Path]:

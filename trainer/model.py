@@ -11,50 +11,101 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .config import ConfigError, TrainConfig
-from .selection import METHODS  # noqa: F401 (re-exported)
+from .selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from .sparse import check_model, sparse_forward
 
 
 class SparseViT(nn.Module):
     """`forward(images, keep_idx)`: the wrapped timm ViT through the run's token-reduction
-    method: Dyna-ViT's sparse_forward on the kept patches, or ToMe / EViT inside the encoder
-    (which see every patch; keep_idx is None for them).
+    method: Dyna-ViT's sparse_forward on the kept patches, or a method inside the encoder
+    (which sees every patch; keep_idx is None): ToMe, EViT, or the learned DynamicViT, TNT
+    and Token Cropr, whose own parameters live in `heads`. In training the learned methods
+    return what their loss needs (training_loss).
 
     DDP only synchronises gradients of forwards that go through its own `forward`, so the
     method's forward has to be a module's forward for DDP to wrap; `self.vit` stays a plain
-    timm model whose state_dict is what checkpoints store.
+    timm model whose state_dict is what checkpoints store (the heads are saved beside it).
     """
 
-    def __init__(self, vit: nn.Module, method: str = "dynavit", param=None):
+    def __init__(self, vit: nn.Module, method: str = "dynavit", param=None, heads: nn.Module | None = None):
         super().__init__()
-        self.vit, self.method, self.param = vit, method, param
+        self.vit, self.method, self.param, self.heads = vit, method, param, heads
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None, validate: bool = True):
-        return method_forward(self.vit, images, keep_idx, self.method, self.param, validate=validate)
+        return method_forward(self.vit, images, keep_idx, self.method, self.param, validate=validate,
+                              heads=self.heads, training=self.training)
 
 
 def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str = "dynavit", param=None,
-                   validate: bool = False) -> torch.Tensor:
+                   validate: bool = False, heads: nn.Module | None = None, training: bool = False):
     if method == "tome":
         from .tome import tome_forward
         return tome_forward(vit, images, param)
     if method == "evit":
         from .evit import evit_forward
         return evit_forward(vit, images, param)
+    if method == "dynamicvit":
+        from .dynamicvit import dynamicvit_forward
+        return dynamicvit_forward(vit, heads, images, param, training=training)
+    if method == "tnt":
+        from .tnt import tnt_forward
+        return tnt_forward(vit, heads, images, param, training=training)
+    if method == "cropr":
+        from .cropr import cropr_forward
+        return cropr_forward(vit, heads, images, param, training=training)
     return sparse_forward(vit, images, keep_idx, validate=validate)
 
 
-def match_method(vit: nn.Module, method: str, k: int) -> tuple[object, str]:
-    """The parameter of `method` whose exact MACs come closest to Dyna-ViT's at K on this
-    model (budget.match_budget), and its description; (None, "K=k") for Dyna-ViT."""
+def training_loss(method: str, param, out, labels: torch.Tensor, criterion) -> torch.Tensor:
+    """The method's training objective on the forward's output: the task loss, plus
+    DynamicViT's keep-ratio loss (weight 2, as its paper) or Token Cropr's auxiliary-head
+    losses. TNT's training forward adds its noise and needs nothing more."""
+    if method == "dynamicvit":
+        from .dynamicvit import ratio_loss
+        logits, aux = out
+        return criterion(logits, labels) + 2.0 * ratio_loss(aux, param)
+    if method == "cropr":
+        logits, aux_logits = out
+        return criterion(logits, labels) + sum(criterion(a, labels) for a in aux_logits)
+    return criterion(out, labels)
+
+
+def make_heads(vit: nn.Module, method: str, num_classes: int) -> nn.Module | None:
+    """The learned method's own parameters for this model (None for the others)."""
+    if method == "dynamicvit":
+        from .dynamicvit import DynamicViTHeads
+        return DynamicViTHeads.for_model(vit)
+    if method == "tnt":
+        from .tnt import TNTHeads
+        return TNTHeads.for_model(vit)
+    if method == "cropr":
+        from .cropr import CroprRouters
+        return CroprRouters.for_model(vit, num_classes=num_classes)
+    return None
+
+
+def match_method(vit: nn.Module, method: str, k: int, heads: nn.Module | None = None) -> tuple[object, str]:
+    """The parameter of `method` whose exact MACs (its extra heads included) come closest to
+    Dyna-ViT's at K on this model, and its description; (None, "K=k") for Dyna-ViT."""
     if method == "dynavit":
         return None, f"K={k}"
-    from .budget import match_budget
+    if method in ("tome", "evit"):
+        from .budget import match_budget
 
-    m = match_budget(vit, k)
-    if method == "tome":
-        return int(m["tome"]["r"]), f"r={m['tome']['r']} ({m['tome']['rel']:+.1%} MACs vs K={k})"
-    return float(m["evit"]["keep_rate"]), f"keep_rate={m['evit']['keep_rate']} ({m['evit']['rel']:+.1%} MACs vs K={k})"
+        m = match_budget(vit, k)
+        if method == "tome":
+            return int(m["tome"]["r"]), f"r={m['tome']['r']} ({m['tome']['rel']:+.1%} MACs vs K={k})"
+        return float(m["evit"]["keep_rate"]), f"keep_rate={m['evit']['keep_rate']} ({m['evit']['rel']:+.1%} MACs vs K={k})"
+    if method == "dynamicvit":
+        from .dynamicvit import match_dynamicvit_budget
+        m, name = match_dynamicvit_budget(vit, k, heads), "rho"
+    elif method == "tnt":
+        from .tnt import match_tnt_budget
+        m, name = match_tnt_budget(vit, k, heads), "keep"
+    else:
+        from .cropr import match_cropr_budget
+        m, name = match_cropr_budget(vit, k, heads), "r"
+    return m[name], f"{name}={m[name]} ({m['rel']:+.1%} MACs vs K={k})"
 
 
 def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:

@@ -140,6 +140,7 @@ class Checkpoint:
     scheduler: dict | None = None
     scaler: dict | None = None
     rng: list[dict] = field(default_factory=list)  # one per rank
+    method_state: dict | None = None               # a learned method's own heads (DynamicViT, TNT, Cropr)
     format: str = CHECKPOINT_FORMAT
     version: int = CHECKPOINT_VERSION
 

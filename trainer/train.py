@@ -21,6 +21,7 @@ import math
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from dynavit.manifests import write_json_atomic
 
 from .config import Checked, ConfigError, TrainConfig, check_config
 from .data import DataError, Loader, build_loader
-from .model import SparseViT, build_model, match_method, method_forward
+from .model import SparseViT, build_model, make_heads, match_method, method_forward, training_loss
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -65,29 +66,31 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     vit = build_model(cfg, info, checked.train.input_size, log).to(device)
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
-    budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # ToMe / EViT read every patch, at K's MACs
-    param, described = match_method(vit, cfg.method, budget_k)
-    model = wrap_model(SparseViT(vit, cfg.method, param), cfg, ctx)
+    budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # in-encoder methods read every patch, at K's MACs
+    heads = make_heads(vit, cfg.method, len(info.classes))  # a learned method's own parameters
+    heads = heads.to(device) if heads is not None else None
+    param, described = match_method(vit, cfg.method, budget_k, heads)
+    model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
-    optimizer, scheduler, scaler = make_optimizer(cfg, vit, amp_dtype, device, train_loader.steps)
+    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, train_loader.steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = partial(training_loss, cfg.method, param, criterion=criterion)
 
     start_epoch, best_acc1, best_epoch, history = 0, -1.0, 0, []
     if cfg.resume:
-        start_epoch, best_acc1, best_epoch, history = resume(out, vit, optimizer, scheduler, scaler, ctx)
+        start_epoch, best_acc1, best_epoch, history = resume(out, vit, heads, optimizer, scheduler, scaler, ctx)
         log(f"resuming {out} after epoch {start_epoch} (best acc1 {best_acc1:.2f}% at epoch {best_epoch})")
     ctx.barrier()  # every rank has checked --out before rank 0 writes into it
     if ctx.main:
         start_run_dir(out, cfg, checked, ctx, amp_dtype, sel, eval_sel, train_loader.steps, vit, start_epoch, history)
-    log(f"dynatrain: {cfg.model} on {info.dataset} · {cfg.method} {described} (S={sel.seq_len}) · eval K={eval_sel.k} · "
+    log(f"dynatrain: {cfg.model} on {info.dataset} · {cfg.method} {described} (S={sel.seq_len}) · eval K={eval_sel.k if cfg.method == 'dynavit' else budget_k} · "
         f"{train_loader.steps} steps/epoch × {ctx.world_size} rank(s) · {device} · amp {cfg.amp} → {out}")
 
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cfg, ctx, amp_dtype,
-                                epoch)
-        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch)
+        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         record = EpochRecord(
             epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
             acc5=val["acc5"], epoch_seconds=time.perf_counter() - epoch_start, images_per_s=stats["images_per_s"],
@@ -107,14 +110,15 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
             ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
                               model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
                               model=vit.state_dict(), optimizer=optimizer.state_dict(),
-                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs)
+                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                              method_state=None if heads is None else heads.state_dict())
             write_checkpoints(out, ckpt, is_best)
             log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record.train_loss:.4f}  val_loss "
                 f"{record.val_loss:.4f}  acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  "
                 f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
 
     if not val:  # resumed a run that had already finished: report its last evaluation
-        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param)
+        val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
     speeds = [m.images_per_s for m in history]
     summary = {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
                "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
@@ -151,10 +155,14 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
         raise ConfigError(str(e)) from None
 
 
-def make_optimizer(cfg: TrainConfig, vit: nn.Module, amp_dtype, device: torch.device, steps_per_epoch: int):
+def make_optimizer(cfg: TrainConfig, vit: nn.Module, heads: nn.Module | None, amp_dtype, device: torch.device,
+                   steps_per_epoch: int):
     """AdamW with timm's grouping (no weight decay on biases, norms, pos_embed and the cls/reg
-    tokens), the per-step LR schedule, and a GradScaler that only fp16 enables."""
+    tokens; a learned method's heads grouped alike), the per-step LR schedule, and a GradScaler
+    that only fp16 enables."""
     params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
+    if heads is not None:
+        params += param_groups_weight_decay(heads, cfg.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -190,10 +198,12 @@ def load_resume_checkpoint(out: Path) -> Checkpoint:
         raise ConfigError(str(e), "--resume") from None
 
 
-def resume(out: Path, vit, optimizer, scheduler, scaler, ctx: Dist) -> tuple[int, float, int, list[EpochRecord]]:
+def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist) -> tuple[int, float, int, list]:
     """Load last.pt into the model and optimizer state; (epoch, best acc1, best epoch, history)."""
     ckpt = load_resume_checkpoint(out)
     vit.load_state_dict(ckpt.model)
+    if heads is not None:
+        heads.load_state_dict(ckpt.method_state)
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.scaler:
@@ -254,7 +264,7 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
-def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, criterion, cfg: TrainConfig, ctx: Dist,
+def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
                     amp_dtype, epoch: int) -> dict[str, Any]:
     model.train()
     loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
@@ -269,7 +279,7 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, criteri
         with autocast(device, amp_dtype):
             # Index checks cost a device sync (and a graph break under --compile); the loader
             # has checked the stored indices, so one eager check per epoch is enough.
-            loss = criterion(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+            loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -304,17 +314,19 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, criteri
 
 @torch.no_grad()
 def evaluate(vit, loader: Loader, ctx: Dist, amp_dtype, num_classes: int, method: str = "dynavit",
-             param=None) -> dict[str, Any]:
+             param=None, heads: nn.Module | None = None) -> dict[str, Any]:
     """Top-1 / top-min(5, C) accuracy (percent), mean CE loss and per-class top-1 over the
     split, each sample counted once across ranks. Runs on the bare ViT, not through DDP:
     per-rank eval step counts may differ and DDP's forward would then wait on collectives."""
     vit.eval()
+    if heads is not None:
+        heads.eval()
     device, top = ctx.device, min(5, num_classes)
     sums = torch.zeros(4 + 2 * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, skipped, per class
     for batch in loader:
         images, keep_idx, labels = to_device(batch, device, loader.info.mean, loader.info.std)
         with autocast(device, amp_dtype):
-            logits = method_forward(vit, images, keep_idx, method, param)
+            logits = method_forward(vit, images, keep_idx, method, param, heads=heads)
         logits = logits.float()
         pred = logits.topk(top, dim=1).indices
         correct1 = (pred[:, 0] == labels).double()
