@@ -163,11 +163,12 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
     if executor != "ray" and (ray_address is not None or max_retries is not None):
         raise click.UsageError("--ray-address and --max-retries need --executor ray")
     if executor == "ray":
-        from .ray_executor import RayMissing, require_ray
+        from .ray_executor import RayUnavailable, check_address, require_ray
 
         try:
             require_ray()
-        except RayMissing as e:
+            check_address(ray_address)
+        except RayUnavailable as e:
             raise _ExitTwo(str(e)) from None
     if data == "demo":
         options.setdefault("image_size", image_size)

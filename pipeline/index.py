@@ -84,8 +84,11 @@ class IndexConfig:
     workers: int = 1
     rank: int = 0
     world_size: int = 1
+    executor: str = "processes"      # or "ray": each unit is a Ray task (pipeline/ray_executor.py)
+    ray_address: str | None = None   # join this Ray cluster; None: start a local Ray with `workers` CPUs
+    max_retries: int = 2             # ray: attempts of a unit that raises = max_retries + 1
 
-    RUN_ONLY = ("workers", "rank", "world_size")
+    RUN_ONLY = ("workers", "rank", "world_size", "executor", "ray_address", "max_retries")
 
     def output_settings(self) -> dict:
         """Everything that determines the bytes written: a resume must not change these."""
@@ -169,12 +172,56 @@ def prepare_out_dir(cfg: IndexConfig, units, resume: bool, overwrite: bool) -> N
         # Other ranks (or another run on this machine) may be writing their temp files right
         # now: only those of writers that are gone go. A PID means nothing on another
         # machine, so with several ranks a file must also be untouched for STALE_AFTER_S.
-        remove_stale_temp_files(out, min_age_s=STALE_AFTER_S if joining else 0.0)
+        # Ray workers on other machines write here too: their PIDs mean nothing on this one.
+        remote = joining or (cfg.executor == "ray" and cfg.ray_address is not None)
+        remove_stale_temp_files(out, min_age_s=STALE_AFTER_S if remote else 0.0)
     write_json_atomic(saved, now)  # before parts/ exists, so a joining rank always finds it
     (_state(out) / "parts").mkdir(parents=True, exist_ok=True)
 
 
 STALE_AFTER_S = 900.0
+PLAN_JSON = "plan.json"
+
+
+def save_plan(out, source, units) -> None:
+    """What a merge needs, so that `merge-manifests` runs where the source is not mounted:
+    the units (split, index, count), the splits, the class names and the plan digest.
+    Written at run start by every rank (the same bytes: their digests are equal)."""
+    write_json_atomic(_state(out) / PLAN_JSON, {
+        "plan": plan_digest(units), "splits": list(source.splits()), "classes": list(source.classes()),
+        "external_images": bool(source.external_images),
+        "units": [[u.split, u.index, u.count] for u in units]})
+
+
+@dataclass
+class SavedPlan:
+    """The saved plan standing in for the source in `merge` (splits, classes, external_images)."""
+    digest: str
+    split_names: list
+    class_names: list
+    external_images: bool
+    units: list
+
+    def splits(self) -> list[str]:
+        return list(self.split_names)
+
+    def classes(self) -> list[str]:
+        return list(self.class_names)
+
+
+def load_plan(out) -> "SavedPlan | None":
+    """The plan saved by `save_plan`, or None for an output written before plans were saved."""
+    path = _state(out) / PLAN_JSON
+    if not path.exists():
+        return None
+    from .sources.base import WorkUnit
+
+    try:
+        d = json.loads(path.read_text())
+        units = [WorkUnit(split, index, None, count) for split, index, count in d["units"]]
+        return SavedPlan(d["plan"], d["splits"], d["classes"], bool(d["external_images"]), units)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is damaged ({e}); run the index command again with --resume") from None
 
 
 def is_done(out, unit, cfg: "IndexConfig") -> bool:
@@ -306,6 +353,7 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     units = plan(cfg, source)
     mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
     prepare_out_dir(cfg, units, resume, overwrite)
+    save_plan(cfg.out, source, units)
     todo = [u for u in mine if not is_done(cfg.out, u, cfg)]
     t0 = time.perf_counter()
     ok = failed = 0
@@ -314,7 +362,12 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     bar = tqdm(total=total, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
     workers = max(1, min(cfg.workers, len(todo)))
     try:
-        if workers == 1:
+        if cfg.executor == "ray":
+            if todo:
+                from .ray_executor import run_ray
+
+                ok, failed = run_ray(cfg, todo, bar)
+        elif workers == 1:
             for unit in todo:
                 try:
                     o, f = process_unit(cfg, unit, source, bar.update)
@@ -411,7 +464,12 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     if missing:
         names = ", ".join(f"{u.split}/{u.index}" for u in missing[:5])
         raise RunError(f"{len(missing)} units are not done yet (e.g. {names}): run the missing ranks or --resume")
-    manifest = pa.concat_tables([pq.read_table(_part(out, u, "manifest"), schema=MANIFEST_SCHEMA) for u in units])
+    parts = [pq.read_table(_part(out, u, "manifest"), schema=MANIFEST_SCHEMA) for u in units]
+    for u, part in zip(units, parts):
+        if u.count is not None and part.num_rows != u.count:
+            raise RunError(f"shard {_unit_name(u)} has {part.num_rows} manifest rows where the plan has {u.count}"
+                           " inputs: its parts come from another run; re-run with --overwrite")
+    manifest = pa.concat_tables(parts)
     shards = pa.concat_tables([pq.read_table(_part(out, u, "shard"), schema=SHARDS_SCHEMA) for u in units])
     write_manifest(out, manifest)
     write_shards(out, shards)
@@ -452,7 +510,8 @@ def _classes(source, manifest: pa.Table) -> list[str]:
 
 
 def merge_from_state(out) -> DatasetInfo:
-    """`dynaprep merge-manifests`: rebuild the plan from the saved settings and merge."""
+    """`dynaprep merge-manifests`: merge from the plan saved at run start (the source need
+    not be mounted here); an output without one (older runs) re-plans from the source."""
     saved = _state(out) / "config.json"
     if not saved.exists():
         raise RunError(f"{out}: no {STATE_DIR}/config.json; is this a dynaprep output directory?")
@@ -460,6 +519,14 @@ def merge_from_state(out) -> DatasetInfo:
     digest = settings.pop("plan", None)
     settings["mean"], settings["std"] = tuple(settings["mean"]), tuple(settings["std"])
     cfg = IndexConfig(**settings, out=str(out))
+    saved_plan = load_plan(out)
+    if saved_plan is not None:
+        if digest is not None and saved_plan.digest != digest:
+            raise RunError(f"{_state(out) / PLAN_JSON} does not belong to the run in {saved}"
+                           " (plan digests differ); re-run the index command with --resume")
+        info = merge(out, saved_plan, cfg, saved_plan.units)
+        remove_stale_temp_files(out)
+        return info
     try:
         source = open_source(cfg.data, cfg.src, **cfg.source_options)
         units = plan(cfg, source)
