@@ -18,6 +18,8 @@ a killed driver is finished by `--resume` like any other run.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 import json
 import logging
@@ -81,15 +83,17 @@ def _open(cfg: IndexConfig, run_id: str):
     return _source
 
 
+def _report(counter, name: str, n: int) -> None:
+    counter.add.remote(name, n)
+
+
 def _task(cfg: IndexConfig, unit, run_id: str, counter, hook) -> tuple[int, int]:
     source = _open(cfg, run_id)
     progress = None
     if counter is not None:
         name = _unit_name(unit)
         counter.start.remote(name)  # a retried unit starts again from 0
-
-        def progress(n: int) -> None:
-            counter.add.remote(name, n)
+        progress = partial(_report, counter, name)
     if hook is not None:
         hook(unit)
     return process_unit(cfg, unit, source, progress)
