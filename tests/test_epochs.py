@@ -116,3 +116,27 @@ def test_recycled_worker_buffers_give_the_same_batches_when_consumed_in_turn(sor
     assert len(plain) == 34 > 2 * 8  # more batches per worker than the ring has buffers
     for (ka, ia, xa), (kb, ib, xb) in zip(plain, ring):
         assert ka == kb and torch.equal(ia, ib) and torch.equal(xa, xb)
+
+
+def test_a_killed_loader_worker_is_a_one_line_data_error_not_a_hang(sorted_ds):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from dynavit.trainer.data import DataError
+
+    loader = build_loader(sorted_ds, "train", k=50, batch_size=4, workers=2, seed=3)
+    it = iter(loader)
+    next(it)
+    me = os.getpid()
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
+                (p / "stat").exists() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(me)]
+    assert children
+    os.kill(children[0], signal.SIGKILL)
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        for _ in it:
+            pass
+    assert time.time() - t0 < 30
+    assert "DataLoader worker" in str(e.value) and str(children[0]) in str(e.value) and "\n" not in str(e.value)

@@ -404,6 +404,11 @@ class Loader:
                 yield batch
         except DataError as e:
             raise DataError(_worker_message(e)) from None
+        except RuntimeError as e:  # torch's DataLoader notices a killed worker (SIGCHLD) and says so
+            if "DataLoader worker" not in str(e):
+                raise
+            raise DataError(f"rank {self.rank}, epoch {self.epoch}: {str(e).splitlines()[0]} (out of memory? "
+                            f"fewer --workers or a smaller --batch-size may help)") from None
         finally:
             del it  # shuts DataLoader workers down now, not at garbage collection
         if self.plan.train and done < self.steps:
