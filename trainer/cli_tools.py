@@ -30,6 +30,8 @@ from .bench_report import BenchmarkFailed, write_report
 from .bench_step import AMP_DTYPES
 from .bench_step import bench as bench_step
 from .budget import budget_table, match_budgets
+from .model import make_heads, match_method
+from .selection import LEARNED
 from .compare import compare_runs, write_compare
 from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
 from .predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
@@ -98,6 +100,12 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
         budgets = match_budgets(model_name, [k for k in ks if k < 100])
         click.echo("\nmatched budgets (exact MACs of each method's own forward):")
         click.echo(budget_table(budgets))
+        click.echo("\nlearned methods (their heads' MACs included):")
+        meta = build_meta_model(model_name)
+        for k in (k for k in ks if k < 100):
+            for method in LEARNED:
+                param, described = match_method(meta, method, k, make_heads(meta, method, meta.num_classes))
+                click.echo(f"{k:>4} {method:<11} {described}")
 
     if json_path:
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
