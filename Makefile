@@ -12,7 +12,7 @@ FIGS   ?= $(DEMO)/figures
 DEMO_TRAIN = --model vit_tiny_patch16_224 --model-kwargs '{"depth": 6}' --epochs 5 --batch-size 32 \
              --lr 2e-3 --sched cosine --warmup-epochs 1 --workers 2 --seed 42
 
-.PHONY: venv test demo figures bench bench-kernels clean
+.PHONY: venv test demo compare-demo figures bench bench-kernels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,16 @@ demo: $(STAMP)
 	$(BIN)/dynatrain report $(DEMO)/runs/dense $(DEMO)/runs/k50 $(DEMO)/runs/k25 $(DEMO)/runs/k25-random --out $(FIGS)
 	@echo "demo done: data in $(DEMO), figures and the K-sweep table in $(FIGS)/ (sweep.md)"
 
+# Dyna-ViT, ToMe and EViT at the same compute (K = 50) on the demo data, and the comparison table.
+compare-demo: $(STAMP)
+	test -f $(DEMO)/data/dataset.json || $(MAKE) demo
+	for m in dynavit tome evit; do \
+		$(BIN)/dynatrain --shards $(DEMO)/data --out $(DEMO)/cmp/$$m --overwrite --k 50 --method $$m $(DEMO_TRAIN) || exit 1; \
+	done
+	$(BIN)/dynatrain compare $(DEMO)/cmp/dynavit $(DEMO)/cmp/tome $(DEMO)/cmp/evit --out $(FIGS)/compare
+
 figures:
-	$(MAKE) demo FIGS=docs/demo
+	$(MAKE) demo compare-demo FIGS=docs/demo
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m dynavit.pipeline.bench_kernels
