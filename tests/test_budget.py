@@ -98,7 +98,7 @@ def test_bench_compare_smoke():
     res = compare("vit_tiny_patch16_224", [50], batch=2, steps=1, repeats=1, warmup=0,
                   ref_model=None, model_kwargs=dict(img_size=64, depth=2))
     methods = [r["method"] for r in res["ks"][0]["rows"]]
-    assert methods == ["dynavit", "tome", "evit"]
+    assert methods[:3] == ["dynavit", "tome", "evit"]  # then the learned methods the model allows
     assert all(r["imgs_per_s"] > 0 for r in res["ks"][0]["rows"])
     out = format_compare(res)
     assert "dense" in out and "tome" in out and "evit" in out

@@ -24,6 +24,7 @@ import torch
 
 from dynavit.trainer.budget import match_budgets
 from dynavit.trainer.evit import evit_forward
+from dynavit.trainer.flops import build_meta_model
 from dynavit.trainer.sparse import sparse_forward
 from dynavit.trainer.tome import tome_forward
 
@@ -63,7 +64,7 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
-    configs = _configs(model, budgets, refs, batch, gen, dev)
+    configs = _configs(model, budgets, refs, batch, gen, dev, ref_model)
     times = _time_configs(configs, warmup, repeats, steps, dev, now)
 
     dense_macs = configs[0]["macs"]
@@ -94,8 +95,8 @@ def _clock(clock: str, device: str):
 
 
 def _configs(model, budgets: list[dict], refs: list, batch: int, gen: torch.Generator,
-             dev: torch.device) -> list[dict]:
-    """Dense first, then Dyna-ViT / ToMe / EViT per K: key, method, param, macs, ref_param,
+             dev: torch.device, ref_model: Optional[str] = None) -> list[dict]:
+    """Dense first, then Dyna-ViT / ToMe / EViT and the learned methods per K: key, method, param, macs, ref_param,
     ref_macs and `run` (one forward of a fixed random batch)."""
     gh, gw = model.patch_embed.grid_size
     n = int(gh) * int(gw)
@@ -125,7 +126,35 @@ def _configs(model, budgets: list[dict], refs: list, batch: int, gen: torch.Gene
                  ref_macs=ref["evit"]["macs"] if ref else None,
                  run=lambda kr=kr: evit_forward(model, x, kr)),
         ]
+        configs += _learned_configs(model, x, k, ref_model)
     return configs
+
+
+def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
+    """DynamicViT, TNT and Token Cropr at K's budget (their heads randomly initialised: the
+    cost of a forward does not depend on the weights; exact MACs include the heads)."""
+    from .compare import method_macs
+    from .model import make_heads, match_method, method_forward
+    from .selection import LEARNED
+
+    out = []
+    ref = build_meta_model(ref_model) if ref_model else None
+    for method in LEARNED:
+        try:
+            heads = make_heads(model, method, model.num_classes).to(x.device).eval()
+            param, described = match_method(model, method, k, heads)
+        except ValueError:  # a model the method refuses (e.g. too shallow for its stages): no row
+            continue
+        ref_param = ref_macs = None
+        if ref is not None:
+            ref_heads = make_heads(ref, method, ref.num_classes)
+            ref_param, _ = match_method(ref, method, k, ref_heads)
+            ref_macs = method_macs(ref, method, k, ref_param, ref_heads)
+        out.append(dict(key=(k, method), method=method, param=described.split(" (")[0],
+                        macs=method_macs(model, method, k, param, heads), ref_param="-" if ref_param is None else f"{ref_param}",
+                        ref_macs=ref_macs,
+                        run=lambda m=method, p=param, h=heads: method_forward(model, x, None, m, p, heads=h)))
+    return out
 
 
 def _time_configs(configs: list[dict], warmup: int, repeats: int, steps: int, dev: torch.device,
