@@ -40,13 +40,13 @@ demo: $(STAMP)
 	$(BIN)/dynatrain report $(DEMO)/runs/dense $(DEMO)/runs/k50 $(DEMO)/runs/k25 $(DEMO)/runs/k25-random --out $(FIGS)
 	@echo "demo done: data in $(DEMO), figures and the K-sweep table in $(FIGS)/ (sweep.md)"
 
-# Dyna-ViT, ToMe and EViT at the same compute (K = 50) on the demo data, and the comparison table.
+# Every method at the same compute (K = 50) on the demo data, and the comparison table.
 compare-demo: $(STAMP)
 	test -f $(DEMO)/data/dataset.json || $(MAKE) demo
-	for m in dynavit tome evit; do \
+	for m in dynavit tome evit dynamicvit tnt cropr; do \
 		$(BIN)/dynatrain --shards $(DEMO)/data --out $(DEMO)/cmp/$$m --overwrite --k 50 --method $$m $(DEMO_TRAIN) || exit 1; \
 	done
-	$(BIN)/dynatrain compare $(DEMO)/cmp/dynavit $(DEMO)/cmp/tome $(DEMO)/cmp/evit --out $(FIGS)/compare
+	$(BIN)/dynatrain compare $(foreach m,dynavit tome evit dynamicvit tnt cropr,$(DEMO)/cmp/$(m)) --out $(FIGS)/compare
 
 figures:
 	$(MAKE) demo compare-demo FIGS=docs/demo
