@@ -49,7 +49,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dynavit.trainer._vit_tokens import check_images, check_token_model, stem
 from dynavit.trainer.learned import (check_rate, count_inference_macs, gather_tokens,
-                                     policy_block, resolve_block_layers, search_closest,
+                                     match_rate, policy_block, resolve_block_layers,
                                      topk_sorted)
 from dynavit.trainer.sparse import unwrap_model
 
@@ -288,23 +288,8 @@ def match_dynamicvit_rho(model: nn.Module, heads: DynamicViTHeads, target_macs: 
     n_stages = len(_stages(m, heads))
     gh, gw = m.patch_embed.grid_size
     n = int(gh) * int(gw)
-    steps = int(round(1.0 / step))
-    cache: dict = {}
-
-    def rate(i: int) -> float:
-        return round(i / steps, 9)
-
-    def exact(i: int) -> int:
-        key = tuple(dynamicvit_keep_counts(n, rate(i), n_stages))
-        if key not in cache:
-            cache[key] = count_dynamicvit_macs(m, heads, rate(i))
-        return cache[key]
-
-    i, macs = search_closest(1, steps, exact, target_macs, increasing=True)
-    while i > 1 and dynamicvit_keep_counts(n, rate(i - 1), n_stages) == \
-            dynamicvit_keep_counts(n, rate(i), n_stages):
-        i -= 1
-    return rate(i), macs
+    return match_rate(step, lambda r: tuple(dynamicvit_keep_counts(n, r, n_stages)),
+                      lambda r: count_dynamicvit_macs(m, heads, r), target_macs)
 
 
 def match_dynamicvit_budget(model: nn.Module, k: int, heads: Optional[DynamicViTHeads] = None,

@@ -177,6 +177,29 @@ def search_closest(lo: int, hi: int, exact: Callable[[int], int], target: float,
     return best
 
 
+def match_rate(step: float, plan: Callable[[float], tuple], count: Callable[[float], int],
+               target: float) -> tuple[float, int]:
+    """(rate, macs): the rate on a grid of ``step`` in (0, 1] whose exact MACs ``count(rate)``
+    are closest to ``target``; the smallest grid point with that token plan (``plan(rate)``,
+    the kept counts: equal plans cost the same, so each is counted once)."""
+    steps = int(round(1.0 / step))
+    cache: dict = {}
+
+    def rate(i: int) -> float:
+        return round(i / steps, 9)
+
+    def exact(i: int) -> int:
+        key = plan(rate(i))
+        if key not in cache:
+            cache[key] = count(rate(i))
+        return cache[key]
+
+    i, macs = search_closest(1, steps, exact, target, increasing=True)
+    while i > 1 and plan(rate(i - 1)) == plan(rate(i)):
+        i -= 1
+    return rate(i), macs
+
+
 def param_snapshot(*modules: nn.Module) -> dict[str, torch.Tensor]:
     """{qualified name: detached clone} of every parameter, for before/after comparisons."""
     out = {}

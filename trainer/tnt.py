@@ -47,7 +47,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dynavit.trainer._vit_tokens import check_images, check_token_model, stem
 from dynavit.trainer.learned import (ceil_count, check_rate, count_inference_macs,
-                                     gather_tokens, resolve_block_layers, search_closest,
+                                     gather_tokens, match_rate, resolve_block_layers,
                                      topk_sorted)
 
 __all__ = [
@@ -270,25 +270,8 @@ def match_tnt_keep(model: nn.Module, heads: TNTHeads, target_macs: float,
     n_st = len(_stages(m, heads))
     gh, gw = m.patch_embed.grid_size
     n = int(gh) * int(gw)
-    steps = int(round(1.0 / step))
-    cache: dict = {}
-
-    def rate(i: int) -> float:
-        return round(i / steps, 9)
-
-    def plan(i: int):
-        return tuple(tnt_token_counts(n, rate(i), n_st, s))
-
-    def exact(i: int) -> int:
-        key = plan(i)
-        if key not in cache:
-            cache[key] = count_tnt_macs(m, heads, rate(i), s)
-        return cache[key]
-
-    i, macs = search_closest(1, steps, exact, target_macs, increasing=True)
-    while i > 1 and plan(i - 1) == plan(i):
-        i -= 1
-    return rate(i), macs
+    return match_rate(step, lambda r: tuple(tnt_token_counts(n, r, n_st, s)),
+                      lambda r: count_tnt_macs(m, heads, r, s), target_macs)
 
 
 def match_tnt_budget(model: nn.Module, k: int, heads: Optional[TNTHeads] = None, *,
