@@ -389,19 +389,18 @@ class Loader:
                                                   num_workers=self.workers, pin_memory=pin))
         else:
             it = (self.reader(idx, self.epoch) for idx in batches)
-        done = pending = 0
+        counts = {"done": 0}
         try:
-            for batch in it:
-                self.skipped += batch.skipped
-                if len(batch) == 0:  # every sample of it was bad: its count rides on the next batch
-                    pending += batch.skipped
-                    continue
-                if pending:
-                    batch, pending = dataclasses.replace(batch, skipped=batch.skipped + pending), 0
-                if pin and self.workers == 0:
-                    batch = batch.pin_memory()
-                done += 1
-                yield batch
+            try:
+                yield from self._consume(it, pin, counts)
+            finally:
+                # Shut DataLoader workers down now, not at garbage collection: an exception's
+                # traceback keeps the iterator alive, and while its worker pids stay registered
+                # torch's SIGCHLD handler raises at a random later point when one of them dies.
+                # Inside the outer try, so that the handler firing here is converted too.
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
         except DataError as e:
             raise DataError(_worker_message(e)) from None
         except (RuntimeError, ConnectionError, EOFError) as e:
@@ -413,11 +412,24 @@ class Loader:
                 f"a DataLoader worker died while sending a batch ({type(e).__name__})"
             raise DataError(f"rank {self.rank}, epoch {self.epoch}: {what} (out of memory? fewer --workers or a "
                             f"smaller --batch-size may help)") from None
-        finally:
-            del it  # shuts DataLoader workers down now, not at garbage collection
+        done = counts["done"]
         if self.plan.train and done < self.steps:
             raise DataError(f"rank {self.rank}: only {done} of {self.steps} batches this epoch: every sample "
                             f"of the others was skipped as bad")
+
+    def _consume(self, it, pin: bool, counts: dict) -> Iterator[Batch]:
+        pending = 0
+        for batch in it:
+            self.skipped += batch.skipped
+            if len(batch) == 0:  # every sample of it was bad: its count rides on the next batch
+                pending += batch.skipped
+                continue
+            if pending:
+                batch, pending = dataclasses.replace(batch, skipped=batch.skipped + pending), 0
+            if pin and self.workers == 0:
+                batch = batch.pin_memory()
+            counts["done"] += 1
+            yield batch
 
 
 def _worker_message(e: DataError) -> str:

@@ -43,7 +43,7 @@ from .base import RawSample, Source, SourceError, WorkUnit
 
 try:
     from braceexpand import braceexpand
-except ImportError:  # pragma: no cover - webdataset depends on it
+except ImportError:  # pragma: no cover - a dependency of dynavit
     braceexpand = None
 
 IMAGE_SUFFIXES = IMAGE_EXTS
