@@ -438,8 +438,10 @@ def _worker_died(todo: list, futures: dict, slots, processes: dict) -> str:
         if slots[i] and (not future.done() or future.cancelled() or future.exception() is not None):
             unfinished[slots[i]] = i
     codes = {pid: p.exitcode for pid, p in processes.items()}
-    died = [pid for pid in unfinished if codes.get(pid) not in (None, 0, -signal.SIGTERM)] or list(unfinished)
-    died = died or [pid for pid, c in codes.items() if c not in (None, 0, -signal.SIGTERM)]
+    # The worker that died is the one with an exit status the pool's own SIGTERM does not
+    # explain, whether or not it had recorded its shard yet (a worker between two shards);
+    # only when no status tells, a worker with an unfinished shard is named.
+    died = [pid for pid, c in codes.items() if c not in (None, 0, -signal.SIGTERM)] or list(unfinished)
     how = "died"
     if len(died) == 1 and codes.get(died[0]) is not None:
         code = codes[died[0]]
