@@ -420,7 +420,7 @@ def _run_pool(cfg: IndexConfig, todo: list, workers: int, bar) -> tuple[int, int
                     o, f = future.result()
                 except BrokenProcessPool:
                     pool.shutdown(wait=True, cancel_futures=True)  # joins the stopped workers
-                    raise UnitError(_worker_died(todo, futures, slots, processes)) from None
+                    raise UnitError(_worker_died(cfg, todo, futures, slots, processes)) from None
                 except (OSError, SourceError) as e:
                     raise UnitError(_unit_failed(todo[futures[future]], e)) from None
                 ok, failed = ok + o, failed + f
@@ -430,12 +430,15 @@ def _run_pool(cfg: IndexConfig, todo: list, workers: int, bar) -> tuple[int, int
     return ok, failed
 
 
-def _worker_died(todo: list, futures: dict, slots, processes: dict) -> str:
+def _worker_died(cfg: IndexConfig, todo: list, futures: dict, slots, processes: dict) -> str:
     """One line naming the shard(s) whose worker died. The pool stops the others with
     SIGTERM, so the one that died first is the one with another exit status."""
     unfinished = {}  # pid -> unit index: a worker writes one unit at a time
     for future, i in futures.items():
-        if slots[i] and (not future.done() or future.cancelled() or future.exception() is not None):
+        # A broken pool fails every pending future, also one whose shard was written just
+        # before the worker died: its part files say it is done.
+        if slots[i] and (not future.done() or future.cancelled() or future.exception() is not None) \
+                and not is_done(cfg.out, todo[i], cfg):
             unfinished[slots[i]] = i
     codes = {pid: p.exitcode for pid, p in processes.items()}
     # The worker that died is the one with an exit status the pool's own SIGTERM does not
@@ -453,7 +456,7 @@ def _worker_died(todo: list, futures: dict, slots, processes: dict) -> str:
             how += " (out of memory?)"
     pids = ", ".join(str(pid) for pid in died) or "?"
     shards = ", ".join(_unit_name(todo[unfinished[pid]]) for pid in died if pid in unfinished)
-    where = f"while writing shard {shards}" if shards else "before it took a shard"
+    where = f"while writing shard {shards}" if shards else "between two shards"
     return (f"worker process {pids} {how} {where}; the other workers were stopped."
             " Run again with --resume to finish")
 

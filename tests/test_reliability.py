@@ -104,10 +104,12 @@ def test_killed_worker_exits_1_naming_the_shard_then_resume_finishes(tmp_path):
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     (line,) = error_lines(stderr)
-    m = re.fullmatch(rf"Error: worker process {workers[0]} was killed by SIGKILL .*while writing shard "
-                     r"(train|val)/(\d{6}); the other workers were stopped\. Run again with --resume to finish", line)
-    assert m, line
-    assert not (parts / f"{m[1]}-{m[2]}.shard.parquet").exists()  # that shard really was cut
+    m = re.fullmatch(rf"Error: worker process {workers[0]} was killed by SIGKILL .*(while writing shard "
+                     r"(train|val)/(\d{6})|between two shards); the other workers were stopped\. Run again with "
+                     r"--resume to finish", line)
+    assert m, line  # (a kill can land between two shards: rare, and then no shard was cut)
+    if m[2]:
+        assert not (parts / f"{m[2]}-{m[3]}.shard.parquet").exists()  # that shard really was cut
     assert not (out / "dataset.json").exists()
     for pid in workers:  # the other worker was stopped, not left running
         assert "spawn_main" not in _cmdline(pid)
