@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dynavit.trainer._vit_tokens import check_images, check_token_model, stem
-from dynavit.trainer.learned import (check_rate, count_inference_macs, gather_tokens,
+from dynavit.trainer.learned import (check_layers, check_rate, count_inference_macs, gather_tokens,
                                      match_rate, policy_block, resolve_block_layers,
                                      topk_sorted)
 from dynavit.trainer.sparse import unwrap_model
@@ -117,11 +117,7 @@ class DynamicViTHeads(nn.Module):
     def __init__(self, embed_dim: int, layers: Sequence[int]):
         super().__init__()
         self.embed_dim = int(embed_dim)
-        self.layers = tuple(int(l) for l in layers)
-        if not self.layers or sorted(set(self.layers)) != list(self.layers) or \
-                self.layers[0] < 1:
-            raise ValueError(f"{METHOD}: layers must be distinct, ascending, 1-based, got "
-                             f"{list(layers)}")
+        self.layers = check_layers(layers, METHOD)
         self.predictors = nn.ModuleList(PredictorLG(self.embed_dim) for _ in self.layers)
 
     @classmethod

@@ -61,6 +61,14 @@ def resolve_block_layers(layers: Optional[Sequence[int]], depth: int, default: S
     return tuple(sorted(l - 1 for l in ls))
 
 
+def check_layers(layers: Sequence[int], method: str) -> tuple[int, ...]:
+    """1-based block numbers of a method's heads: distinct, ascending, at least one."""
+    out = tuple(int(layer) for layer in layers)
+    if not out or sorted(set(out)) != list(out) or out[0] < 1:
+        raise ValueError(f"{method}: layers must be distinct, ascending, 1-based, got {list(layers)}")
+    return out
+
+
 def check_rate(value, name: str, method: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{method}: {name} must be a number in (0, 1], got {value!r}")

@@ -46,7 +46,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from dynavit.trainer._vit_tokens import check_images, check_token_model, stem
-from dynavit.trainer.learned import (ceil_count, check_rate, count_inference_macs,
+from dynavit.trainer.learned import (ceil_count, check_layers, check_rate, count_inference_macs,
                                      gather_tokens, match_rate, resolve_block_layers,
                                      topk_sorted)
 
@@ -92,11 +92,7 @@ class TNTHeads(nn.Module):
     def __init__(self, embed_dim: int, layers: Sequence[int]):
         super().__init__()
         self.embed_dim = int(embed_dim)
-        self.layers = tuple(int(l) for l in layers)
-        if not self.layers or sorted(set(self.layers)) != list(self.layers) or \
-                self.layers[0] < 1:
-            raise ValueError(f"{METHOD}: layers must be distinct, ascending, 1-based, got "
-                             f"{list(layers)}")
+        self.layers = check_layers(layers, METHOD)
         self.heads = nn.ModuleList(nn.Linear(self.embed_dim, 1) for _ in self.layers)
         for h in self.heads:  # timm's ViT init for Linear layers
             nn.init.trunc_normal_(h.weight, std=0.02)
