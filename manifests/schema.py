@@ -106,6 +106,13 @@ class DatasetInfo:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     external_images: bool = False
+    # external_images: the folder or URL prefix the image shards lie under; shards.parquet
+    # names each relative to it (absolute paths: datasets written before the field existed).
+    # A trainer may override it (`--images-root`) when the tars have moved.
+    images_root: str | None = None
+    # Which patches top-K may keep: {"policy": "none"} (the paper's plain scores) or
+    # {"policy": "pad-aware", ...}: constant letterbox borders never win (pipeline/padding.py).
+    padding: dict[str, Any] = field(default_factory=lambda: {"policy": "none"})
     # Write order of the splits: {"policy": "shuffle", "seed": S} or {"policy": "source"}
     # (datasets written before this field existed were in source order).
     order: dict[str, Any] = field(default_factory=lambda: {"policy": "source"})

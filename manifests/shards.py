@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from . import locations
 from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
 from .schema import (CLS_EXT, IMAGE_EXTS, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
-from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, scan_members, split_name
+from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, join_fragments, scan_members, split_name
 
 
 UNLABELED = -1  # label of a sample of an unlabeled split
@@ -37,19 +38,29 @@ class ShardPairWriter:
     """Write the tars of one work unit and return its `shards.parquet` row on commit.
 
     With `external_images` (the user's own WebDataset) no image shard is written: the row
-    points at the user's tar, and only the index shards are ours.
+    points at the user's tar (`images_digest`: its (sha256, bytes), which its reader took),
+    and only the index shards are ours.
+
+    With `piece` (a path prefix) the writer holds one piece of the shard: its tars are
+    fragments `{piece}.images` and `{piece}.topk-{scorer}` without an end of archive, and
+    `join_pieces` makes the shard from the pieces in order (the same bytes as written whole).
     """
 
     def __init__(self, out_dir, split: str, shard: int, scorers, ks, num_patches: int,
-                 image_ext: str = "jpg", external_images: str | None = None):
+                 image_ext: str = "jpg", external_images: str | None = None, images_digest=None,
+                 piece=None):
         self.out_dir, self.split, self.shard = Path(out_dir), split, shard
         self.scorers, self.ks, self.image_ext = list(scorers), list(ks), image_ext
         self.dtype = np.dtype(index_dtype_name(num_patches))
         self.external_images = external_images
+        self.images_digest = images_digest  # may be set after the samples are written
+        self.piece = piece
         self.images_rel = external_images or image_shard_name(split, shard)
-        self._images = None if external_images else TarWriter(self.out_dir / self.images_rel)
         self.index_rel = {s: index_shard_name(split, s, shard) for s in self.scorers}
-        self._index = {s: TarWriter(self.out_dir / rel) for s, rel in self.index_rel.items()}
+        where = fragment_paths(piece, self.scorers) if piece is not None else \
+            {"images": self.out_dir / self.images_rel, **{s: self.out_dir / r for s, r in self.index_rel.items()}}
+        self._images = None if external_images else TarWriter(where["images"], fragment=piece is not None)
+        self._index = {s: TarWriter(where[s], fragment=piece is not None) for s in self.scorers}
         self.count = 0
 
     def add(self, key: str, image: bytes | None, label: int | None,
@@ -66,24 +77,54 @@ class ShardPairWriter:
             writer.write(key, members)
         self.count += 1
 
-    def commit(self) -> dict:
-        """Close every tar (index shards first, images last) and describe them."""
+    def commit(self) -> dict | int:
+        """Close every tar (index shards first, images last) and describe them; a piece
+        returns its sample count only (the shard is described when its pieces are joined)."""
         for writer in self._index.values():
             writer.close()
         if self._images is not None:
             self._images.close()
-        images_path = Path(self.images_rel) if self.external_images else self.out_dir / self.images_rel
-        digest, size = sha256_file(images_path)
-        index = []
-        for scorer, rel in self.index_rel.items():
-            d, s = sha256_file(self.out_dir / rel)
-            index.append({"scorer": scorer, "path": rel, "bytes": s, "sha256": d})
-        return {"split": self.split, "shard": self.shard, "images": self.images_rel, "images_bytes": size,
-                "images_sha256": digest, "index": index, "count": self.count}
+        if self.piece is not None:
+            return self.count
+        return describe_shard(self.out_dir, self.split, self.shard, self.images_rel, self.index_rel,
+                              self.count, self.images_digest if self.external_images else None)
 
     def abort(self) -> None:
         for writer in [*self._index.values(), *([self._images] if self._images else [])]:
             writer.close(ok=False)
+
+
+def describe_shard(out_dir, split: str, shard: int, images_rel: str, index_rel: dict, count: int,
+                   images_digest: tuple[str, int] | None = None) -> dict:
+    """The shard's `shards.parquet` row, from its files as they are on disk; the (sha256,
+    bytes) of an external image shard (the user's tar, possibly remote) come from its reader."""
+    out_dir = Path(out_dir)
+    digest, size = images_digest if images_digest is not None else sha256_file(out_dir / images_rel)
+    index = []
+    for scorer, rel in index_rel.items():
+        d, n = sha256_file(out_dir / rel)
+        index.append({"scorer": scorer, "path": rel, "bytes": n, "sha256": d})
+    return {"split": split, "shard": shard, "images": images_rel, "images_bytes": size,
+            "images_sha256": digest, "index": index, "count": count}
+
+
+def join_pieces(out_dir, split: str, shard: int, scorers, pieces: list, counts: list[int],
+                external_images: str | None = None, images_digest: tuple[str, int] | None = None) -> dict:
+    """Make one shard's tars from the fragments of its `pieces` (path prefixes, in order)
+    and return its row: byte for byte what one ShardPairWriter would have written."""
+    out_dir = Path(out_dir)
+    images_rel = external_images or image_shard_name(split, shard)
+    index_rel = {s: index_shard_name(split, s, shard) for s in scorers}
+    targets = dict(index_rel) if external_images else {"images": images_rel, **index_rel}
+    for name, rel in targets.items():
+        join_fragments([fragment_paths(p, scorers)[name] for p in pieces], out_dir / rel)
+    return describe_shard(out_dir, split, shard, images_rel, index_rel, sum(counts),
+                          images_digest if external_images else None)
+
+
+def fragment_paths(piece, scorers) -> dict:
+    """Where the tar fragments of one piece go: "images" and one per scorer."""
+    return {"images": Path(f"{piece}.images"), **{s: Path(f"{piece}.topk-{s}") for s in scorers}}
 
 
 # --- reading: image shards ----------------------------------------------------------------
@@ -191,8 +232,34 @@ class SampleTable:
         return len(self.keys)
 
 
-def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> SampleTable:
-    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard."""
+def image_shard_path(dataset_dir, info: DatasetInfo, row: dict, images_root: str | None = None,
+                     fetch: bool = True) -> str:
+    """Where to read the image shard of a shards.parquet row: ours under the dataset dir; a
+    user's under `images_root` (default: dataset.json's), a remote one copied into the local
+    cache (checked against the sha256 taken at indexing) unless `fetch` is False."""
+    if not info.external_images:
+        return str(resolve(dataset_dir, row["images"]).absolute())
+    location = locations.join(images_root or info.images_root, row["images"])
+    if locations.is_url(location):
+        if not fetch:
+            return location
+        try:
+            return locations.fetch(location, (row["images_sha256"], row["images_bytes"]))
+        except OSError as e:
+            raise ShardError(f"cannot read image shard {location}: {e}") from None
+    return str(Path(locations.local_path(location)).absolute())
+
+
+def moved_hint(path: str, root: str | None) -> str:
+    """The one-line error for a user's image shard that is not where it was indexed."""
+    return (f"{path}: image shard missing (the user's tars are read in place under images_root "
+            f"{root or '-'}; if they moved, pass --images-root NEW_ROOT)")
+
+
+def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
+                images_root: str | None = None) -> SampleTable:
+    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard.
+    `images_root` overrides where a user's WebDataset lies (see `image_shard_path`)."""
     try:
         rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
         manifest = read_manifest(dataset_dir)
@@ -217,8 +284,15 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str) -> Samp
                             f"{scorer!r} (has {', '.join(sorted(paths)) or 'none'})")
         if row["count"] == 0:
             continue
-        images = str(resolve(dataset_dir, row["images"]).absolute())
         index = str(resolve(dataset_dir, paths[scorer]).absolute())
+        try:
+            images = image_shard_path(dataset_dir, info, row, images_root)
+        except ShardError as e:
+            problems.append((str(e), row["count"]))
+            continue
+        if info.external_images and not os.path.exists(images):
+            problems.append((moved_hint(images, images_root or info.images_root), row["count"]))
+            continue
         want_keys, want_labels = by_shard.get(row["shard"], ([], []))
         try:
             members = _image_members(images, index, want_keys, row["count"], info.external_images)
@@ -310,5 +384,5 @@ def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
     return None
 
 
-__all__ = ["ShardPairWriter", "SampleTable", "Shard", "ShardError", "build_table", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
+__all__ = ["ShardPairWriter", "join_pieces", "describe_shard", "fragment_paths", "SampleTable", "Shard", "ShardError", "build_table", "image_shard_path", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
            "check_indices", "TarError", "CLS_EXT", "SCORES_EXT", "k_ext"]

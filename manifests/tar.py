@@ -66,9 +66,14 @@ class TarWriter:
     run must reproduce an uninterrupted run byte for byte, so every header field is fixed.
     The output is what `tarfile` writes in USTAR format (a test compares them byte for byte).
     The file appears under its final name only on `close()` without an exception.
+
+    fragment=True leaves out the end-of-archive blocks: the file is then one piece of a tar
+    that `join_fragments` assembles. Member bytes do not depend on where a member sits, so
+    a shard written in pieces by several workers is the same file as one written whole.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, fragment: bool = False):
+        self.fragment = fragment
         self._atomic = atomic_path(path)
         self._tmp = self._atomic.__enter__()
         self._file = open(self._tmp, "wb")
@@ -88,9 +93,8 @@ class TarWriter:
     def close(self, ok: bool = True) -> None:
         if self._file.closed:  # abort() after a failed commit() must not mask the first error
             return
-        # End of archive: two zero blocks, then zeros up to a whole record, as tarfile does.
-        end = self._offset + 2 * BLOCK
-        self._file.write(b"\0" * (2 * BLOCK + (-end % tarfile.RECORDSIZE)))
+        if not self.fragment:
+            self._file.write(end_of_archive(self._offset))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -105,6 +109,27 @@ class TarWriter:
     def __exit__(self, exc_type, exc, tb):
         self.close(ok=exc_type is None)
         return False
+
+
+def end_of_archive(offset: int) -> bytes:
+    """Two zero blocks, then zeros up to a whole record, as tarfile ends an archive of
+    `offset` bytes of members."""
+    return b"\0" * (2 * BLOCK + (-(offset + 2 * BLOCK) % tarfile.RECORDSIZE))
+
+
+def join_fragments(fragments, path) -> None:
+    """Write the tar at `path` from fragments (TarWriter(fragment=True) files) in order:
+    their bytes back to back, then the end of archive. Atomic, like TarWriter."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        offset = 0
+        for fragment in fragments:
+            with open(fragment, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    out.write(chunk)
+                    offset += len(chunk)
+        out.write(end_of_archive(offset))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 # --- reading ------------------------------------------------------------------------------

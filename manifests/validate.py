@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .shards import ShardError, image_shard_path, moved_hint
 from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, read_shards, resolve, sha256_file
 from .schema import (
     DATASET_JSON,
@@ -36,7 +37,9 @@ class Violation:
         return f"{self.file}: {self.message}"
 
 
-def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
+def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | None = None) -> list[Violation]:
+    """Every violation of the contract in `out_dir`. `images_root` overrides where a user's
+    WebDataset lies (dataset.json's `images_root`), for tars that moved."""
     out_dir = Path(out_dir)
     found: list[Violation] = []
 
@@ -85,7 +88,7 @@ def validate_dataset(out_dir, check_checksums: bool = True) -> list[Violation]:
         if ident in seen_shards:
             bad(SHARDS_PARQUET, f"shard {ident} listed twice")
         seen_shards.add(ident)
-        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels)
+        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels, images_root)
         if keys is not None and manifest is not None:
             want = expected_keys.get(ident, [])
             if keys != want:
@@ -135,7 +138,7 @@ def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums:
 
 
 def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool,
-                 labels: dict | None = None) -> list[str] | None:
+                 labels: dict | None = None, images_root: str | None = None) -> list[str] | None:
     """Check one shard pair; return the keys it holds in order (None if unreadable).
 
     `labels` ((split, key) -> the manifest's label) checks each sample's `.cls` member
@@ -144,7 +147,16 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
     With external images (the user's WebDataset) the image tar may hold samples that failed
     at indexing, so the index keys must be an in-order subsequence of the image keys and
     they, not the image keys, are what the shard holds."""
-    images = _check_file(out_dir, row["images"], row["images_bytes"], row["images_sha256"], bad, check_checksums)
+    try:
+        where = image_shard_path(out_dir, info, row, images_root)
+    except ShardError as e:
+        bad(row["images"], str(e))
+        where = None
+    if where is not None and info.external_images and not Path(where).is_file():
+        bad(row["images"], moved_hint(where, images_root or info.images_root))
+        where = None
+    shown = where if info.external_images else row["images"]  # ours: named as shards.parquet names it
+    images = where and _check_file(out_dir, shown, row["images_bytes"], row["images_sha256"], bad, check_checksums)
     image_keys = None
     if images is not None:
         try:

@@ -99,15 +99,19 @@ def main():
               help="Dataset layout of --src: imagenet/imagefolder (SRC/{train,val}/<class>/*), cifar100 "
                    "(official python pickles), tinyimagenet, voc5 (VOC2012, 5-class subset), wds (an existing "
                    "WebDataset: only index shards are written), demo (generated, no --src).")
-@click.option("--src", type=str, default=None, help="Dataset root (a brace pattern, glob, .tar or folder for wds).")
+@click.option("--src", "srcs", type=str, multiple=True,
+              help="Dataset root. wds: a tar, a {000..099} brace pattern, a glob, a folder, or a URL "
+                   "(http(s)://, s3://, gs://, pipe:CMD, file://); prefix NAME= to name its split and repeat "
+                   "--src for several splits (--src train=A --src val=B).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset directory.")
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
 @click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
               help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
-              help="Side of the stored square image (a multiple of --patch-size). For wds: the size the "
-                   "user's images must already have.")
+              help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
+                   "after --resize to this size (the trainer applies the same resize); images already this "
+                   "size are kept as they are.")
 @click.option("--patch-size", default=16, show_default=True, type=click.IntRange(min=1), help="ViT patch size.")
 @click.option("--resize", type=click.Choice(["center-crop", "squash"]), default="center-crop", show_default=True,
               help="center-crop: short side to image_size/crop_pct, then centre crop; squash: resize to a square.")
@@ -142,18 +146,33 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue a run in --out: keep committed shards, redo partial ones.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier dynaprep output in --out.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input failed.")
+@click.option("--pad-aware/--no-pad-aware", "pad_aware", default=None,
+              help="Never keep constant letterbox borders (img2dataset's border mode) in the top-K while real "
+                   "content is left out; borders from KEY.json's sizes, else a constant-border detector. "
+                   "--no-pad-aware: the paper's plain scores. [default: on for wds, off otherwise]")
 @click.option("--mean", default=None, callback=_triple, help="Normalisation mean R,G,B for the l2 score [ImageNet].")
 @click.option("--std", default=None, callback=_triple, help="Normalisation std R,G,B for the l2 score [ImageNet].")
 @click.option("-o", "--option", "options", multiple=True, callback=_options,
               help="Source option KEY=VALUE, repeatable; values that read as numbers are passed as numbers "
-                   "(demo: n_train, n_val, seed, image_size [--image-size]; wds: split, classes_file).")
+                   "(demo: n_train, n_val, seed, image_size [--image-size]; wds: split, classes_file, "
+                   "label=auto|cls|txt|json:FIELD|none: where the class is; img2dataset keeps it in KEY.json "
+                   "or KEY.txt, see the README).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
+def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
           order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
-          mean, std, options, progress):
+          pad_aware, mean, std, options, progress):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
     from .index import IndexConfig, RunError, UnitError, run_index
 
+    if len(srcs) > 1 and data != "wds":
+        raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
+    if data == "wds":  # local paths absolute (a resume from elsewhere reads the same files); URLs verbatim
+        src = [_absolute_spec(s) for s in srcs]
+        src = src[0] if len(src) == 1 else (src or None)
+    else:
+        src = srcs[0] if srcs else None
+    if pad_aware is None:
+        pad_aware = data == "wds"
     if image_size % patch_size:
         raise click.BadParameter(f"{image_size} is not a multiple of --patch-size {patch_size}", param_hint="--image-size")
     if rank >= world_size:
@@ -183,7 +202,9 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         raise click.UsageError(str(e)) from None
     except OSError as e:  # a folder or annotation file that cannot be read, in any layout
         raise click.UsageError(f"cannot read the dataset: {_os_error(e)}") from None
-    cfg = IndexConfig(data=data, src=str(Path(src).resolve()) if src and Path(src).exists() else src, out=out, ks=ks,
+    if isinstance(src, str) and data != "wds" and Path(src).exists():
+        src = str(Path(src).resolve())
+    cfg = IndexConfig(data=data, src=src, out=out, ks=ks, pad_aware=pad_aware,
                       scorers=scorers, image_size=image_size, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
                       image_format=image_format, quality=quality, shard_size=shard_size,
                       order=order, order_seed=order_seed, mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
@@ -227,6 +248,20 @@ def index(data, src, out, ks, scorers, image_size, patch_size, resize, crop_pct,
         sys.exit(1)
 
 
+def _absolute_spec(spec: str) -> str:
+    """A wds --src with its local path made absolute, keeping a NAME= prefix and URLs."""
+    import re
+
+    from dynavit.manifests.locations import is_url
+
+    m = re.match(r"^([A-Za-z0-9_-]+)=(.+)$", spec)
+    if m and not Path(spec).exists():
+        return f"{m.group(1)}={_absolute_spec(m.group(2))}"
+    if is_url(spec) or spec.startswith("file://"):
+        return spec
+    return str(Path(spec).absolute())
+
+
 def failure_reasons(out, top: int = 5) -> list[tuple[str, int]]:
     """The most common reasons of failed rows, with counts (numbers in them blanked, so
     that "image is 256×256, not 224×224" and "…300×200…" count as one reason)."""
@@ -268,9 +303,11 @@ def merge_manifests(out):
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
-def verify(out, no_checksums):
+@click.option("--images-root", default=None, metavar="DIR|URL",
+              help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
+def verify(out, no_checksums, images_root):
     """Check a dataset directory against the on-disk contract; exit 1 on any violation."""
-    violations = validate_dataset(out, check_checksums=not no_checksums)
+    violations = validate_dataset(out, check_checksums=not no_checksums, images_root=images_root)
     for v in violations:
         click.echo(str(v))
     if violations:

@@ -47,9 +47,12 @@ from dynavit.manifests import (
 )
 from dynavit.manifests.atomic import remove_stale_temp_files
 from dynavit.manifests.io import write_table_atomic
+from dynavit.manifests.shards import join_pieces
+from dynavit.manifests.tar import TarError
 from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
 from .decode import DecodeError, encode_image, load_image
+from .padding import mask_scores, padding_masks
 from .saliency import score_patches
 from .sources import SourceError, open_source
 from .topk import select_topk_multi
@@ -75,6 +78,9 @@ class IndexConfig:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     source_options: dict = field(default_factory=dict)
+    # Top-K never keeps constant letterbox borders (img2dataset's default `border` mode)
+    # while real content is left out; False keeps the paper's plain definitions.
+    pad_aware: bool = False
     # Write order of each split: "shuffle" (seeded by order_seed) or "source". Folder layouts
     # list samples class by class; written in that order, a shard would hold one or two
     # classes and no streaming reader could mix them.
@@ -189,7 +195,7 @@ def save_plan(out, source, units) -> None:
     Written at run start by every rank (the same bytes: their digests are equal)."""
     write_json_atomic(_state(out) / PLAN_JSON, {
         "plan": plan_digest(units), "splits": list(source.splits()), "classes": list(source.classes()),
-        "external_images": bool(source.external_images),
+        "external_images": bool(source.external_images), "images_root": source.images_root(),
         "units": [[u.split, u.index, u.count] for u in units]})
 
 
@@ -201,9 +207,13 @@ class SavedPlan:
     class_names: list
     external_images: bool
     units: list
+    root: str | None = None
 
     def splits(self) -> list[str]:
         return list(self.split_names)
+
+    def images_root(self) -> str | None:
+        return self.root
 
     def classes(self) -> list[str]:
         return list(self.class_names)
@@ -219,13 +229,27 @@ def load_plan(out) -> "SavedPlan | None":
     try:
         d = json.loads(path.read_text())
         units = [WorkUnit(split, index, None, count) for split, index, count in d["units"]]
-        return SavedPlan(d["plan"], d["splits"], d["classes"], bool(d["external_images"]), units)
+        return SavedPlan(d["plan"], d["splits"], d["classes"], bool(d["external_images"]), units,
+                         d.get("images_root"))
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is damaged ({e}); run the index command again with --resume") from None
 
 
+def _piece(out, unit) -> Path:
+    """Path prefix of a piece's fragments and manifest rows (the piece count is in the
+    name, so a resume that cuts the unit differently ignores them)."""
+    return _state(out) / "pieces" / f"{unit.split}-{unit.index:06d}.{unit.part:04d}of{unit.parts:04d}"
+
+
+def _piece_rows(out, unit) -> Path:
+    return Path(f"{_piece(out, unit)}.manifest.parquet")
+
+
 def is_done(out, unit, cfg: "IndexConfig") -> bool:
-    """DESIGN §3: a shard pair is done when its part (its shards row) and its tars exist."""
+    """DESIGN §3: a shard pair is done when its part (its shards row) and its tars exist.
+    A piece of a unit is done when its manifest rows exist (written after its fragments)."""
+    if unit.parts > 1:
+        return _piece_rows(out, unit).exists()
     if not _part(out, unit, "shard").exists():
         return False
     tars = [index_shard_name(unit.split, s, unit.index) for s in cfg.scorers]
@@ -266,13 +290,15 @@ def _run_unit(cfg: IndexConfig, unit, slot: int) -> tuple[int, int]:
 
 
 def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[int, int]:
-    """Write one shard pair and its part files; return (ok, failed) counts."""
+    """Write one shard pair and its part files (or one piece of it: fragments and its
+    manifest rows, see `join_unit`); return (ok, failed) counts."""
     source = source or _worker_source
     progress = progress if progress is not None else _progress
     grid_n = (cfg.image_size // cfg.patch_size) ** 2
     external = source.image_shard(unit) if source.external_images else None
+    piece = _piece(cfg.out, unit) if unit.parts > 1 else None
     writer = ShardPairWriter(cfg.out, unit.split, unit.index, cfg.scorers, cfg.ks, grid_n,
-                             image_ext=cfg.image_format, external_images=external)
+                             image_ext=cfg.image_format, external_images=external, piece=piece)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
     try:
@@ -296,18 +322,58 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                     progress(1)
                 continue
             row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
-            pending.append((row, decoded.rgb))
+            box = _content_box(cfg, decoded, raw.meta, kept=external is not None) if cfg.pad_aware else None
+            pending.append((row, decoded.rgb, box))
             if len(pending) == BATCH:
                 _flush(cfg, writer, pending, progress)
         _flush(cfg, writer, pending, progress)
+        if external is not None and piece is None:
+            writer.images_digest = source.image_digest(unit)
         shard_row = writer.commit()
     except BaseException:
         writer.abort()
         raise
-    write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
-    write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
+    if piece is not None:
+        write_table_atomic(_piece_rows(cfg.out, unit), rows, MANIFEST_SCHEMA)
+    else:
+        write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
+        write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
     ok = sum(r["status"] == STATUS_OK for r in rows)
     return ok, len(rows) - ok
+
+
+def join_unit(cfg: IndexConfig, source, pieces: list) -> None:
+    """Make a unit's shard pair and part files from its finished pieces, in order: the
+    same bytes as one worker writing the unit whole. Then its piece files go."""
+    unit = pieces[0]
+    tables = [pq.read_table(_piece_rows(cfg.out, p), schema=MANIFEST_SCHEMA) for p in pieces]
+    counts = [pa.compute.sum(pa.compute.equal(t["status"], STATUS_OK)).as_py() or 0 for t in tables]
+    external = source.image_shard(unit) if source.external_images else None
+    digest = source.image_digest(unit) if external is not None else None
+    shard_row = join_pieces(cfg.out, unit.split, unit.index, cfg.scorers, [_piece(cfg.out, p) for p in pieces],
+                            counts, external_images=external, images_digest=digest)
+    write_table_atomic(_part(cfg.out, unit, "manifest"), pa.concat_tables(tables).combine_chunks(), MANIFEST_SCHEMA)
+    write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
+    for path in (_state(cfg.out) / "pieces").glob(f"{unit.split}-{unit.index:06d}.*"):
+        path.unlink(missing_ok=True)
+
+
+def _content_box(cfg: IndexConfig, decoded, meta, kept: bool):
+    """Where the photo is in the final image (None: no border). img2dataset's json says
+    exactly where its letterbox is, in the stored image; that box, carried through the
+    resize, is used when the final image really shows a border, else the detector's box."""
+    from .padding import content_box_from_meta, detect_constant_border, map_box
+
+    found = detect_constant_border(decoded.rgb)
+    h, w = decoded.rgb.shape[:2]
+    if found == (0, 0, w, h):
+        return None
+    ow, oh = decoded.orig_width, decoded.orig_height
+    from_meta = content_box_from_meta(meta, ow, oh) if meta else None
+    if from_meta is not None:
+        return map_box(from_meta, ow, oh, cfg.image_size, cfg.resize, cfg.crop_pct,
+                       keep_size=kept and (ow, oh) == (w, h))
+    return found
 
 
 def _sha256(data) -> str:
@@ -318,13 +384,17 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress) -
     """Score a batch of decoded images, select every K from one ranking, write in key order."""
     if not pending:
         return
-    batch = np.stack([rgb for _, rgb in pending])
+    batch = np.stack([rgb for _, rgb, _ in pending])
+    boxes = [box for _, _, box in pending]
+    masks = padding_masks(boxes, cfg.image_size, cfg.patch_size) if any(b is not None for b in boxes) else None
     scores, indices = {}, {}
     for scorer in cfg.scorers:
         scores[scorer] = score_patches(batch, cfg.patch_size, scorer, cfg.mean, cfg.std)
-        indices[scorer] = select_topk_multi(scores[scorer], cfg.ks)
+        # Stored scores stay the paper's; only the choice ranks padding last (--pad-aware).
+        ranked = scores[scorer] if masks is None else mask_scores(scores[scorer], masks)
+        indices[scorer] = select_topk_multi(ranked, cfg.ks)
     external = writer.external_images is not None
-    for i, (row, rgb) in enumerate(pending):
+    for i, (row, rgb, _) in enumerate(pending):
         image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
         writer.add(row["key"], image, row["label"],
                    {s: scores[s][i] for s in cfg.scorers},
@@ -360,22 +430,25 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     counts = [u.count for u in todo]
     total = sum(counts) if None not in counts else None  # wds units are counted only when read
     bar = tqdm(total=total, unit="img", desc=f"dynaprep {cfg.data}", disable=not progress_bar, smoothing=0.1)
-    workers = max(1, min(cfg.workers, len(todo)))
     try:
         if cfg.executor == "ray":
             if todo:
                 from .ray_executor import run_ray
 
                 ok, failed = run_ray(cfg, todo, bar)
-        elif workers == 1:
-            for unit in todo:
-                try:
-                    o, f = process_unit(cfg, unit, source, bar.update)
-                except (OSError, SourceError) as e:
-                    raise UnitError(_unit_failed(unit, e)) from None
-                ok, failed = ok + o, failed + f
         else:
-            ok, failed = _run_pool(cfg, todo, workers, bar)
+            jobs, ready, cut = split_jobs(cfg, source, todo)
+            for pieces in ready:  # every piece finished in an earlier run
+                join_unit(cfg, source, pieces)
+            if cfg.workers == 1 or (len(jobs) == 1 and jobs[0].parts == 1):
+                for unit in jobs:  # in this process: no pool to start for one shard
+                    try:
+                        o, f = process_unit(cfg, unit, source, bar.update)
+                    except (OSError, SourceError) as e:
+                        raise UnitError(_unit_failed(unit, e)) from None
+                    ok, failed = ok + o, failed + f
+            elif jobs:
+                ok, failed = _run_pool(cfg, source, jobs, min(cfg.workers, len(jobs)), bar, cut)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -386,7 +459,30 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     return RunResult(len(units), len(mine) - len(todo), len(todo), ok, failed, seconds, merged)
 
 
+def split_jobs(cfg: IndexConfig, source, todo: list) -> tuple[list, list]:
+    """The pool's jobs: the units, or, when there are too few to keep every worker busy
+    (a 600-image job is one shard; img2dataset writes 10,000 samples per tar), pieces of
+    them. Pieces change nothing on disk: `join_unit` makes the same bytes. Returns (jobs to
+    run, piece lists of units whose pieces were all finished by an earlier run, and every
+    cut unit's pieces by (split, index))."""
+    if len(todo) >= 2 * cfg.workers or cfg.workers < 2:
+        return list(todo), [], {}
+    parts = math.ceil(2 * cfg.workers / max(1, len(todo)))
+    jobs, ready, cut = [], [], {}
+    for unit in todo:
+        pieces = source.split_unit(unit, parts)
+        if len(pieces) > 1:
+            cut[(unit.split, unit.index)] = pieces
+        left = [p for p in pieces if not (p.parts > 1 and is_done(cfg.out, p, cfg))]
+        if not left:
+            ready.append(pieces)
+        jobs.extend(left)
+    return jobs, ready, cut
+
+
 def _unit_name(unit) -> str:
+    if unit.parts > 1:
+        return f"{unit.split}/{unit.index:06d} (piece {unit.part + 1} of {unit.parts})"
     return f"{unit.split}/{unit.index:06d}"
 
 
@@ -398,15 +494,21 @@ def _unit_failed(unit, e: BaseException) -> str:
     return f"shard {_unit_name(unit)} failed: {e}"
 
 
-def _run_pool(cfg: IndexConfig, todo: list, workers: int, bar) -> tuple[int, int]:
-    """Run the units in spawned worker processes. A worker that dies (OOM killer, kill -9)
+def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict | None = None) -> tuple[int, int]:
+    """Run the jobs (units or pieces) in spawned worker processes; a unit's pieces are
+    joined here as soon as its last one is done. A worker that dies (OOM killer, kill -9)
     breaks the pool at once: every other worker is stopped and UnitError names the shard it
     was writing (multiprocessing.Pool would wait for its result forever)."""
     ctx = mp.get_context("spawn")  # fork after numba/torch threads start is not safe
     counter = ctx.Value("q", 0)
-    slots = ctx.Array("q", len(todo), lock=False)
+    slots = ctx.Array("q", max(1, len(todo)), lock=False)
     ok = failed = 0
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, counter, 1, slots))
+    pieces_left: dict = {}
+    for job in todo:
+        if job.parts > 1:
+            pieces_left[(job.split, job.index)] = pieces_left.get((job.split, job.index), 0) + 1
+    pool = ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
+                               initargs=(cfg, counter, 1, slots))
     try:
         futures = {pool.submit(_run_unit, cfg, u, i): i for i, u in enumerate(todo)}
         processes = dict(getattr(pool, "_processes", None) or {})  # every worker exists once submitted
@@ -416,14 +518,23 @@ def _run_pool(cfg: IndexConfig, todo: list, workers: int, bar) -> tuple[int, int
             bar.update(counter.value - bar.n)
             processes.update(getattr(pool, "_processes", None) or {})
             for future in done:
+                job = todo[futures[future]]
                 try:
                     o, f = future.result()
                 except BrokenProcessPool:
                     pool.shutdown(wait=True, cancel_futures=True)  # joins the stopped workers
                     raise UnitError(_worker_died(cfg, todo, futures, slots, processes)) from None
-                except (OSError, SourceError) as e:
-                    raise UnitError(_unit_failed(todo[futures[future]], e)) from None
+                except (OSError, SourceError, TarError) as e:
+                    raise UnitError(_unit_failed(job, e)) from None
                 ok, failed = ok + o, failed + f
+                if job.parts > 1:
+                    pieces_left[(job.split, job.index)] -= 1
+                    if not pieces_left[(job.split, job.index)]:
+                        pieces = cut[(job.split, job.index)]
+                        try:
+                            join_unit(cfg, source, pieces)
+                        except (OSError, SourceError) as e:
+                            raise UnitError(_unit_failed(dataclasses.replace(job, parts=1), e)) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     bar.update(counter.value - bar.n)
@@ -475,6 +586,7 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
             raise RunError(f"shard {_unit_name(u)} has {part.num_rows} manifest rows where the plan has {u.count}"
                            " inputs: its parts come from another run; re-run with --overwrite")
     manifest = pa.concat_tables(parts)
+    classes, manifest = _classes(source, manifest)
     shards = pa.concat_tables([pq.read_table(_part(out, u, "shard"), schema=SHARDS_SCHEMA) for u in units])
     write_manifest(out, manifest)
     write_shards(out, shards)
@@ -491,8 +603,10 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
         image_size=(cfg.image_size, cfg.image_size), patch_size=cfg.patch_size,
         scorers=list(cfg.scorers),
         ks=[KInfo(k, k_count(k, n), 1 + k_count(k, n)) for k in cfg.ks],
-        classes=_classes(source, manifest), splits=splits,
-        resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct} if not source.external_images else {"policy": "none"},
+        classes=classes, splits=splits,
+        resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct, **({"at_size": "kept"} if source.external_images else {})},
+        images_root=source.images_root() if source.external_images else None,
+        padding=padding_info(cfg),
         image_format=cfg.image_format if not source.external_images else "external",
         quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
         mean=tuple(cfg.mean), std=tuple(cfg.std), external_images=bool(source.external_images),
@@ -505,13 +619,36 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     return info
 
 
-def _classes(source, manifest: pa.Table) -> list[str]:
-    """The source's class names; for labelled data without names (a user's wds without a
-    classes_file) the label values themselves, so a trainer knows how many classes there are."""
+def padding_info(cfg: IndexConfig) -> dict:
+    if not cfg.pad_aware:
+        return {"policy": "none"}
+    from .padding import DETECTOR
+
+    return {"policy": "pad-aware", "detector": DETECTOR}
+
+
+def _classes(source, manifest: pa.Table) -> tuple[list[str], pa.Table]:
+    """The class names, and the manifest with every label set.
+
+    The source's class list when it has one. A user's wds labelled by class *names*
+    (`-o label=txt`, `label=json:FIELD` with strings) and no classes_file: the distinct
+    names of the ok rows, sorted, assigned here, once every shard is known. Labelled by
+    numbers without names: the label values themselves, so a trainer knows how many there are."""
     names = list(source.classes())
-    if names or manifest["label"].null_count == manifest.num_rows:
-        return names
-    return [str(i) for i in range(pa.compute.max(manifest["label"]).as_py() + 1)]
+    if names:
+        return names, manifest
+    label, class_name = manifest["label"], manifest["class_name"]
+    named = pa.compute.and_(pa.compute.is_null(label), pa.compute.is_valid(class_name))
+    if pa.compute.any(named).as_py():
+        names = sorted(set(pa.compute.filter(class_name, named).to_pylist()))
+        index = {n: i for i, n in enumerate(names)}
+        labels = [index[n] if lab is None and n is not None else lab
+                  for lab, n in zip(label.to_pylist(), class_name.to_pylist())]
+        column = manifest.schema.get_field_index("label")
+        return names, manifest.set_column(column, manifest.schema.field("label"), pa.array(labels, pa.int32()))
+    if manifest["label"].null_count == manifest.num_rows:
+        return [], manifest
+    return [str(i) for i in range(pa.compute.max(manifest["label"]).as_py() + 1)], manifest
 
 
 def merge_from_state(out) -> DatasetInfo:

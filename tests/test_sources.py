@@ -319,8 +319,9 @@ def test_wds_inputs(wds_ds, form):
     assert src.external_images and src.splits() == ["train"] and src.classes() == []
     used = tars if form != "single" else [tars[1]]
     units = src.units("train", 3)
-    assert [src.image_shard(u) for u in units] == [os.path.abspath(t) for t in used]
-    assert all(os.path.isabs(src.image_shard(u)) for u in units)
+    # Shards are named relative to the common root, so moved tars are found by a new root.
+    assert [os.path.join(src.images_root(), src.image_shard(u)) for u in units] == [os.path.abspath(t) for t in used]
+    assert not any(os.path.isabs(src.image_shard(u)) for u in units)
     ds = dict(wds_ds, tars=used, samples=wds_ds["samples"] if form != "single" else [wds_ds["samples"][1]])
     samples = check_enumeration(src, "train", _wds_expected(ds))
     exp = [kl for keys in ds["samples"] for kl in keys]

@@ -29,7 +29,7 @@ SCHEDULES = ("step", "cosine")
 # Options a resume may change without changing the result. `workers` is one of them: an
 # epoch's batches are a function of seed, epoch and rank, whatever the number of workers.
 RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite", "compile",
-                      "skip_bad_samples", "workers"}
+                      "skip_bad_samples", "workers", "images_root"}
 
 
 class ConfigError(ArgumentError):
@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     skip_bad_samples: bool = False
     val_split: str | None = None
+    images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
     resume: str | None = None
     overwrite: bool = False
 

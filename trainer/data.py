@@ -152,6 +152,7 @@ class ReadPlan:
     skip_bad: bool
     external_images: bool  # images are the user's own WebDataset (not written by dynaprep)
     recycle: bool = False  # workers reuse a ring of shared buffers (see _shared_buffer)
+    resize: tuple = ("center-crop", 0.875)  # external images: dataset.json's resize, as dynaprep applied it
 
 
 class BatchReader:
@@ -208,9 +209,10 @@ class BatchReader:
             data = os.pread(self._fd(shard.images), int(t.size[i]), int(t.offset[i]))
             flip = p.flip and _sample_bits(p.seed, epoch, key, _FLIP) >> 63 == 1  # probability 1/2
             if p.external_images:
-                # A user's WebDataset image may carry EXIF orientation or an odd mode: dynaprep's
-                # own decoder, without resizing, gives the pixels that were scored.
-                image = load_image(data, p.image_size, patch_size=1, keep_size=True, hflip=flip).rgb
+                # A user's WebDataset image has any size, EXIF orientation or mode: dynaprep's
+                # own decoder with the recorded resize gives exactly the pixels that were scored.
+                image = load_image(data, p.image_size, p.resize[0], p.resize[1], patch_size=1, keep_size=True,
+                                   hflip=flip).rgb
             else:  # what dynaprep's encode_image wrote
                 image = decode_stored(data, p.image_size, hflip=flip)
         except DataError:
@@ -444,9 +446,11 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  batch_size: int, workers: int = 0, train: bool = True, seed: int = 42,
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
                  flip: bool | None = None, skip_bad_samples: bool = False, pin_memory: bool = False,
-                 selection: Selection | None = None, recycle_buffers: bool = False) -> Loader:
+                 selection: Selection | None = None, recycle_buffers: bool = False,
+                 images_root: str | None = None) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
-    Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here."""
+    Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
+    `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -461,14 +465,15 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         except SelectionError as e:
             raise DataError(f"{dataset_dir}: {e}") from None
     try:
-        table = build_table(dataset_dir, info, split, scorer)
+        table = build_table(dataset_dir, info, split, scorer, images_root=images_root)
     except ShardError as e:
         raise DataError(str(e)) from None
     if train and len(table) < world_size * batch_size and (skip_bad_samples or not table.problems):
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
     plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),
-                    skip_bad_samples, info.external_images, recycle_buffers)
+                    skip_bad_samples, info.external_images, recycle_buffers,
+                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))))
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 

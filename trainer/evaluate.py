@@ -272,7 +272,8 @@ def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConf
     loader_scorer = scorer if scorer in info.scorers else info.scorers[0]
     loader = build_loader(dataset, split, selection=sel, scorer=loader_scorer,
                           batch_size=batch_size or cfg.batch_size,
-                          workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed)
+                          workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed,
+                          images_root=cfg.images_root if str(dataset) == str(cfg.shards) else None)
     stored_labels = getattr(getattr(loader, "table", None), "label", None)  # -1 = unlabelled
     if stored_labels is not None and len(stored_labels) and bool((np.asarray(stored_labels) < 0).all()):
         raise EvaluateError(f"split {split!r} of {dataset} has no labels; name a labelled split", "--split")

@@ -148,7 +148,8 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
         return build_loader(cfg.shards, split, selection=selection, scorer=cfg.scorer, batch_size=cfg.batch_size,
                             workers=cfg.workers, train=is_train, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
-                            pin_memory=ctx.device.type == "cuda", recycle_buffers=True)
+                            pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
+                            images_root=cfg.images_root)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size

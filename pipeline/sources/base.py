@@ -20,6 +20,8 @@ __all__ = ["RawSample", "WorkUnit", "Source", "SourceError", "make_key", "read_b
 
 # Extensions the folder sources enumerate (compared lower-cased).  Anything else in a class
 # folder is left out of the dataset and reported through `Source.warnings()`.
+MIN_PIECE = 16  # samples: smaller pieces cost more in start-up and joining than they spread
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -36,6 +38,7 @@ class RawSample:
     class_name: str | None
     data: bytes | np.ndarray | None  # encoded bytes, or uint8 H×W×3 for array-native sources
     error: str | None = None  # set (and data None) when the raw input could not be read
+    meta: dict | None = None  # the sample's own metadata (wds: its KEY.json), for padding-aware scoring
 
     @property
     def ok(self) -> bool:
@@ -49,6 +52,10 @@ class WorkUnit:
     index: int                # shard ordinal within the split
     payload: object           # source-specific; default: (ordinals, items), zipped
     count: int | None = None  # number of samples, None when unknown before reading (wds)
+    # A piece of a unit: samples written by one worker as fragments that are joined, in
+    # order, into the unit's shard (`Source.split_unit`). parts == 1: the whole unit.
+    part: int = 0
+    parts: int = 1
 
 
 make_key = key_for  # the contract's key rule (DESIGN §3), under the name sources use
@@ -152,6 +159,18 @@ class Source:
             out.append(WorkUnit(split, i, (ordinals, chunk), len(chunk)))
         return out
 
+    def split_unit(self, unit: WorkUnit, parts: int) -> list[WorkUnit]:
+        """The unit as up to `parts` contiguous pieces (so that a job with fewer shards than
+        workers still uses every worker); the pieces read exactly the unit's samples."""
+        ordinals, items = unit.payload
+        n = len(items)
+        parts = max(1, min(parts, n // MIN_PIECE))
+        if parts < 2:
+            return [unit]
+        bounds = [n * i // parts for i in range(parts + 1)]
+        return [WorkUnit(unit.split, unit.index, (ordinals[a:b], items[a:b]), b - a, part=i, parts=parts)
+                for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
     def read_unit(self, unit: WorkUnit) -> Iterator[RawSample]:
         ordinals, items = unit.payload
         for ordinal, item in zip(ordinals, items):
@@ -161,6 +180,10 @@ class Source:
         raise NotImplementedError
 
     def image_shard(self, unit: WorkUnit) -> str | None:
+        return None
+
+    def images_root(self) -> str | None:
+        """external_images only: where the image shards lie (`image_shard` is relative to it)."""
         return None
 
 

@@ -1,43 +1,57 @@
 """`wds`: an existing WebDataset (e.g. img2dataset output), indexed in place.
 
---src is one of
+--src is one of (each may be prefixed `NAME=` to name its split; repeat --src for several
+splits, e.g. `--src train=/d/train-{000..099}.tar --src val=/d/val-{000..009}.tar`):
 - a brace pattern `path/{000000..000099}.tar` (expanded with braceexpand, in its order; every
-  expanded file must exist),
-- a glob `path/*.tar` (sorted),
+  expanded local file must exist),
+- a glob `path/*.tar` (sorted; local only),
 - a single tar file,
-- a directory: tars directly inside form one split `train`; otherwise each subfolder that
-  holds tars is a split named after it.  Tars named `topk-*` (index shards that dynaprep
-  writes) and hidden files are not inputs.
-Pattern, glob and single-file inputs form one split, named by the `split` option ("train").
-Tar suffixes accepted: .tar, .tar.gz, .tgz.
+- a URL or URL pattern: `http(s)://…`, `s3://…`, `gs://…` (fsspec), `pipe:COMMAND`, `file://…`
+  (see `manifests.locations`); URLs are streamed,
+- a directory: tars directly inside form one split; otherwise each subfolder that holds tars
+  is a split named after it.  Tars named `topk-*` (index shards that dynaprep writes) and
+  hidden files are not inputs.
+Without `NAME=`, a pattern, glob, URL or single file forms the split named by the `split`
+option ("train"), and so does a directory of tars. Tar suffixes: .tar, .tar.gz, .tgz.
 
-One work unit per input tar (shard_size is ignored); `image_shard(unit)` is its absolute path.
+One work unit per input tar; `image_shard(unit)` is its location relative to `images_root()`,
+the common root of every input tar (recorded in dataset.json, overridable at training time).
+A large local tar can be cut into pieces (`split_unit`): contiguous sample ranges found by a
+header scan, read by offset, whose index fragments are joined in order into one index tar.
 
-Samples are grouped exactly like webdataset does (tariterators.base_plus_ext + group_by_keys):
-regular members only, `__*__` metadata skipped, key = member path up to the first dot of its
-basename (a directory prefix stays part of the key, e.g. "part1/000123"; members without a
-dot are not samples), suffix lower-cased, consecutive members with the same key form one
-sample.  Keys are the user's keys verbatim, so the index shards written under the same keys
-line up member for member.
-- image: the first present of jpg, jpeg, png, webp, ppm; none -> failed sample (the error
-  says when the basename has an extra dot, e.g. "a.b.jpg" is key "a" with suffix "b.jpg");
-- label: `cls` parsed as an int (ASCII); class_name only with the `classes_file` option (one
-  class name per line, line i = class i); without it classes() is [];
+Samples are grouped exactly like webdataset does (manifests.tar.group_by_keys): key = member
+path up to the first dot of its basename, suffix lower-cased, consecutive members with the
+same key form one sample.  Keys are the user's keys verbatim.
+- image: the first present of jpg, jpeg, png, webp, ppm; none -> failed sample;
+- label (`label` option):
+  - `auto` (default): the `.cls` member when there is one, else unlabelled;
+  - `cls`: the `.cls` member (an ASCII int), required;
+  - `json:FIELD`: a field of `KEY.json` (img2dataset keeps a caption and metadata there;
+    FIELD may be a dotted path, `a.b`): an int is the class index, a string a class name;
+  - `txt`: the caption in `KEY.txt`, as a class name;
+  - `none`: unlabelled.
+  Class names map to indices through `classes_file` (one name per line, line i = class i;
+  a name not in it fails the sample); without one, the classes are every distinct name found,
+  sorted, assigned when the manifests are merged. A sample without its label fails with the
+  reason; it is never silently unlabelled.
+- meta: the parsed `KEY.json` when present (padding-aware scoring reads img2dataset's sizes);
 - source: "<tar basename>#<key>".
 A key that appears twice in one tar, or a sample with two members of the same suffix, is a
 failed sample (webdataset would raise).  A tar that cannot be opened or is truncated yields
-what it could read plus one failed sample with key "__tar_error__" (the webdataset metadata
-convention, so it cannot clash with a real key); keys cannot be checked for uniqueness
-across tars here.
+what it could read plus one failed sample with key "__tar_error__NNNNNN".
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import tarfile
 
+from dynavit.manifests import locations
+from dynavit.manifests.io import sha256_file
 from dynavit.manifests.schema import IMAGE_EXTS
-from dynavit.manifests.tar import group_by_keys
+from dynavit.manifests.tar import COMPRESSED_SUFFIXES, TarError, group_by_keys, read_at, scan_members
 
 from .base import RawSample, Source, SourceError, WorkUnit
 
@@ -49,6 +63,12 @@ except ImportError:  # pragma: no cover - a dependency of dynavit
 IMAGE_SUFFIXES = IMAGE_EXTS
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_ERROR_KEY = "__tar_error__"
+DUPLICATE = "key appears twice in this tar (non-adjacent members)"
+_SPLIT_PREFIX = re.compile(r"^([A-Za-z0-9_-]+)=(.+)$")
+LABEL_MODES = ("auto", "cls", "txt", "none", "json:FIELD")
+MIN_PIECE = 32  # samples: a smaller piece costs more in scanning and joining than it spreads
+
+
 def _is_input_tar(name: str) -> bool:
     return name.lower().endswith(TAR_SUFFIXES) and not name.startswith((".", "topk-"))
 
@@ -58,15 +78,35 @@ def _tars_in(folder: str) -> list[str]:
                   if e.is_file() and _is_input_tar(e.name))
 
 
+def _seekable(location: str) -> bool:
+    """A local uncompressed tar: read by offset, and can be cut into pieces."""
+    return not locations.is_url(location) and not location.lower().endswith(COMPRESSED_SUFFIXES)
+
+
 class WdsSource(Source):
     name = "wds"
     external_images = True
 
-    def __init__(self, src: str, split: str = "train", classes_file: str | None = None):
-        if not src:
-            raise SourceError("wds: --src is required (a tar, a {a..b} pattern, a glob or a folder)")
+    def __init__(self, src, split: str = "train", classes_file: str | None = None, label: str = "auto"):
+        specs = [src] if isinstance(src, str) else list(src or [])
+        if not specs:
+            raise SourceError("wds: --src is required (a tar, a {a..b} pattern, a glob, a URL or a folder)")
+        self.label_mode, self.label_field = _parse_label(label)
         self.src = src
-        self._splits = self._resolve(src, split)
+        self._splits: dict[str, list[str]] = {}
+        for spec in specs:
+            m = _SPLIT_PREFIX.match(spec)
+            named = m is not None and not os.path.exists(spec) and not locations.is_url(spec)
+            for name, tars in self._resolve(m.group(2) if named else spec, m.group(1) if named else split,
+                                            named).items():
+                if name in self._splits:
+                    raise SourceError(f"wds: split {name!r} is given twice in --src")
+                self._splits[name] = tars
+        all_tars = [t for tars in self._splits.values() for t in tars]
+        try:
+            self._root = locations.common_root(all_tars)
+        except locations.LocationError as e:
+            raise SourceError(f"wds: {e}") from None
         self._classes: list[str] = []
         if classes_file:
             try:
@@ -74,9 +114,16 @@ class WdsSource(Source):
                     self._classes = [ln.rstrip("\r\n") for ln in f if ln.strip()]
             except OSError as e:
                 raise SourceError(f"wds: cannot read classes file {classes_file}: {e.strerror or e}") from None
+        self._class_index = {name: i for i, name in enumerate(self._classes)}
+        self._digests: dict[str, tuple[str, int]] = {}
 
     @staticmethod
-    def _resolve(src: str, split: str) -> dict[str, list[str]]:
+    def _resolve(src: str, split: str, named: bool) -> dict[str, list[str]]:
+        if locations.is_url(src):
+            if braceexpand is None:  # pragma: no cover
+                raise SourceError("wds: URLs need the braceexpand package")
+            return {split: list(braceexpand(src))}
+        src = locations.local_path(src)
         if "{" in src:
             if braceexpand is None:  # pragma: no cover
                 raise SourceError("wds: brace patterns need the braceexpand package")
@@ -98,7 +145,9 @@ class WdsSource(Source):
         root = os.path.abspath(src)
         direct = _tars_in(root)
         if direct:
-            return {"train": direct}
+            return {split if named else "train": direct}
+        if named:
+            raise SourceError(f"wds: no .tar files in {root}")
         splits = {}
         for e in sorted(os.scandir(root), key=lambda e: e.name):
             if e.is_dir() and not e.name.startswith("."):
@@ -118,35 +167,106 @@ class WdsSource(Source):
     def count(self, split: str) -> int | None:
         return None  # only known after reading the tars
 
+    def images_root(self) -> str:
+        """The folder (or URL prefix) every input tar lies under; shard paths are relative to it."""
+        return self._root
+
     def units(self, split: str, shard_size: int = 0, order_seed: int | None = None) -> list[WorkUnit]:
         # The user's tars are indexed in place: one unit per tar, in the tar's own order
         # (shard_size and order_seed do not apply; the trainer's epochs are exact anyway).
         self._check_split(split)
-        return [WorkUnit(split, i, path) for i, path in enumerate(self._splits[split])]
+        return [WorkUnit(split, i, loc) for i, loc in enumerate(self._splits[split])]
 
     def image_shard(self, unit: WorkUnit) -> str | None:
-        return unit.payload
+        return locations.relative(_location(unit), self._root)
 
+    def image_digest(self, unit: WorkUnit) -> tuple[str, int]:
+        """(sha256, bytes) of the unit's tar: hashed while it was streamed, or from disk."""
+        loc = _location(unit)
+        if loc in self._digests:
+            return self._digests[loc]
+        if locations.is_url(loc):
+            return "", 0  # the stream broke before its end: no checksum to record
+        return sha256_file(locations.local_path(loc))
+
+    def split_unit(self, unit: WorkUnit, parts: int) -> list[WorkUnit]:
+        """Contiguous sample ranges of a local uncompressed tar (at least MIN_PIECE samples
+        each); [unit] when it cannot be cut (a stream, a compressed or unreadable tar)."""
+        loc = _location(unit)
+        if parts < 2 or not _seekable(loc):
+            return [unit]
+        try:
+            n = sum(1 for _ in group_by_keys(scan_members(locations.local_path(loc))))
+        except TarError:
+            return [unit]  # read as a stream, which reports how far it got
+        parts = min(parts, n // MIN_PIECE)
+        if parts < 2:
+            return [unit]
+        bounds = [n * i // parts for i in range(parts + 1)]
+        return [WorkUnit(unit.split, unit.index, (loc, bounds[i], bounds[i + 1]), bounds[i + 1] - bounds[i],
+                         part=i, parts=parts) for i in range(parts)]
+
+    # --- reading --------------------------------------------------------------------------
     def read_unit(self, unit: WorkUnit):
-        path = unit.payload
+        if isinstance(unit.payload, tuple):
+            loc, lo, hi = unit.payload
+        else:
+            loc, lo, hi = unit.payload, 0, None
+        if _seekable(loc):
+            try:
+                yield from self._read_by_offset(unit, loc, lo, hi)
+                return
+            except TarError:
+                if lo or hi is not None:
+                    raise  # a piece of a tar that changed since it was cut; the unit is redone whole
+        yield from self._read_stream(unit, loc)
+
+    def _read_by_offset(self, unit, loc: str, lo: int, hi: int | None):
+        path = locations.local_path(loc)
+        samples = list(group_by_keys(scan_members(path)))  # raises TarError before any sample
+        seen = {key for key, _, _ in samples[:lo]}
         tar_name = os.path.basename(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for key, group, problem in samples[lo:hi]:
+                if key in seen:
+                    problem = DUPLICATE
+                seen.add(key)
+                yield self._sample(tar_name, key, {ext: read_at(fd, m) for ext, m in group.items()}, problem)
+        finally:
+            os.close(fd)
+
+    def _read_stream(self, unit, loc: str):
+        tar_name = loc.rstrip("/").rsplit("/", 1)[-1]
         failure: list[BaseException] = []
+        hashing = None
 
         def members():  # (name, bytes) of every regular member, streamed (also .tar.gz)
+            nonlocal hashing
+            stream = None
             try:
-                with tarfile.open(path, mode="r|*") as tf:
+                stream = locations.open_stream(loc)
+                hashing = locations.HashingReader(stream)
+                with tarfile.open(fileobj=hashing, mode="r|*") as tf:
                     for info in tf:
                         if info.isreg():
                             yield info.name, tf.extractfile(info).read()
                         tf.members = []  # streaming: do not keep every TarInfo
+                self._digests[loc] = hashing.finish()
             except (OSError, tarfile.TarError, EOFError) as e:
                 failure.append(e)
+            finally:
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError as e:
+                        failure.append(e)
 
         seen: set[str] = set()
 
         def finish(key, group, problem):
             if key in seen:
-                problem = "key appears twice in this tar (non-adjacent members)"
+                problem = DUPLICATE
             seen.add(key)
             return self._sample(tar_name, key, {ext: data for ext, (_, data) in group.items()}, problem)
 
@@ -161,11 +281,10 @@ class WdsSource(Source):
         if failure:
             # One per unreadable tar; the unit index keeps the key unique within the split.
             yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
-                            f"unreadable tar {path}: {failure[0]}")
+                            f"unreadable tar {loc}: {failure[0]}")
 
     def _sample(self, tar_name: str, key: str, members: dict, err: str | None) -> RawSample:
         source = f"{tar_name}#{key}"
-        label = name = None
         img = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
         if err is None and img is None:
             dotted = [s for s in members if "." in s and s.rsplit(".", 1)[1] in IMAGE_SUFFIXES]
@@ -173,17 +292,80 @@ class WdsSource(Source):
             if dotted:
                 err += f"; {key}.{dotted[0]} has a dot in its basename, so webdataset splits it" \
                        f" into key {key!r} and suffix {dotted[0]!r}"
-        if err is None and "cls" in members:
-            try:
-                label = int(members["cls"].decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                err = f"cls is not an integer: {members['cls'][:20]!r}"
-            else:
-                if self._classes:
-                    if 0 <= label < len(self._classes):
-                        name = self._classes[label]
-                    else:
-                        err = f"cls {label} is outside the {len(self._classes)} classes of the classes file"
+        meta = _json(members.get("json"))
+        label = name = None
+        if err is None:
+            label, name, err = self._label(members, meta)
         if err is not None:
             return RawSample(key, source, None, None, None, err)
-        return RawSample(key, source, label, name, img, None)
+        return RawSample(key, source, label, name, img, None, meta if isinstance(meta, dict) else None)
+
+    def _label(self, members: dict, meta) -> tuple[int | None, str | None, str | None]:
+        """(label, class name, error) of one sample under the `label` option."""
+        mode = self.label_mode
+        if mode == "none" or (mode == "auto" and "cls" not in members):
+            return None, None, None
+        if mode in ("auto", "cls"):
+            if "cls" not in members:
+                return None, None, f"no .cls member (members: {', '.join(sorted(members))}; label=cls)"
+            try:
+                value = int(members["cls"].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None, None, f"cls is not an integer: {members['cls'][:20]!r}"
+        elif mode == "txt":
+            if "txt" not in members:
+                return None, None, f"no .txt member (members: {', '.join(sorted(members))}; label=txt)"
+            try:
+                value = members["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return None, None, "txt is not UTF-8 text"
+            if not value:
+                return None, None, "txt is empty (label=txt)"
+        else:  # json:FIELD
+            if "json" not in members:
+                return None, None, f"no .json member (members: {', '.join(sorted(members))}; label=json:{self.label_field})"
+            if not isinstance(meta, dict):
+                return None, None, "json is not a JSON object"
+            value = meta
+            for part in self.label_field.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    return None, None, f"json has no field {self.label_field!r}"
+                value = value[part]
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+                return None, None, f"json field {self.label_field!r} is {value!r}, not a class index or name"
+        return self._class_of(value)
+
+    def _class_of(self, value) -> tuple[int | None, str | None, str | None]:
+        if isinstance(value, int):
+            if not self._classes:
+                return value, None, None if value >= 0 else f"label {value} is negative"
+            if 0 <= value < len(self._classes):
+                return value, self._classes[value], None
+            return None, None, f"label {value} is outside the {len(self._classes)} classes of the classes file"
+        if not self._classes:
+            return None, value, None  # a name: its index is assigned when the manifests are merged
+        if value in self._class_index:
+            return self._class_index[value], value, None
+        return None, None, f"class {value[:60]!r} is not in the classes file"
+
+
+def _location(unit: WorkUnit) -> str:
+    return unit.payload[0] if isinstance(unit.payload, tuple) else unit.payload
+
+
+def _json(data: bytes | None):
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _parse_label(label) -> tuple[str, str | None]:
+    label = str(label)
+    if label.startswith("json:") and len(label) > 5:
+        return "json", label[5:]
+    if label in ("auto", "cls", "txt", "none"):
+        return label, None
+    raise SourceError(f"wds: label={label!r}; valid: {', '.join(LABEL_MODES)}")

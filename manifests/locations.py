@@ -1,0 +1,193 @@
+"""Where a user's image shards live: local paths or URLs, and how to reach them.
+
+`--data wds` indexes tars in place, and they need not be on this machine: `http(s)://`,
+`s3://`/`gs://` (through fsspec and its s3fs/gcsfs backend), `pipe:COMMAND` (webdataset's
+convention: the command's stdout is the tar) and `file://` are read as streams. dataset.json
+records the common root of a dataset's image shards (`images_root`) and shards.parquet each
+shard relative to it, so moved tars are found again by overriding the root
+(`dynatrain train --images-root`, `dynaprep verify --images-root`).
+
+The trainer reads images by byte offset, which a stream cannot do: a remote shard is copied
+once into a local cache (`fetch`), checked against the sha256 that indexing recorded, and
+read from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .atomic import atomic_path
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
+FSSPEC_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+class LocationError(OSError):
+    """A shard location that cannot be read; one line naming it."""
+
+
+def is_url(location: str) -> bool:
+    """Whether `location` names a stream rather than a local path (file:// is local)."""
+    location = str(location)
+    return location.startswith("pipe:") or (bool(_SCHEME.match(location)) and not location.startswith("file://"))
+
+
+def local_path(location: str) -> str:
+    """The local path of a location that is not a URL (file:// prefix removed)."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def join(root: str | None, rel: str) -> str:
+    """A shard's location: `rel` under `root` (a folder or a URL prefix); an absolute
+    `rel` (datasets written before roots were recorded) stands alone."""
+    if not root or is_url(rel) or os.path.isabs(rel):
+        return rel
+    if is_url(root):
+        return root.rstrip("/") + "/" + rel
+    return os.path.join(local_path(root), rel)
+
+
+def common_root(locations: list[str]) -> str:
+    """The deepest folder (or URL prefix ending before a '/') that holds every location."""
+    if not locations:
+        return ""
+    if all(is_url(loc) for loc in locations):
+        prefix = os.path.commonprefix(list(locations))
+        return prefix[:prefix.rfind("/") + 1].rstrip("/") if "/" in prefix else ""
+    if any(is_url(loc) for loc in locations):
+        raise LocationError("the shards mix local paths and URLs; index them in separate runs")
+    return os.path.commonpath([os.path.dirname(os.path.abspath(local_path(loc))) for loc in locations])
+
+
+def relative(location: str, root: str) -> str:
+    """`location` relative to `root` (the inverse of `join`)."""
+    if not root:
+        return location
+    if is_url(location):
+        return location[len(root):].lstrip("/")
+    return os.path.relpath(os.path.abspath(local_path(location)), root)
+
+
+def open_stream(location: str):
+    """A binary stream over the bytes of `location`; the caller closes it. Errors are
+    LocationError with the location spelled as given."""
+    location = str(location)
+    if location.startswith("pipe:"):
+        return _PipeStream(location[len("pipe:"):])
+    if not is_url(location):
+        try:
+            return open(local_path(location), "rb")
+        except OSError as e:
+            raise LocationError(f"{location}: {e.strerror or e}") from None
+    scheme = _SCHEME.match(location).group(1).lower()
+    if scheme in ("http", "https"):
+        try:
+            return urllib.request.urlopen(urllib.request.Request(location, headers={"User-Agent": "dynavit"}),
+                                          timeout=60)
+        except urllib.error.HTTPError as e:
+            raise LocationError(f"{location}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise LocationError(f"{location}: {getattr(e, 'reason', None) or e}") from None
+    try:
+        import fsspec
+    except ImportError:
+        raise LocationError(f"{location}: {scheme}:// needs fsspec (pip install fsspec "
+                            f"{FSSPEC_PACKAGES.get(scheme, '')})".rstrip() + ")") from None
+    try:
+        return fsspec.open(location, "rb").open()
+    except ImportError as e:
+        need = FSSPEC_PACKAGES.get(scheme)
+        raise LocationError(f"{location}: {scheme}:// needs " + (f"pip install {need}" if need else str(e))) from None
+    except (OSError, ValueError) as e:
+        raise LocationError(f"{location}: {e}") from None
+
+
+class _PipeStream:
+    """stdout of a shell command; closing it checks the command's exit status (a failed
+    `pipe:curl ...` must not look like a short tar)."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdout.read(1):  # not read to the end: stop it
+            self.proc.kill()
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        self.proc.stderr.close()
+        code = self.proc.wait()
+        if code not in (0, -9):
+            raise LocationError(f"pipe:{self.command} exited with status {code}"
+                                + (f": {err.splitlines()[-1]}" if err else ""))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class HashingReader:
+    """Reads through to a stream and hashes every byte read; `finish()` reads the rest
+    (tar padding after the end marker) and returns (sha256, bytes)."""
+
+    def __init__(self, stream):
+        self.stream, self.hash, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> tuple[str, int]:
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest(), self.size
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DYNAVIT_CACHE") or Path.home() / ".cache" / "dynavit") / "shards"
+
+
+def fetch(location: str, expect: tuple[str, int] | None = None, cache_dir=None) -> str:
+    """A local path holding the bytes of `location`: itself when local, else a copy in the
+    cache, downloaded once and checked against `expect` (sha256, bytes)."""
+    if not is_url(location):
+        return local_path(location)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    name = hashlib.sha256(location.encode()).hexdigest()[:24] + "-" + re.sub(r"[^A-Za-z0-9._-]", "_",
+                                                                             location.rsplit("/", 1)[-1])[-60:]
+    path = cache / name
+    if path.is_file() and (expect is None or path.stat().st_size == expect[1]):
+        return str(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        stream = open_stream(location)
+        try:
+            hashing = HashingReader(stream)
+            with open(tmp, "wb") as f:
+                while chunk := hashing.read(1 << 22):
+                    f.write(chunk)
+        finally:
+            stream.close()
+        digest = hashing.hash.hexdigest(), hashing.size
+        if expect is not None and tuple(expect) != digest:
+            raise LocationError(f"{location}: its bytes changed since indexing (sha256 {digest[0][:12]}…/"
+                                f"{digest[1]} B, indexed {expect[0][:12]}…/{expect[1]} B)")
+    return str(path)
+
+
+__all__ = ["LocationError", "is_url", "local_path", "join", "common_root", "relative", "open_stream",
+           "HashingReader", "fetch", "default_cache_dir"]
