@@ -113,6 +113,9 @@ class DatasetInfo:
     # Which patches top-K may keep: {"policy": "none"} (the paper's plain scores) or
     # {"policy": "pad-aware", ...}: constant letterbox borders never win (pipeline/padding.py).
     padding: dict[str, Any] = field(default_factory=lambda: {"policy": "none"})
+    # Where labels come from: {"from": "source"} (the layout: folders, annotations), or for
+    # a wds the `label` option: "auto"/"cls" (the .cls member), "txt", "json:FIELD", "none".
+    labels: dict[str, Any] = field(default_factory=lambda: {"from": "source"})
     # Write order of the splits: {"policy": "shuffle", "seed": S} or {"policy": "source"}
     # (datasets written before this field existed were in source order).
     order: dict[str, Any] = field(default_factory=lambda: {"policy": "source"})

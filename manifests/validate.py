@@ -165,7 +165,9 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
                 image_keys.append(key)
                 if not info.external_images and not any(ext in members for ext in IMAGE_EXTS):
                     bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
-                if labels is not None and (row["split"], key) in labels:
+                # A user's tar holds a .cls only when labels come from it (img2dataset: json/txt).
+                from_cls = not info.external_images or info.labels.get("from") in ("cls", "auto")
+                if labels is not None and from_cls and (row["split"], key) in labels:
                     _check_label(key, members.get("cls"), labels[(row["split"], key)], row["images"], bad)
         except Exception as e:  # a truncated tar raises tarfile/EOF errors of several kinds
             bad(row["images"], f"unreadable tar: {e}")

@@ -607,6 +607,7 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
         resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct, **({"at_size": "kept"} if source.external_images else {})},
         images_root=source.images_root() if source.external_images else None,
         padding=padding_info(cfg),
+        labels={"from": str(cfg.source_options.get("label", "auto")) if source.external_images else "source"},
         image_format=cfg.image_format if not source.external_images else "external",
         quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
         mean=tuple(cfg.mean), std=tuple(cfg.std), external_images=bool(source.external_images),
