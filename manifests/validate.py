@@ -123,6 +123,9 @@ def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
         elif (c[STATUS_OK], c[STATUS_FAILED]) != (want.ok, want.failed):
             bad(MANIFEST_PARQUET, f"split {split!r}: {c[STATUS_OK]} ok / {c[STATUS_FAILED]} failed rows, "
                 f"dataset.json says {want.ok} / {want.failed}")
+        elif want.ok == 0:  # nothing to train or evaluate on is not a valid dataset
+            bad(MANIFEST_PARQUET, f"split {split!r} has 0 usable samples ({want.failed} failed; "
+                "`dynaprep show`/manifest.parquet give the reasons)")
 
 
 def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums: bool) -> Path | None:

@@ -2,6 +2,9 @@
 
     python -m dynavit.pipeline.bench_index --n 2000 --workers 1,2
 
+Image mixes (`make_jpegs(..., mix=)`): "500x375" (default, ImageNet's most common size) and
+"mixed" (random 150-900 px per side: upscaled, cropped and drafted images).
+
 The floor is what any preprocessing must do: read, decode, resize and re-encode each image,
 run with the same process pool and the same units of work. dynaprep adds saliency scoring,
 top-K, tar writing and Parquet manifests; the ratio dynaprep/floor is that overhead.
@@ -17,15 +20,54 @@ import numpy as np
 from PIL import Image
 
 
-def make_jpegs(root: Path, n: int, size=(500, 375), quality=90, classes=10) -> Path:
-    """ImageNet-like JPEGs: smooth shapes plus noise, so they compress like photos, not like flat colour."""
-    marker = root / f".made-{n}-{size[0]}x{size[1]}-q{quality}"
+MIXES = ("500x375", "mixed")
+
+
+def describe_mix(mix: str) -> str:
+    """One line for a report header: what the benchmark's JPEGs are."""
+    if mix == "500x375":
+        return "JPEGs 500x375 q90"
+    if mix == "mixed":
+        return "JPEGs of random sizes 150-900 px per side q90"
+    raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+
+
+def mix_sizes(n: int, mix: str = "500x375") -> list[tuple[int, int]]:
+    """(width, height) of each of the n images of a mix.
+
+    500x375: every image 500×375 (ImageNet's most common size). mixed: each side drawn
+    independently, uniform in 150..900 (seeded), so aspect ratios range from 1:6 to 6:1 and
+    images from well below the 256 px resize size (upscaled) to 3.5× above it (drafted)."""
+    describe_mix(mix)  # validates
+    if mix == "500x375":
+        return [(500, 375)] * n
+    rng = np.random.default_rng(12345)
+    return [(int(w), int(h)) for w, h in rng.integers(150, 901, (n, 2))]
+
+
+def make_jpegs(root: Path, n: int, size=(500, 375), quality=90, classes=10, mix: str | None = None) -> Path:
+    """ImageNet-like JPEGs: smooth shapes plus noise, so they compress like photos, not like flat colour.
+
+    mix None (or "500x375") makes n images of `size`; "mixed" makes images of random
+    sizes (`mix_sizes`). The files are kept in root and reused when asked for again."""
+    if mix is None or mix == "500x375":
+        sizes, tag = [tuple(size)] * n, f"{size[0]}x{size[1]}"
+    else:
+        sizes, tag = mix_sizes(n, mix), mix
+    marker = root / f".made-{n}-{tag}-q{quality}"
     if marker.exists():
         return root
+    old = list(root.glob(".made-*")) if root.exists() else []
+    if old:  # images this function made for another n or mix: replace them, never mix the sets
+        shutil.rmtree(root / "train", ignore_errors=True)
+        for m in old:
+            m.unlink()
     rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(n):
+    grids = {}
+    for i, (w, h) in enumerate(sizes):
+        if (w, h) not in grids:
+            grids = {(w, h): np.mgrid[0:h, 0:w]}  # consecutive images mostly share a size
+        yy, xx = grids[(w, h)]
         base = np.stack([np.sin(xx / rng.uniform(8, 60) + c) * np.cos(yy / rng.uniform(8, 60) - c) for c in range(3)], -1)
         img = (127 + 90 * base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
         d = root / "train" / f"c{i % classes:03d}"
@@ -36,6 +78,9 @@ def make_jpegs(root: Path, n: int, size=(500, 375), quality=90, classes=10) -> P
 
 
 def _floor_unit(args):
+    """One unit of the floor: for each file, read its bytes, `load_image` it (dynaprep's own
+    decode, JPEG draft, resize and centre crop, same settings) and `encode_image` the result
+    (dynaprep's JPEG/PNG encoder, same quality); the bytes are dropped, nothing is written."""
     from .decode import encode_image, load_image
 
     paths, image_size, patch, fmt, quality = args
@@ -46,6 +91,12 @@ def _floor_unit(args):
 
 
 def run_floor(src: Path, workers: int, shard_size: int, image_size: int, patch: int, fmt: str, quality: int) -> float:
+    """Images/s of the floor: read + decode + resize/crop + encode of every JPEG under src/train,
+    with dynaprep's own functions and settings (`load_image`, `encode_image`), in units of
+    shard_size files, in-process for 1 worker or in a spawn pool of `workers` (as dynaprep).
+
+    Not included (dynaprep's overhead over the floor): sha256 of the input, patch scoring,
+    top-K, tar and Parquet writing, fsync, the final merge."""
     files = sorted(str(p) for p in (src / "train").rglob("*.JPEG"))
     units = [(files[i:i + shard_size], image_size, patch, fmt, quality) for i in range(0, len(files), shard_size)]
     t0 = time.perf_counter()
@@ -58,7 +109,9 @@ def run_floor(src: Path, workers: int, shard_size: int, image_size: int, patch: 
 
 
 def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size: int, patch: int, fmt: str,
-                 quality: int, ks, scorers) -> float:
+                 quality: int, ks, scorers, details: dict | None = None) -> float:
+    """Images/s of `run_index` on src (the final merge included); `details`, if given, gets
+    ok, seconds (the units) and merge_s (the merge)."""
     from .index import IndexConfig, run_index
     from .sources import open_source
 
@@ -79,7 +132,10 @@ def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size
     result = run_index(cfg, source, progress_bar=False)
     # With workers, pool start-up is inside both timings (dynaprep's workers also load the
     # numba kernels, ~1 s each, amortised on real datasets); the manifest merge is ours only.
-    return result.ok / (time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    if details is not None:
+        details.update(ok=result.ok, seconds=result.seconds, merge_s=total - result.seconds)
+    return result.ok / total
 
 
 if __name__ == "__main__":

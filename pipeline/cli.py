@@ -233,6 +233,9 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
             click.echo(f"  failed: {count} × {reason}")
         click.echo(f"  wrote {out}/dataset.json")
         failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
+        if data == "wds" and not info["classes"] and info["labels"]["from"] == "auto":
+            click.echo("warning: no sample has a .cls label; img2dataset keeps the class in KEY.json or KEY.txt: "
+                       "index with -o label=json:FIELD or -o label=txt to train on it", err=True)
         empty = [name for name, c in info["splits"].items() if c["ok"] == 0]
         if empty:  # nothing to train or evaluate on: that is not a success
             click.echo(f"Error: split {', '.join(empty)} has 0 usable samples (see the failure reasons above)",
@@ -354,7 +357,9 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
 
 
 @main.command("bench-index")
-@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (500×375, quality 90).")
+@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (quality 90).")
+@click.option("--mix", type=click.Choice(["500x375", "mixed"]), default="500x375", show_default=True,
+              help="Image sizes: all 500×375 (ImageNet's most common), or random 150–900 px per side.")
 @click.option("--workers", default="1,2", show_default=True, help="Worker counts to measure, comma-separated.")
 @click.option("--shard-size", default=250, show_default=True)
 @click.option("--scorer", default="l2", show_default=True)
@@ -363,19 +368,21 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
-def bench_index_command(n, workers, shard_size, scorer, ks, fmt, workdir, json_out):
+def bench_index_command(n, mix, workers, shard_size, scorer, ks, fmt, workdir, json_out):
     """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
+    from .bench_index import describe_mix
+
     work = Path(workdir or tempfile.mkdtemp(prefix="dynaprep-bench-"))
-    src = make_jpegs(work / "src", n)
+    src = make_jpegs(work / f"src-{mix}", n, mix=mix)
     ks, scorers = parse_k_list(ks), parse_list(scorer)
     rows = []
     for w in parse_list(workers, int, "integers"):
         run_floor(src, w, shard_size, 224, 16, fmt, 95)  # warm the page cache and numba's disk cache
         floor = run_floor(src, w, shard_size, 224, 16, fmt, 95)
         ours = run_dynaprep(src, work / "out", w, shard_size, 224, 16, fmt, 95, ks, scorers)
-        rows.append({"workers": w, "floor_img_s": floor, "dynaprep_img_s": ours, "ratio": ours / floor})
+        rows.append({"mix": mix, "workers": w, "floor_img_s": floor, "dynaprep_img_s": ours, "ratio": ours / floor})
     base = rows[0]["dynaprep_img_s"]
-    click.echo(f"{n} JPEGs 500x375 q90 -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}")
+    click.echo(f"{n} {describe_mix(mix)} -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}")
     click.echo(f"{'workers':>7} {'floor img/s':>12} {'dynaprep img/s':>15} {'ratio':>6} {'scaling':>8}")
     for r in rows:
         r["scaling"] = r["dynaprep_img_s"] / base

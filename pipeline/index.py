@@ -102,7 +102,16 @@ class IndexConfig:
         for name in (*self.RUN_ONLY, "out"):  # a moved or re-mounted --out writes the same bytes
             d.pop(name)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        # How pixels are resampled decides the bytes too: a resume by another dynavit whose
+        # resize differs must not mix both in one dataset.
+        d["resampler"] = resampler()
         return d
+
+
+def resampler() -> dict:
+    from .decode import DRAFT_MARGIN, RESAMPLER
+
+    return {"name": RESAMPLER, "draft_margin": DRAFT_MARGIN}
 
 
 class RunError(Exception):
@@ -604,7 +613,8 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
         scorers=list(cfg.scorers),
         ks=[KInfo(k, k_count(k, n), 1 + k_count(k, n)) for k in cfg.ks],
         classes=classes, splits=splits,
-        resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct, **({"at_size": "kept"} if source.external_images else {})},
+        resize={"policy": cfg.resize, "crop_pct": cfg.crop_pct, "resampler": resampler(),
+                **({"at_size": "kept"} if source.external_images else {})},
         images_root=source.images_root() if source.external_images else None,
         padding=padding_info(cfg),
         labels={"from": str(cfg.source_options.get("label", "auto")) if source.external_images else "source"},
@@ -660,6 +670,7 @@ def merge_from_state(out) -> DatasetInfo:
         raise RunError(f"{out}: no {STATE_DIR}/config.json; is this a dynaprep output directory?")
     settings = json.loads(saved.read_text())
     digest = settings.pop("plan", None)
+    settings.pop("resampler", None)  # recorded for resume checks, not an option
     settings["mean"], settings["std"] = tuple(settings["mean"]), tuple(settings["std"])
     cfg = IndexConfig(**settings, out=str(out))
     saved_plan = load_plan(out)

@@ -149,7 +149,10 @@ def load_samples(plan: ShowPlan) -> list[dict]:
         # The indexer's decoder: EXIF orientation and odd modes of a user's wds images
         # must give the pixels the scores were computed on.
         try:
-            rgb = load_image(data, tuple(plan.info.image_size), patch_size=1, keep_size=True).rgb
+            # Stored images are kept; a user's (wds) are resized as dynaprep resized them to score.
+            resize = plan.info.resize
+            rgb = load_image(data, tuple(plan.info.image_size), resize.get("policy", "center-crop"),
+                             float(resize.get("crop_pct", 0.875)), patch_size=1, keep_size=True).rgb
         except DecodeError as e:
             raise FormatError(f"{shard.images}: sample {key}: {e}") from None
         label = int(first.label[i])

@@ -113,9 +113,9 @@ def test_exif_orientation_6_rotates(bad_images):
 
 def test_exif_orientation_draft_size_uses_display_orientation(monkeypatch):
     """A rotated big JPEG must be drafted to cover the *displayed* resize size."""
-    stored = np.zeros((960, 2400, 3), np.uint8)   # stored 2400 wide, 960 high
+    stored = np.zeros((1920, 4800, 3), np.uint8)  # stored 4800 wide, 1920 high
     exif = Image.Exif()
-    exif[0x0112] = 6                              # displayed 960 wide, 2400 high
+    exif[0x0112] = 6                              # displayed 1920 wide, 4800 high
     data = jpeg_bytes(stored, exif=exif.tobytes())
     calls = []
     orig = JpegImagePlugin.JpegImageFile.draft
@@ -125,10 +125,11 @@ def test_exif_orientation_draft_size_uses_display_orientation(monkeypatch):
         return orig(self, mode, size)
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     d = load_image(data, 224)
-    # displayed short side 960 -> 256: resize to 256 x 640 (w x h); in stored orientation
-    # that is 640 wide, 256 high
-    assert calls == [(640, 256)]
-    assert d.rgb.shape == (224, 224, 3) and (d.orig_width, d.orig_height) == (960, 2400)
+    # displayed short side 1920 -> 256: resize to 256 x 640 (w x h); in stored orientation
+    # that is 640 wide, 256 high; drafted to at least DRAFT_MARGIN (2) times that
+    assert decode.DRAFT_MARGIN == 2.0
+    assert calls == [(1280, 512)]
+    assert d.rgb.shape == (224, 224, 3) and (d.orig_width, d.orig_height) == (1920, 4800)
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +151,14 @@ def test_draft_used_for_big_jpeg(big_jpeg, monkeypatch):
         return orig(self, mode, size)
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     d = load_image(big_jpeg, 224)
-    # 4000x3000: short side to 256 -> 341x256; draft must ask for at least that
-    assert calls == [("RGB", (341, 256))]
+    # 4000x3000: short side to 256 -> 341x256; draft asks for at least twice that
+    assert calls == [("RGB", (682, 512))]
     assert (d.orig_width, d.orig_height) == (4000, 3000)
     calls.clear()
     load_image(jpeg_bytes(np.zeros((300, 400, 3), np.uint8)), 224)
     assert calls == []  # nothing to gain for an image this small
+    load_image(jpeg_bytes(np.zeros((900, 1200, 3), np.uint8)), 224)
+    assert calls == []  # a 1/2 draft (600x450) would be below twice 341x256
 
 
 def test_draft_result_close_to_full_decode(big_jpeg, monkeypatch):
@@ -229,8 +232,10 @@ def test_keep_size():
     arr = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     data = encode_image(arr, "png")
     assert (load_image(data, 224, keep_size=True).rgb == arr).all()
-    with pytest.raises(DecodeError, match="not resized"):
-        load_image(encode_image(arr[:, :208], "png"), 224, keep_size=True)
+    assert not (load_image(data, 224).rgb == arr).all()  # without it: the 0.875 centre crop
+    # Any other size is resized exactly like an image without keep_size.
+    other = encode_image(arr[:, :208], "png")
+    assert (load_image(other, 224, keep_size=True).rgb == load_image(other, 224).rgb).all()
 
 
 def test_deterministic(bad_images):

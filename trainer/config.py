@@ -167,7 +167,8 @@ def _check_dataset(cfg: TrainConfig) -> DatasetInfo:
         raise ConfigError(f"scorer {cfg.scorer!r} is not in this dataset's scorers {info.scorers}", "--scorer")
     if len(info.classes) < 2:
         raise ConfigError(f"{cfg.shards}: dataset.json lists {len(info.classes)} classes; training needs "
-                          f"labels (for --data wds, index with -o classes_file=...)", "--shards")
+                          "labels (for --data wds, index again with -o label=json:FIELD or -o label=txt: "
+                          "img2dataset keeps the class in KEY.json or KEY.txt, not in .cls)", "--shards")
     return info
 
 
