@@ -253,13 +253,13 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
 
 def _absolute_spec(spec: str) -> str:
     """A wds --src with its local path made absolute, keeping a NAME= prefix and URLs."""
-    import re
-
     from dynavit.manifests.locations import is_url
 
-    m = re.match(r"^([A-Za-z0-9_-]+)=(.+)$", spec)
-    if m and not Path(spec).exists():
-        return f"{m.group(1)}={_absolute_spec(m.group(2))}"
+    from .sources.wds import split_spec
+
+    name, rest = split_spec(spec)
+    if name is not None:
+        return f"{name}={_absolute_spec(rest)}"
     if is_url(spec) or spec.startswith("file://"):
         return spec
     return str(Path(spec).absolute())

@@ -52,7 +52,7 @@ from dynavit.manifests.tar import TarError
 from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
 from .decode import DecodeError, encode_image, load_image
-from .padding import mask_scores, padding_masks
+from .padding import content_box_from_meta, detect_constant_border, map_box, mask_scores, padding_masks
 from .saliency import score_patches
 from .sources import SourceError, open_source
 from .topk import select_topk_multi
@@ -371,8 +371,6 @@ def _content_box(cfg: IndexConfig, decoded, meta, kept: bool):
     """Where the photo is in the final image (None: no border). img2dataset's json says
     exactly where its letterbox is, in the stored image; that box, carried through the
     resize, is used when the final image really shows a border, else the detector's box."""
-    from .padding import content_box_from_meta, detect_constant_border, map_box
-
     found = detect_constant_border(decoded.rgb)
     h, w = decoded.rgb.shape[:2]
     if found == (0, 0, w, h):

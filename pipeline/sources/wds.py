@@ -95,10 +95,9 @@ class WdsSource(Source):
         self.src = src
         self._splits: dict[str, list[str]] = {}
         for spec in specs:
-            m = _SPLIT_PREFIX.match(spec)
-            named = m is not None and not os.path.exists(spec) and not locations.is_url(spec)
-            for name, tars in self._resolve(m.group(2) if named else spec, m.group(1) if named else split,
-                                            named).items():
+            name, rest = split_spec(spec)
+            named = name is not None
+            for name, tars in self._resolve(rest, name if named else split, named).items():
                 if name in self._splits:
                     raise SourceError(f"wds: split {name!r} is given twice in --src")
                 self._splits[name] = tars
@@ -347,6 +346,15 @@ class WdsSource(Source):
         if value in self._class_index:
             return self._class_index[value], value, None
         return None, None, f"class {value[:60]!r} is not in the classes file"
+
+
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """(split name, source) of a --src `NAME=SOURCE`; (None, spec) when it has no such
+    prefix (a path or URL that merely contains '=' is not split)."""
+    m = _SPLIT_PREFIX.match(spec)
+    if m is None or os.path.exists(spec) or locations.is_url(spec):
+        return None, spec
+    return m.group(1), m.group(2)
 
 
 def _location(unit: WorkUnit) -> str:
