@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from . import locations
 from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
@@ -86,8 +85,10 @@ class ShardPairWriter:
             self._images.close()
         if self.piece is not None:
             return self.count
+        digests = {self.index_rel[s]: w.digest for s, w in self._index.items()}
+        images_digest = self.images_digest if self.external_images else self._images.digest
         return describe_shard(self.out_dir, self.split, self.shard, self.images_rel, self.index_rel,
-                              self.count, self.images_digest if self.external_images else None)
+                              self.count, images_digest, digests)
 
     def abort(self) -> None:
         for writer in [*self._index.values(), *([self._images] if self._images else [])]:
@@ -95,14 +96,16 @@ class ShardPairWriter:
 
 
 def describe_shard(out_dir, split: str, shard: int, images_rel: str, index_rel: dict, count: int,
-                   images_digest: tuple[str, int] | None = None) -> dict:
-    """The shard's `shards.parquet` row, from its files as they are on disk; the (sha256,
-    bytes) of an external image shard (the user's tar, possibly remote) come from its reader."""
+                   images_digest: tuple[str, int] | None = None, digests: dict | None = None) -> dict:
+    """The shard's `shards.parquet` row. The (sha256, bytes) of each tar come from its
+    writer (`digests` by relative path; `images_digest`: ours, or the reader's of a user's
+    tar, possibly remote) or else from its file as it is on disk."""
     out_dir = Path(out_dir)
+    digests = digests or {}
     digest, size = images_digest if images_digest is not None else sha256_file(out_dir / images_rel)
     index = []
     for scorer, rel in index_rel.items():
-        d, n = sha256_file(out_dir / rel)
+        d, n = digests[rel] if rel in digests else sha256_file(out_dir / rel)
         index.append({"scorer": scorer, "path": rel, "bytes": n, "sha256": d})
     return {"split": split, "shard": shard, "images": images_rel, "images_bytes": size,
             "images_sha256": digest, "index": index, "count": count}
@@ -116,10 +119,10 @@ def join_pieces(out_dir, split: str, shard: int, scorers, pieces: list, counts: 
     images_rel = external_images or image_shard_name(split, shard)
     index_rel = {s: index_shard_name(split, s, shard) for s in scorers}
     targets = dict(index_rel) if external_images else {"images": images_rel, **index_rel}
-    for name, rel in targets.items():
-        join_fragments([fragment_paths(p, scorers)[name] for p in pieces], out_dir / rel)
+    digests = {rel: join_fragments([fragment_paths(p, scorers)[name] for p in pieces], out_dir / rel)
+               for name, rel in targets.items()}
     return describe_shard(out_dir, split, shard, images_rel, index_rel, sum(counts),
-                          images_digest if external_images else None)
+                          images_digest if external_images else digests[images_rel], digests)
 
 
 def fragment_paths(piece, scorers) -> dict:
@@ -265,6 +268,8 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
         manifest = read_manifest(dataset_dir)
     except (FormatError, OSError) as e:
         raise ShardError(str(e)) from None
+    import pyarrow.compute as pc  # here, not at the top: dynaprep's workers never need it (start-up time)
+
     manifest = manifest.filter(pc.and_(pc.equal(manifest["split"], split), pc.equal(manifest["status"], STATUS_OK)))
     by_shard: dict[int, tuple[list, list]] = {}
     for shard_no, key, label in zip(manifest["shard"].to_pylist(), manifest["key"].to_pylist(),

@@ -102,6 +102,31 @@ def test_tar_writer_bytes_equal_tarfile(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     assert (tmp_path / "ours.tar").read_bytes() == buf.getvalue()
     assert [k for k, _ in iter_tar_samples(tmp_path / "ours.tar")] == [k for k, _ in members]
+    # the digest taken while writing is the file's, as hashlib reads it back
+    import hashlib
+
+    assert w.digest == (hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue()))
+
+
+def test_joined_fragments_digest_is_the_files(tmp_path):
+    """Fragments joined in order are the tar one writer makes, and join_fragments returns
+    that file's (sha256, bytes) as read back."""
+    import hashlib
+
+    from dynavit.manifests.tar import join_fragments
+
+    samples = [(f"{i:010d}", {"jpg": bytes([i]) * (300 + 97 * i), "cls": b"%d" % i}) for i in range(7)]
+    with TarWriter(tmp_path / "whole.tar") as whole:
+        for key, m in samples:
+            whole.write(key, m)
+    for name, part in (("a", samples[:3]), ("b", samples[3:])):
+        with TarWriter(tmp_path / name, fragment=True) as w:
+            for key, m in part:
+                w.write(key, m)
+    got = join_fragments([tmp_path / "a", tmp_path / "b"], tmp_path / "joined.tar")
+    data = (tmp_path / "joined.tar").read_bytes()
+    assert data == (tmp_path / "whole.tar").read_bytes()
+    assert got == whole.digest == (hashlib.sha256(data).hexdigest(), len(data))
 
 
 # --- the validator catches each violation, naming the file --------------------------------
