@@ -6,12 +6,15 @@ Image mixes (`make_jpegs(..., mix=)`): "500x375" (default, ImageNet's most commo
 "mixed" (random 150-900 px per side: upscaled, cropped and drafted images).
 
 The floor is what any preprocessing must do: read, decode, resize and re-encode each image,
-run with the same process pool and the same units of work. dynaprep adds saliency scoring,
-top-K, tar writing and Parquet manifests; the ratio dynaprep/floor is that overhead.
+run with the same process pool and the same jobs (dynaprep's own plan: units, and pieces of
+them when there are too few). dynaprep adds the input's sha256, saliency scoring, top-K, tar
+writing, fsync and Parquet manifests; the ratio dynaprep/floor is that overhead.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -78,7 +81,7 @@ def make_jpegs(root: Path, n: int, size=(500, 375), quality=90, classes=10, mix:
 
 
 def _floor_unit(args):
-    """One unit of the floor: for each file, read its bytes, `load_image` it (dynaprep's own
+    """One job of the floor: for each file, read its bytes, `load_image` it (dynaprep's own
     decode, JPEG draft, resize and centre crop, same settings) and `encode_image` the result
     (dynaprep's JPEG/PNG encoder, same quality); the bytes are dropped, nothing is written."""
     from .decode import encode_image, load_image
@@ -90,21 +93,33 @@ def _floor_unit(args):
     return len(paths)
 
 
+def floor_jobs(src: Path, workers: int, shard_size: int) -> list[list[str]]:
+    """The files of each job dynaprep's pool would run for src: its units of shard_size,
+    cut into pieces the same way when there are fewer units than 2 × workers (`split_jobs`),
+    so the floor spreads the same work over the same workers."""
+    from .index import IndexConfig, plan, split_jobs
+    from .sources import open_source
+
+    source = open_source("imagefolder", str(src))
+    cfg = IndexConfig(data="imagefolder", src=str(src), out="", ks=[50], shard_size=shard_size, workers=workers)
+    jobs, _, _ = split_jobs(cfg, source, plan(cfg, source))
+    return [[os.path.join(str(src), item[0]) for item in job.payload[1]] for job in jobs]
+
+
 def run_floor(src: Path, workers: int, shard_size: int, image_size: int, patch: int, fmt: str, quality: int) -> float:
     """Images/s of the floor: read + decode + resize/crop + encode of every JPEG under src/train,
-    with dynaprep's own functions and settings (`load_image`, `encode_image`), in units of
-    shard_size files, in-process for 1 worker or in a spawn pool of `workers` (as dynaprep).
+    with dynaprep's own functions and settings (`load_image`, `encode_image`), in dynaprep's
+    jobs (`floor_jobs`), in-process for 1 worker or in a spawn pool of `workers` (as dynaprep).
 
     Not included (dynaprep's overhead over the floor): sha256 of the input, patch scoring,
     top-K, tar and Parquet writing, fsync, the final merge."""
-    files = sorted(str(p) for p in (src / "train").rglob("*.JPEG"))
-    units = [(files[i:i + shard_size], image_size, patch, fmt, quality) for i in range(0, len(files), shard_size)]
+    jobs = [(files, image_size, patch, fmt, quality) for files in floor_jobs(src, workers, shard_size)]
     t0 = time.perf_counter()
     if workers == 1:  # dynaprep runs one worker in-process too
-        n = sum(_floor_unit(u) for u in units)
+        n = sum(_floor_unit(u) for u in jobs)
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            n = sum(pool.map(_floor_unit, units, chunksize=1))
+            n = sum(pool.map(_floor_unit, jobs, chunksize=1))
     return n / (time.perf_counter() - t0)
 
 
@@ -136,6 +151,40 @@ def run_dynaprep(src: Path, out: Path, workers: int, shard_size: int, image_size
     if details is not None:
         details.update(ok=result.ok, seconds=result.seconds, merge_s=total - result.seconds)
     return result.ok / total
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (the pool's workers)."""
+    own = time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own + kids.ru_utime + kids.ru_stime
+
+
+def compare(src: Path, out: Path, workers: int, repeats: int, shard_size: int, fmt: str, ks, scorers,
+            image_size: int = 224, patch: int = 16) -> dict:
+    """dynaprep next to the floor, `repeats` pairs run back to back in alternating order
+    (floor first, then dynaprep first, ...), so a machine that speeds up or slows down
+    during the run (shared cloud CPUs do, by ±20 %) weighs on both alike. The ratio is the
+    median of the pairs' ratios; `cpu_ratio` compares CPU seconds per image (all processes),
+    which steal time on a shared host does not inflate."""
+    n = sum(1 for _ in (src / "train").rglob("*.JPEG"))
+    ratios, cpu_ratios, floors, ours = [], [], [], []
+    for r in range(repeats):
+        got = {}
+        for which in (("floor", "dynaprep") if r % 2 == 0 else ("dynaprep", "floor")):
+            c0 = _cpu_s()
+            if which == "floor":
+                rate = run_floor(src, workers, shard_size, image_size, patch, fmt, 95)
+            else:
+                rate = run_dynaprep(src, out, workers, shard_size, image_size, patch, fmt, 95, ks, scorers)
+            got[which] = (rate, (_cpu_s() - c0) / n)
+        floors.append(got["floor"][0])
+        ours.append(got["dynaprep"][0])
+        ratios.append(got["dynaprep"][0] / got["floor"][0])
+        cpu_ratios.append(got["floor"][1] / got["dynaprep"][1])
+    return {"workers": workers, "floor_img_s": float(np.median(floors)), "dynaprep_img_s": float(np.median(ours)),
+            "ratio": float(np.median(ratios)), "cpu_ratio": float(np.median(cpu_ratios)),
+            "ratios": [round(x, 4) for x in ratios], "repeats": repeats}
 
 
 if __name__ == "__main__":
