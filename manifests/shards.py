@@ -85,28 +85,25 @@ class ShardPairWriter:
             self._images.close()
         if self.piece is not None:
             return self.count
-        digests = {self.index_rel[s]: w.digest for s, w in self._index.items()}
-        images_digest = self.images_digest if self.external_images else self._images.digest
-        return describe_shard(self.out_dir, self.split, self.shard, self.images_rel, self.index_rel,
-                              self.count, images_digest, digests)
+        if self._images is not None:
+            images_digest = self._images.digest
+        else:  # the user's tar: its reader's digest, or the file as it is
+            images_digest = self.images_digest or sha256_file(self.out_dir / self.images_rel)
+        digests = {self.images_rel: images_digest, **{self.index_rel[s]: w.digest for s, w in self._index.items()}}
+        return describe_shard(self.split, self.shard, self.images_rel, self.index_rel, self.count, digests)
 
     def abort(self) -> None:
         for writer in [*self._index.values(), *([self._images] if self._images else [])]:
             writer.close(ok=False)
 
 
-def describe_shard(out_dir, split: str, shard: int, images_rel: str, index_rel: dict, count: int,
-                   images_digest: tuple[str, int] | None = None, digests: dict | None = None) -> dict:
-    """The shard's `shards.parquet` row. The (sha256, bytes) of each tar come from its
-    writer (`digests` by relative path; `images_digest`: ours, or the reader's of a user's
-    tar, possibly remote) or else from its file as it is on disk."""
-    out_dir = Path(out_dir)
-    digests = digests or {}
-    digest, size = images_digest if images_digest is not None else sha256_file(out_dir / images_rel)
-    index = []
-    for scorer, rel in index_rel.items():
-        d, n = digests[rel] if rel in digests else sha256_file(out_dir / rel)
-        index.append({"scorer": scorer, "path": rel, "bytes": n, "sha256": d})
+def describe_shard(split: str, shard: int, images_rel: str, index_rel: dict, count: int, digests: dict) -> dict:
+    """The shard's `shards.parquet` row. `digests` maps each tar's relative path to its
+    (sha256, bytes): taken by its writer while writing (ours), or by its reader (a user's
+    tar, possibly remote)."""
+    index = [{"scorer": scorer, "path": rel, "bytes": digests[rel][1], "sha256": digests[rel][0]}
+             for scorer, rel in index_rel.items()]
+    digest, size = digests[images_rel]
     return {"split": split, "shard": shard, "images": images_rel, "images_bytes": size,
             "images_sha256": digest, "index": index, "count": count}
 
@@ -121,8 +118,9 @@ def join_pieces(out_dir, split: str, shard: int, scorers, pieces: list, counts: 
     targets = dict(index_rel) if external_images else {"images": images_rel, **index_rel}
     digests = {rel: join_fragments([fragment_paths(p, scorers)[name] for p in pieces], out_dir / rel)
                for name, rel in targets.items()}
-    return describe_shard(out_dir, split, shard, images_rel, index_rel, sum(counts),
-                          images_digest if external_images else digests[images_rel], digests)
+    if external_images:  # the user's tar: its reader's digest, or the file as it is
+        digests[images_rel] = images_digest or sha256_file(out_dir / images_rel)
+    return describe_shard(split, shard, images_rel, index_rel, sum(counts), digests)
 
 
 def fragment_paths(piece, scorers) -> dict:

@@ -559,7 +559,7 @@ def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict
         # Every job is done and its files are in place: stop the idle workers now, as
         # multiprocessing.Pool's context manager does, instead of waiting for each spawned
         # interpreter's clean exit (tearing down numba and pyarrow took ~0.25 s).
-        for process in (getattr(pool, "_processes", None) or {}).values():
+        for process in processes.values():
             process.terminate()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

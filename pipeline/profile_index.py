@@ -87,9 +87,9 @@ class _Timers:
         mods = {"decode": decode, "index": index}
         for stage, mod, attr in _TIMED:
             self._wrap(mods[mod], attr, stage)
-        self._wrap(ShardPairWriter, "add", "tar write")
-        self._wrap(ShardPairWriter, "__init__", "tar open/close, fsync, tar sha256")
-        self._wrap(ShardPairWriter, "commit", "tar open/close, fsync, tar sha256")
+        self._wrap(ShardPairWriter, "add", "tar write (incl. its sha256)")
+        self._wrap(ShardPairWriter, "__init__", "tar open/close, fsync")
+        self._wrap(ShardPairWriter, "commit", "tar open/close, fsync")
         clock, t, read_unit = self.clock, self.t, Source.read_unit
 
         def timed_read(src, unit):
@@ -103,20 +103,8 @@ class _Timers:
                 yield raw
         Source.read_unit = timed_read
         self._undo.append((Source, "read_unit", read_unit))
-        index.merge, merge = self._timed_merge(index.merge), index.merge
-        self._undo.append((index, "merge", merge))
+        self._wrap(index, "merge", "merge (manifest.parquet, dataset.json)")
         return self
-
-    def _timed_merge(self, fn):
-        clock, t = self.clock, self.t
-
-        def timed(*a, **k):
-            t0 = clock()
-            try:
-                return fn(*a, **k)
-            finally:
-                t["merge (manifest.parquet, dataset.json)"] += clock() - t0
-        return timed
 
     def __exit__(self, *exc):
         for owner, attr, fn in reversed(self._undo):
