@@ -11,10 +11,13 @@ WORKDIR /opt/dynavit
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
+COPY requirements requirements
+# the exact versions (and hashes) the tests ran with; then dynavit itself, without resolving again
+RUN pip install -r requirements/lock.txt
 COPY pipeline pipeline
 COPY trainer trainer
 COPY manifests manifests
-RUN pip install ".[viz]"
+RUN pip install --no-deps ".[viz]"
 
 # Numba compiles the saliency kernels on first use and caches them next to the package.
 RUN python -c "import numpy as np; from dynavit.pipeline.saliency import score_patches; \

@@ -1,10 +1,13 @@
-# Every target runs inside .venv, created on first use. PIP_FIND_LINKS is cleared so pip
-# resolves torch + torchvision from the registry as a matching pair (a local CPU-only torch
-# wheel would break torchvision's ops, which timm imports).
+# Every target runs inside .venv, created on first use from the lock (requirements/lock.txt:
+# exact versions and hashes of everything, made by `uv pip compile`; `make lock` refreshes it).
+# uv is pinned and installed into the venv by pip; it resolves from the registry only, so a local
+# CPU-only torch wheel (find-links in pip.conf) cannot break torchvision's ops, which timm imports.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements/lock.txt
+UV     := uv==0.13.9
 DEMO   ?= out/demo
 # make demo writes only under out/; `make figures` refreshes the README's pictures in docs/demo on purpose.
 FIGS   ?= $(DEMO)/figures
@@ -12,13 +15,40 @@ FIGS   ?= $(DEMO)/figures
 DEMO_TRAIN = --model vit_tiny_patch16_224 --model-kwargs '{"depth": 6}' --epochs 5 --batch-size 32 \
              --lr 2e-3 --sched cosine --warmup-epochs 1 --workers 2 --seed 42
 
-.PHONY: venv test demo compare-demo figures bench bench-kernels clean
+.PHONY: venv test test-latest test-lowest lock demo compare-demo figures bench bench-kernels clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	PIP_FIND_LINKS= $(BIN)/pip install --quiet --upgrade pip
-	PIP_FIND_LINKS= $(BIN)/pip install --quiet -e ".[dev]"
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet "$(UV)"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows, for Linux, macOS and Windows, Python >= 3.11.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet "$(UV)"
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra viz --universal --python-version 3.11 \
+		--generate-hashes --upgrade --custom-compile-command "make lock" -o $(LOCK)
+
+# Without the lock: what `pip install -e ".[dev]"` resolves today, in a fresh venv of its own.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	PIP_FIND_LINKS= .venv-latest/bin/pip install --quiet "$(UV)"
+	.venv-latest/bin/uv pip install --quiet --python .venv-latest/bin/python --upgrade -e ".[dev]"
+	.venv-latest/bin/python -c "import torch, timm; print('test-latest: torch', torch.__version__, 'timm', timm.__version__)"
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
+
+# The lower bounds pyproject.toml states for torch and timm (with the torchvision of that torch).
+test-lowest:
+	rm -rf .venv-lowest
+	$(PYTHON) -m venv .venv-lowest
+	PIP_FIND_LINKS= .venv-lowest/bin/pip install --quiet "$(UV)"
+	.venv-lowest/bin/uv pip install --quiet --python .venv-lowest/bin/python -e ".[dev]" \
+		"torch==2.14.1" "torchvision==0.29.1" "timm==1.0.23"
+	.venv-lowest/bin/python -c "import torch, timm; print('test-lowest: torch', torch.__version__, 'timm', timm.__version__)"
+	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider
 
 venv: $(STAMP)
 

@@ -32,6 +32,31 @@ def runs(tmp_path_factory):
     return root
 
 
+_FLOPS: dict = {}
+
+
+def flops_all() -> dict:
+    """`dynatrain flops --method all --k 50` for the runs' model (once per module)."""
+    if not _FLOPS:
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp()) / "flops.json"
+        assert run_cli(["flops", "--model", "vit_tiny_patch16_224", "--k", "100,50", "--method", "all",
+                        "--model-kwargs", json.dumps({**MODEL_KWARGS, "num_classes": 4}), "--json", path]) == 0
+        _FLOPS.update(json.loads(path.read_text()))
+        assert _FLOPS["rows"][0]["K"] == 50 or _FLOPS["rows"][1]["K"] == 50
+        _FLOPS["rows"] = [r for r in _FLOPS["rows"] if r["K"] == 50]
+    return _FLOPS
+
+
+def run_budget(run) -> dict:
+    """The budget a run recorded (config.json), checked equal to its summary.json's."""
+    budget = json.loads((run / "config.json").read_text())["run"]["budget"]
+    assert json.loads((run / "summary.json").read_text())["budget"] == budget
+    return budget
+
+
 def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -59,7 +84,35 @@ def test_methods_train_at_the_budget_and_compare_tabulates_them(runs, tmp_path):
     for method, row in rows.items():
         assert float(row["best_acc1"]) == max(m["acc1"] for m in metrics(runs / method))
         assert float(row["infer_img_s"]) > 0
-    assert (out / "compare.md").read_text().count("\n") == 5
+    md = (out / "compare.md").read_text()
+    assert md.count("\n| ") == 3 and "as each run recorded it" in md and "†" not in md
+    # one parameter per run, everywhere: the run's record, compare's table and `dynatrain flops`
+    table = flops_all()
+    for method in ("dynavit", "tome", "evit"):
+        budget = run_budget(runs / method)
+        assert rows[method]["budget_source"] == "recorded"
+        assert rows[method]["parameter"] == budget["described"]
+        assert float(rows[method]["gmacs"]) == pytest.approx(budget["macs"] / 1e9, rel=1e-12)
+    assert table["budgets"][0]["tome"]["r"] == run_budget(runs / "tome")["param"] == r
+    assert table["budgets"][0]["tome"]["macs"] == run_budget(runs / "tome")["macs"]
+    assert table["budgets"][0]["evit"]["keep_rate"] == run_budget(runs / "evit")["param"] == keep
+    assert table["budgets"][0]["evit"]["macs"] == run_budget(runs / "evit")["macs"]
+    assert table["rows"][0]["macs"] == run_budget(runs / "dynavit")["macs"] == dyna
+
+
+def test_compare_rematches_a_run_without_a_record_and_says_so(runs, tmp_path):
+    import shutil
+
+    old = tmp_path / "old-tome"
+    shutil.copytree(runs / "tome", old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["run"]["budget"]  # what a run written before budgets were recorded looks like
+    (old / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "table"
+    assert run_cli(["compare", old, "--out", out, "--batch", 2, "--steps", 1, "--repeats", 1]) == 0
+    row = next(csv.DictReader(open(out / "compare.csv")))
+    assert row["budget_source"] == "re-matched" and row["parameter"] == run_budget(runs / "tome")["described"]
+    assert "† re-matched" in (out / "compare.md").read_text()
 
 
 def test_method_argument_errors_exit_2(tmp_path, capsys):
@@ -89,6 +142,15 @@ def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, 
     meta = build_meta_model("vit_tiny_patch16_224", num_classes=4, **MODEL_KWARGS)
     macs = method_macs(meta, method, 50, param, make_heads(meta, method, 4))
     assert abs(macs / count_macs(meta, 50) - 1) < 0.05  # within 5 % of Dyna-ViT's MACs at K=50
+    budget = run_budget(run)  # the record, `flops --method all` and compare agree
+    assert budget["param"] == param and budget["macs"] == macs and budget["counter"] == "dynavit.trainer.macs/1"
+    learned = {(e["method"], e["k"]): e for e in flops_all()["learned"]}
+    assert learned[(method, 50)]["param"] == param and learned[(method, 50)]["macs"] == macs
+    out = tmp_path / "table"
+    assert run_cli(["compare", run, "--out", out, "--batch", 2, "--steps", 1, "--repeats", 1]) == 0
+    row = next(csv.DictReader(open(out / "compare.csv")))
+    assert row["parameter"] == budget["described"] and row["budget_source"] == "recorded"
+    assert float(row["gmacs"]) == pytest.approx(macs / 1e9, rel=1e-12)
     last = torch.load(run / "last.pt", weights_only=True)
     heads = make_heads(build_meta_model("vit_tiny_patch16_224", num_classes=4, **MODEL_KWARGS), method, 4)
     assert set(last["method_state"]) == set(heads.state_dict())  # the heads are saved beside the backbone

@@ -146,3 +146,23 @@ def test_bench_step_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["K"] for row in rows] == ["dense", 50]
     assert rows[1]["S"] == 99 and rows[1]["ideal_speedup"] > 2
+
+
+def test_flops_cli_prints_the_same_macs_on_cpu_and_meta_for_every_method(tmp_path):
+    # The same figures whatever the device runs the counted forwards (with real random weights
+    # on CPU, where timm's attention is a fused SDPA kernel; shapes only on meta).
+    kwargs = json.dumps({"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2,
+                         "num_classes": 7})
+    docs, outs = {}, {}
+    for device in ("cpu", "meta"):
+        path = tmp_path / f"{device}.json"
+        res = CliRunner().invoke(flops_command, ["--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs,
+                                                 "--k", "100,70,50", "--method", "all", "--device", device,
+                                                 "--json", str(path)])
+        assert res.exit_code == 0, res.output
+        docs[device], outs[device] = json.loads(path.read_text()), res.output
+    assert docs["cpu"].pop("device") == "cpu" and docs["meta"].pop("device") == "meta"
+    assert docs["cpu"] == docs["meta"]
+    assert outs["cpu"] == outs["meta"]
+    assert {e["method"] for e in docs["cpu"]["learned"]} == {"dynamicvit", "tnt", "cropr"}
+    assert all(r["attn_macs"] > 0 for r in docs["cpu"]["rows"])

@@ -133,8 +133,7 @@ def _configs(model, budgets: list[dict], refs: list, batch: int, gen: torch.Gene
 def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
     """DynamicViT, TNT and Token Cropr at K's budget (their heads randomly initialised: the
     cost of a forward does not depend on the weights; exact MACs include the heads)."""
-    from .compare import method_macs
-    from .model import make_heads, match_method, method_forward
+    from .model import budget_record, make_heads, method_forward
     from .selection import LEARNED
 
     out = []
@@ -142,16 +141,16 @@ def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
     for method in LEARNED:
         try:
             heads = make_heads(model, method, model.num_classes).to(x.device).eval()
-            param, described = match_method(model, method, k, heads)
+            rec = budget_record(model, method, k, heads)  # the same record training writes
         except ValueError:  # a model the method refuses (e.g. too shallow for its stages): no row
             continue
+        param = rec["param"]
         ref_param = ref_macs = None
         if ref is not None:
-            ref_heads = make_heads(ref, method, ref.num_classes)
-            ref_param, _ = match_method(ref, method, k, ref_heads)
-            ref_macs = method_macs(ref, method, k, ref_param, ref_heads)
-        out.append(dict(key=(k, method), method=method, param=described.split(" (")[0],
-                        macs=method_macs(model, method, k, param, heads), ref_param="-" if ref_param is None else f"{ref_param}",
+            ref_rec = budget_record(ref, method, k, make_heads(ref, method, ref.num_classes))
+            ref_param, ref_macs = ref_rec["param"], ref_rec["macs"]
+        out.append(dict(key=(k, method), method=method, param=rec["described"].split(" (")[0],
+                        macs=rec["macs"], ref_param="-" if ref_param is None else f"{ref_param}",
                         ref_macs=ref_macs,
                         run=lambda m=method, p=param, h=heads: method_forward(model, x, None, m, p, heads=h)))
     return out

@@ -1,8 +1,8 @@
 """Exact MACs of the ToMe / EViT baselines and budget matching against Dyna-ViT.
 
 Counting is the same as ``flops.count_macs`` for the sparse forward: one forward runs under
-``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2), on the meta device when the
-model lives there (no weights, no time). Counted: every matmul (qkv, proj, MLP, head), the
+our ``macs.MacCounter`` (formulas from shapes, identical on every device and torch version),
+on the meta device when the model lives there (no weights, no time). Counted: every matmul (qkv, proj, MLP, head), the
 patch-embed conv, attention (SDPA, or its bmm's on meta) and the methods' own matmuls:
 ToMe's matching similarities (A·Bᵀ on head_dim-wide keys per merging block), EViT's explicit
 CLS attention row (T·D per keep block). Not counted, as in every MAC table: norms, softmax,
@@ -21,11 +21,11 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dynavit.trainer.evit import (check_evit_model, evit_forward, evit_keep_count,
                                   evit_token_counts, resolve_layers)
 from dynavit.trainer.flops import build_meta_model, count_macs_breakdown
+from dynavit.trainer.macs import count
 from dynavit.trainer.tome import check_tome_model, tome_forward, tome_token_counts
 
 __all__ = [
@@ -53,12 +53,10 @@ def _count(m: nn.Module, run, batch: int = 1) -> int:
     modes = [(mod, mod.training) for mod in m.modules()]
     m.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            run(m, images)
+        return count(lambda: run(m, images)).total
     finally:
         for mod, was in modes:
             mod.training = was
-    return fc.get_total_flops() // 2
 
 
 def count_tome_macs(model: nn.Module, r, *, prop_attn: bool = True, batch: int = 1) -> int:
@@ -288,7 +286,7 @@ def match_budget(model_name: Union[str, nn.Module], k: int,
     'tome': {r, macs, rel, at_limit}, 'evit': {keep_rate, layers, fuse, macs, rel, at_limit}}
     with rel the relative MAC difference to Dyna-ViT ((method − dynavit) / dynavit) and
     at_limit True when the method cannot get as cheap as Dyna-ViT at K. The MACs are exact
-    counts of each method's forward (FlopCounterMode), batch 1.
+    counts of each method's forward (macs.MacCounter), batch 1.
     """
     return match_budgets(model_name, [k], model_kwargs, evit_layers=evit_layers,
                          evit_fuse=evit_fuse, prop_attn=prop_attn)[0]

@@ -30,7 +30,7 @@ from .bench_report import BenchmarkFailed, write_report
 from .bench_step import AMP_DTYPES
 from .bench_step import bench as bench_step
 from .budget import budget_table, match_budgets
-from .model import make_heads, match_method
+from .model import budget_record, make_heads
 from .selection import LEARNED
 from .compare import compare_runs, write_compare
 from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
@@ -69,15 +69,32 @@ def json_object(ctx, param, value):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the table, the fit and the closed form to this JSON file.")
 @click.option("--method", type=click.Choice(["dynavit", "all"]), default="dynavit", show_default=True,
-              help="all: also the ToMe r and EViT keep rate whose exact MACs match Dyna-ViT's at each K < 100.")
-def flops_command(model_name: str, ks: list[int], json_path: Optional[str], method: str) -> None:
+              help="all: also the parameter of ToMe, EViT, DynamicViT, TNT and Token Cropr whose exact "
+                   "MACs match Dyna-ViT's at each K < 100 (what dynatrain --method picks).")
+@click.option("--model-kwargs", default=None, callback=json_object,
+              help="JSON keyword arguments for timm.create_model, as in training, e.g. "
+                   "'{\"img_size\": 128, \"num_classes\": 10}' to match a run's model.")
+@click.option("--device", type=click.Choice(["meta", "cpu", "cuda"]), default="meta", show_default=True,
+              help="Where the counted forwards run: meta (shapes only, instant) or a real device with "
+                   "random weights. The MACs are the same on each (a check, not a choice of figure).")
+def flops_command(model_name: str, ks: list[int], json_path: Optional[str], method: str,
+                  model_kwargs: dict, device: str) -> None:
     """Exact MACs of the sparse forward per K, the fitted alpha·S²+beta·S+gamma model, and
-    what an fvcore-style count that skips attention (SDPA) would report."""
+    what an fvcore-style count that skips attention (SDPA) would report. Counted by
+    dynavit's own formulas from shapes: the same figures on every device and torch version."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available", param_hint="--device")
     try:
-        model = build_meta_model(model_name)
+        model = build_meta_model(model_name, **model_kwargs)
+        if device != "meta":
+            import timm
+
+            torch.manual_seed(0)
+            model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(device).eval()
         dims = model_dims(model)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise click.BadParameter(str(e).splitlines()[0], param_hint="--model")
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise click.BadParameter(str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                 param_hint="--model/--model-kwargs")
     rows, fit = flops_table(model, ks)
     cf = closed_form_coeffs(**dims)
 
@@ -97,20 +114,25 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
     click.echo("no-attn = total minus SDPA (QKᵀ, AV), i.e. what fvcore reports")
     budgets = None
     if method == "all":
-        budgets = match_budgets(model_name, [k for k in ks if k < 100])
+        budgets = match_budgets(model, [k for k in ks if k < 100])
+        for b in budgets:
+            b["model"] = model_name
         click.echo("\nmatched budgets (exact MACs of each method's own forward):")
         click.echo(budget_table(budgets))
         click.echo("\nlearned methods (their heads' MACs included):")
-        meta = build_meta_model(model_name)
+        learned = []
         for k in (k for k in ks if k < 100):
-            for method in LEARNED:
-                param, described = match_method(meta, method, k, make_heads(meta, method, meta.num_classes))
-                click.echo(f"{k:>4} {method:<11} {described}")
+            for name in LEARNED:
+                rec = budget_record(model, name, k, make_heads(model, name, model.num_classes))
+                learned.append(rec)
+                click.echo(f"{k:>4} {name:<11} {rec['described']}  {rec['macs'] / 1e9:.4f} GMACs")
 
     if json_path:
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
                    fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
-                   unit="MACs (FLOPs/2), counted by torch FlopCounterMode", budgets=budgets)
+                   unit="MACs, counted by dynavit.trainer.macs (formulas from shapes; device- and version-independent)", budgets=budgets,
+                   learned=learned if method == "all" else None, model_kwargs=model_kwargs,
+                   device=device)
         write_json_atomic(json_path, doc)
 
 
@@ -549,7 +571,8 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def compare_command(runs, out_dir, batch, steps, repeats, device):
     """The paper's Table 3 from finished runs (e.g. one per --method at the same --k): method,
-    parameter, exact GMACs, train img/s, inference img/s measured side by side, best top-1."""
+    parameter, exact GMACs, train img/s, inference img/s measured side by side, best top-1.
+    Each run's parameter is the one it recorded when it started (not matched again)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available", param_hint="--device")
     try:

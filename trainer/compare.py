@@ -2,9 +2,11 @@
 
     method · parameter · GMACs · train img/s · inference img/s · best top-1
 
-Every number is measured, none copied: GMACs are the exact count (FlopCounterMode, attention
-included) of the run's own forward (Dyna-ViT's sparse forward at K, ToMe at its r, EViT at
-its keep rate) on a meta-device copy of the run's model; train img/s is the mean of the
+Every number is measured, none copied: the parameter is the one the run recorded when it
+started (config.json ``run.budget``; matched again only for a run that predates the record,
+and then marked); GMACs are its exact count (``macs.MacCounter``, attention included) of the
+run's own forward (Dyna-ViT's sparse forward at K, ToMe at its r, EViT at its keep rate, the
+learned methods with their heads) on a meta-device copy of the run's model; train img/s is the mean of the
 run's metrics.jsonl; inference img/s is timed here, side by side for every run in one
 process (interleaved repeats, median), on random input of the model's size; best top-1 is
 the highest acc1 of metrics.jsonl. Runs are typically trained with `--method` at one `--k`
@@ -21,14 +23,13 @@ import torch
 
 from dynavit.manifests import atomic_path, k_count
 
-from .budget import count_evit_macs, count_tome_macs
 from .config import TrainConfig
-from .flops import build_meta_model, count_macs
-from .model import make_heads, match_method, method_forward
+from .flops import build_meta_model
+from .model import make_heads, match_method, method_forward, method_macs  # noqa: F401 (method_macs re-exported)
 from .report import load_run
 from .selection import DENSE_K
 
-FIELDS = ("run", "method", "parameter", "gmacs", "train_img_s", "infer_img_s", "best_acc1")
+FIELDS = ("run", "method", "parameter", "gmacs", "train_img_s", "infer_img_s", "best_acc1", "budget_source")
 
 
 def _model(cfg: TrainConfig, run_meta: dict, device: str = "cpu"):
@@ -51,13 +52,12 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         num_classes = run.meta["dataset"]["num_classes"]
         meta_model = _model(cfg, run.meta, "meta")
         meta_heads = make_heads(meta_model, cfg.method, num_classes)
-        param, described = match_method(meta_model, cfg.method, k, meta_heads)
-        macs = method_macs(meta_model, cfg.method, k, param, meta_heads)
+        param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
         rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
                      else f"dynavit ({cfg.select})", "parameter": described, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
-                     "infer_img_s": None, "best_acc1": best["acc1"]})
+                     "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source})
         model = _model(cfg, run.meta, device)
         heads = make_heads(model, cfg.method, num_classes)
         heads = None if heads is None else heads.to(device).eval()
@@ -87,22 +87,19 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
     return rows
 
 
-def method_macs(model, method: str, k: int, param, heads=None) -> int:
-    """Exact MACs of one inference forward of `method` at its parameter (heads included)."""
-    if method == "tome":
-        return count_tome_macs(model, param)
-    if method == "evit":
-        return count_evit_macs(model, param)
-    if method == "dynamicvit":
-        from .dynamicvit import count_dynamicvit_macs
-        return count_dynamicvit_macs(model, heads, param)
-    if method == "tnt":
-        from .tnt import count_tnt_macs
-        return count_tnt_macs(model, heads, param)
-    if method == "cropr":
-        from .cropr import count_cropr_macs
-        return count_cropr_macs(model, heads, param)
-    return count_macs(model, k)
+def run_budget(run, cfg: TrainConfig, k: int, meta_model, meta_heads) -> tuple[object, str, int, str]:
+    """(param, described, macs, source) of a run: the budget it recorded when it started
+    (source "recorded"), its MACs recounted here to check them; a run that predates the
+    record is matched again (source "re-matched")."""
+    budget = run.meta.get("run", {}).get("budget") if isinstance(run.meta.get("run"), dict) else None
+    if isinstance(budget, dict) and budget.get("method") == cfg.method and "param" in budget:
+        param, described = budget["param"], str(budget.get("described", ""))
+        macs = method_macs(meta_model, cfg.method, k, param, meta_heads)
+        if budget.get("macs") is not None and int(budget["macs"]) != macs:
+            return param, f"{described} [recorded {int(budget['macs']) / 1e9:.4f} GMACs, counted here]", macs, "recounted"
+        return param, described, macs, "recorded"
+    param, described = match_method(meta_model, cfg.method, k, meta_heads)
+    return param, described, method_macs(meta_model, cfg.method, k, param, meta_heads), "re-matched"
 
 
 def write_compare(rows: list[dict], out_dir) -> list[Path]:
@@ -112,8 +109,15 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     lines = ["| run | method | parameter | GMACs | train img/s | inference img/s | best top-1 |",
              "|:--|:--|:--|--:|--:|--:|--:|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']} | {r['gmacs']:.3f} | {r['train_img_s']:.1f} | "
+        mark = "" if r.get("budget_source", "recorded") == "recorded" else " †"
+        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r['gmacs']:.3f} | {r['train_img_s']:.1f} | "
                      f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
+    lines.append("")
+    lines.append("parameter: as each run recorded it when it started (config.json run.budget); GMACs: that "
+                 "parameter's exact count (dynavit.trainer.macs)")
+    if any(r.get("budget_source", "recorded") != "recorded" for r in rows):
+        lines.append("† re-matched here: the run predates recorded budgets, or its recorded MACs differ from "
+                     "today's count")
     files = [out / "compare.md", out / "compare.csv"]
     with atomic_path(files[0]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

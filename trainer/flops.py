@@ -1,11 +1,12 @@
 """Compute accounting for the sparse forward (paper §3.4, Table 4).
 
-MACs are counted, not estimated: one ``sparse_forward`` runs under
-``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2). That counter covers the
-matmuls, the patch-embed conv *and* ``scaled_dot_product_attention`` (on CPU/CUDA as the
-fused SDPA op, on the meta device as the bmm's of its math path). Elementwise work (norms,
-GELU, softmax, adds) is not counted, as in every MAC table. fvcore skips SDPA; the
-``attn`` column here lets you see what such a tool reports (total minus attention).
+MACs are counted, not estimated: one ``sparse_forward`` runs under our own counter
+(``macs.MacCounter``: every matmul-class aten op by its formula from the input shapes, the
+same on CPU, CUDA and the meta device, whatever torch version is installed). It covers the
+matmuls, the patch-embed conv *and* attention (the fused SDPA kernels on CPU/CUDA, the bmm's
+of the math path on meta). Elementwise work (norms, GELU, softmax, adds) is not counted, as
+in every MAC table. fvcore skips SDPA; the ``attn`` column here lets you see what such a tool
+reports (total minus attention).
 
 For a plain ViT the count is exactly quadratic in the sequence length S:
     per block  4·S·D² (qkv + proj) + 2·S·D·H (MLP, H = mlp_ratio·D) + 2·S²·D (QKᵀ, AV)
@@ -19,9 +20,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dynavit.manifests import k_count, seq_len  # noqa: F401 (seq_len: re-exported)
+from dynavit.trainer.macs import count
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 __all__ = [
@@ -35,12 +36,6 @@ __all__ = [
     "build_meta_model",
     "flops_table",
 ]
-
-
-def _is_attention_op(op) -> bool:
-    name = str(op)
-    # SDPA kernels by name; bmm only occurs in a timm ViT inside attention (math path).
-    return "scaled_dot_product" in name or name in ("aten.bmm", "aten.baddbmm")
 
 
 def count_macs_breakdown(model: torch.nn.Module, k_percent: int, batch: int = 1) -> dict:
@@ -59,15 +54,11 @@ def count_macs_breakdown(model: torch.nn.Module, k_percent: int, batch: int = 1)
     modes = [(mod, mod.training) for mod in m.modules()]
     m.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            sparse_forward(m, images, keep, validate=False)
+        mc = count(lambda: sparse_forward(m, images, keep, validate=False))
     finally:
         for mod, was in modes:
             mod.training = was
-    counts = fc.get_flop_counts().get("Global", {})
-    attn = sum(v for op, v in counts.items() if _is_attention_op(op))
-    return {"total": fc.get_total_flops() // 2, "attention": attn // 2,
-            "S": m.num_prefix_tokens + k}
+    return {"total": mc.total, "attention": mc.attention, "S": m.num_prefix_tokens + k}
 
 
 def count_macs(model: torch.nn.Module, k_percent: int, batch: int = 1) -> int:

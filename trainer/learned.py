@@ -7,7 +7,7 @@ relevance heads, routers) live in a separate ``nn.Module`` that is saved beside 
 
 Here: layer validation, sorted top-k selection, gathers, DynamicViT's attention with a keep
 policy on the keys, exact inference MAC counts (backbone + the method's module, one
-``FlopCounterMode`` pass) and a closest-MACs search over a monotone integer grid.
+``macs.MacCounter`` pass) and a closest-MACs search over a monotone integer grid.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from dynavit.trainer.macs import count
 
 __all__ = [
     "resolve_block_layers",
@@ -129,7 +130,7 @@ def policy_block(blk: Block, x: torch.Tensor, policy: torch.Tensor) -> torch.Ten
 
 def count_inference_macs(m: VisionTransformer, modules: Iterable[nn.Module],
                          run: Callable[[torch.Tensor], object], batch: int = 1) -> int:
-    """Exact MACs (FLOPs / 2, ``FlopCounterMode``) of ``run(images)`` on zero images of the
+    """Exact MACs (``macs.MacCounter``) of ``run(images)`` on zero images of the
     model's size, where the model lives (the meta device costs nothing), with the model and
     ``modules`` in eval mode (restored after) and no grad. Counted: every matmul, the
     patch-embed conv, attention (SDPA or its bmm's) — the method's own Linear layers and
@@ -143,12 +144,10 @@ def count_inference_macs(m: VisionTransformer, modules: Iterable[nn.Module],
     for root in mods:
         root.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            run(images)
+        return count(lambda: run(images)).total
     finally:
         for mod, was in modes:
             mod.training = was
-    return fc.get_total_flops() // 2
 
 
 def search_closest(lo: int, hi: int, exact: Callable[[int], int], target: float,

@@ -108,6 +108,59 @@ def match_method(vit: nn.Module, method: str, k: int, heads: nn.Module | None = 
     return m[name], f"{name}={m[name]} ({m['rel']:+.1%} MACs vs K={k})"
 
 
+def method_macs(model: nn.Module, method: str, k: int, param, heads: nn.Module | None = None) -> int:
+    """Exact MACs (``macs.MacCounter``) of one inference forward of `method` at its parameter,
+    its own heads included; Dyna-ViT: the sparse forward at K."""
+    if method == "tome":
+        from .budget import count_tome_macs
+        return count_tome_macs(model, param)
+    if method == "evit":
+        from .budget import count_evit_macs
+        return count_evit_macs(model, param)
+    if method == "dynamicvit":
+        from .dynamicvit import count_dynamicvit_macs
+        return count_dynamicvit_macs(model, heads, param)
+    if method == "tnt":
+        from .tnt import count_tnt_macs
+        return count_tnt_macs(model, heads, param)
+    if method == "cropr":
+        from .cropr import count_cropr_macs
+        return count_cropr_macs(model, heads, param)
+    from .flops import count_macs
+    return count_macs(model, k)
+
+
+def meta_copy(module: nn.Module | None) -> nn.Module | None:
+    """A copy of `module` on the meta device (shapes only: no memory, no compute), whatever
+    device the original lives on."""
+    if module is None:
+        return None
+    import copy
+
+    memo: dict = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+#: names the counter the recorded MACs come from (a run's budget says which figures it holds)
+MAC_COUNTER = "dynavit.trainer.macs/1"
+
+
+def budget_record(vit: nn.Module, method: str, k: int, heads: nn.Module | None = None) -> dict:
+    """The run's matched budget, computed once on a meta copy of its model (so the same on
+    CPU, CUDA and meta, with any weights): {method, k, param, described, macs, dynavit_macs,
+    rel, counter}. Training records it in config.json and summary.json; compare and the
+    reports read it back instead of matching again."""
+    meta_vit, meta_heads = meta_copy(vit), meta_copy(heads)
+    param, described = match_method(meta_vit, method, k, meta_heads)
+    macs = method_macs(meta_vit, method, k, param, meta_heads)
+    target = macs if method == "dynavit" else method_macs(meta_vit, "dynavit", k, None)
+    return {"method": method, "k": int(k), "param": param, "described": described, "macs": int(macs),
+            "dynavit_macs": int(target), "rel": (macs - target) / target, "counter": MAC_COUNTER}
+
+
 def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:
     kwargs = {"img_size": input_hw, **cfg.model_kwargs}
     if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):

@@ -38,7 +38,7 @@ from dynavit.manifests import write_json_atomic
 
 from .config import Checked, ConfigError, TrainConfig, check_config
 from .data import DataError, Loader, build_loader
-from .model import SparseViT, build_model, make_heads, match_method, method_forward, training_loss
+from .model import SparseViT, budget_record, build_model, make_heads, method_forward, training_loss
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -69,7 +69,11 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # in-encoder methods read every patch, at K's MACs
     heads = make_heads(vit, cfg.method, len(info.classes))  # a learned method's own parameters
     heads = heads.to(device) if heads is not None else None
-    param, described = match_method(vit, cfg.method, budget_k, heads)
+    # Matched once, on a meta copy (device- and weight-independent), and recorded: compare and
+    # the reports read this record back; a resumed run keeps the parameter it was trained with.
+    budget = recorded_budget(out, cfg, budget_k, log) if cfg.resume else None
+    budget = budget or budget_record(vit, cfg.method, budget_k, heads)
+    param, described = budget["param"], budget["described"]
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
     optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, train_loader.steps)
@@ -82,7 +86,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         log(f"resuming {out} after epoch {start_epoch} (best acc1 {best_acc1:.2f}% at epoch {best_epoch})")
     ctx.barrier()  # every rank has checked --out before rank 0 writes into it
     if ctx.main:
-        start_run_dir(out, cfg, checked, ctx, amp_dtype, sel, eval_sel, train_loader.steps, vit, start_epoch, history)
+        start_run_dir(out, cfg, checked, ctx, amp_dtype, sel, eval_sel, train_loader.steps, vit, start_epoch, history,
+                      budget)
     log(f"dynatrain: {cfg.model} on {info.dataset} · {cfg.method} {described} (S={sel.seq_len}) · eval K={eval_sel.k if cfg.method == 'dynavit' else budget_k} · "
         f"{train_loader.steps} steps/epoch × {ctx.world_size} rank(s) · {device} · amp {cfg.amp} → {out}")
 
@@ -123,7 +128,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     summary = {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
                "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
                "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": budget_k, "eval_k": eval_sel.k,
-               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described,
+               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described, "budget": budget,
                "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
@@ -215,6 +220,19 @@ def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist) -> tu
     return ckpt.epoch, ckpt.best_acc1, ckpt.best_epoch, history
 
 
+def recorded_budget(out: Path, cfg: TrainConfig, k: int, log: Callable[[str], None]) -> dict | None:
+    """The budget a run being resumed recorded at its start (None for a run that predates the
+    record: it is matched again)."""
+    try:
+        budget = RunInfo.read(out).run.get("budget")
+    except RunDirError:
+        return None
+    if not isinstance(budget, dict) or budget.get("method") != cfg.method or budget.get("k") != k:
+        return None
+    log(f"resume: {cfg.method} {budget.get('described')} as recorded in {out / 'config.json'}")
+    return budget
+
+
 def write_checkpoints(out: Path, ckpt: Checkpoint, is_best: bool) -> None:
     # best.pt first: once last.pt names an epoch, everything of that epoch is on disk.
     if is_best:  # weights only: best.pt is for evaluation and fine-tuning
@@ -224,7 +242,8 @@ def write_checkpoints(out: Path, ckpt: Checkpoint, is_best: bool) -> None:
 
 
 def start_run_dir(out: Path, cfg: TrainConfig, checked: Checked, ctx: Dist, amp_dtype, sel, eval_sel,
-                  steps: int, vit: nn.Module, start_epoch: int, history: list[EpochRecord]) -> None:
+                  steps: int, vit: nn.Module, start_epoch: int, history: list[EpochRecord],
+                  budget: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         for name in RUN_FILES:  # --overwrite replaces our files, never the user's others
@@ -234,7 +253,8 @@ def start_run_dir(out: Path, cfg: TrainConfig, checked: Checked, ctx: Dist, amp_
         "world_size": ctx.world_size, "device": str(ctx.device), "amp": str(amp_dtype),
         "val_split": checked.val_split, "input_size": list(sel.input_size), "seq_len": sel.seq_len,
         "eval_seq_len": eval_sel.seq_len, "steps_per_epoch": steps,
-        "params": sum(p.numel() for p in vit.parameters()), "resumed_at_epoch": start_epoch}).write(out)
+        "params": sum(p.numel() for p in vit.parameters()), "resumed_at_epoch": start_epoch,
+        "budget": budget}).write(out)
     (out / "metrics.jsonl").write_text("".join(m.line() for m in history))
 
 
