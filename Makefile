@@ -46,7 +46,7 @@ test-lowest:
 	$(PYTHON) -m venv .venv-lowest
 	PIP_FIND_LINKS= .venv-lowest/bin/pip install --quiet "$(UV)"
 	.venv-lowest/bin/uv pip install --quiet --python .venv-lowest/bin/python -e ".[dev]" \
-		"torch==2.14.1" "torchvision==0.29.1" "timm==1.0.23"
+		"torch==2.14.1" "torchvision==0.29.1" "timm==1.0.25"
 	.venv-lowest/bin/python -c "import torch, timm; print('test-lowest: torch', torch.__version__, 'timm', timm.__version__)"
 	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider
 
