@@ -31,6 +31,53 @@ class LocationError(OSError):
     """A shard location that cannot be read; one line naming it."""
 
 
+# A dataset folder is data: what it names is read, never run. A location read from
+# dataset.json, shards.parquet or a run's config.json may only be a local path under the
+# dataset folder (our shards) or under the images root (a user's tars); a URL or a `pipe:`
+# command is honoured only when given on the command line (--images-root) or with this option.
+TRUST_OPTION = "--trust-dataset-urls"
+
+
+class UnsafeLocationError(LocationError):
+    """A location read from disk that names a URL, a command or a path outside its folder."""
+
+
+def _kind(location: str) -> str:
+    return "a command" if location.startswith("pipe:") else "a URL"
+
+
+def check_root(root: str | None, what: str, trusted: bool) -> None:
+    """Refuse `root` (an images root read from `what`, e.g. "dataset.json") when it is a URL
+    or a command and the user has not vouched for it."""
+    if root and is_url(root) and not trusted:
+        raise UnsafeLocationError(
+            f"{what}'s images_root {root[:80]!r} is {_kind(root)}; a dataset folder may only name local "
+            f"paths (pass --images-root with the location, or {TRUST_OPTION} if you trust this folder)")
+
+
+def under(root: str, rel: str, what: str, trusted: bool = False) -> str:
+    """`rel` (read from `what`) joined under `root`, refused unless it stays inside `root`:
+    no URL or command, no absolute path elsewhere, no `..` out of it. With `trusted` (the
+    user's opt-in) anything goes, as `join` does."""
+    rel = str(rel)
+    if trusted:
+        return join(root, rel)
+    if is_url(rel) or "\0" in rel:
+        raise UnsafeLocationError(f"{what} names {_kind(rel)} ({rel[:80]!r}) where a path under {root or '.'} "
+                                  f"belongs (pass {TRUST_OPTION} if you trust this folder)")
+    if root and is_url(root):
+        parts = local_path(rel).split("/")
+        if rel.startswith("/") or ".." in parts:
+            raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which is not under {root}")
+        return root.rstrip("/") + "/" + rel
+    base = os.path.abspath(local_path(root) if root else ".")
+    path = os.path.normpath(os.path.join(base, local_path(rel)))
+    if os.path.commonpath([base, path]) != base:
+        raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which is outside {base} "
+                                  f"(absolute paths and '..' may not leave the folder)")
+    return path
+
+
 def is_url(location: str) -> bool:
     """Whether `location` names a stream rather than a local path (file:// is local)."""
     location = str(location)
@@ -189,5 +236,5 @@ def fetch(location: str, expect: tuple[str, int] | None = None, cache_dir=None) 
     return str(path)
 
 
-__all__ = ["LocationError", "is_url", "local_path", "join", "common_root", "relative", "open_stream",
+__all__ = ["LocationError", "UnsafeLocationError", "TRUST_OPTION", "check_root", "under", "is_url", "local_path", "join", "common_root", "relative", "open_stream",
            "HashingReader", "fetch", "default_cache_dir"]

@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from dynavit.manifests import FormatError, validate_dataset
+from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
+from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from .bench_index import make_jpegs
@@ -18,6 +20,9 @@ from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_
 from .sources import SOURCES, SourceError, open_source
 
 DEFAULT_WORKERS = os.cpu_count() or 1
+TRUST_HELP = ("Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. "
+              "Without it a dataset folder may only name local paths under itself or its images root "
+              "(a downloaded folder could otherwise run commands).")
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -158,9 +163,12 @@ def main():
                    "label=auto|cls|txt|json:FIELD|none: where the class is; img2dataset keeps it in KEY.json "
                    "or KEY.txt, see the README).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, type=click.IntRange(min=1),
+              help="Input files (and tar members) larger than this are failed rows, not read; only regular "
+                   "files are read (a FIFO or a symlink to a device is a failed row).")
 def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
           order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
-          pad_aware, mean, std, options, progress):
+          pad_aware, mean, std, options, progress, max_file_bytes):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
     from .index import IndexConfig, RunError, UnitError, run_index
 
@@ -209,7 +217,8 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
                       image_format=image_format, quality=quality, shard_size=shard_size,
                       order=order, order_seed=order_seed, mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
                       workers=workers, rank=rank, world_size=world_size, executor=executor, ray_address=ray_address,
-                      max_retries=IndexConfig.max_retries if max_retries is None else max_retries)
+                      max_retries=IndexConfig.max_retries if max_retries is None else max_retries,
+                      max_file_bytes=max_file_bytes)
     try:
         result = run_index(cfg, source, resume=resume, overwrite=overwrite,
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
@@ -308,9 +317,11 @@ def merge_manifests(out):
 @click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
 @click.option("--images-root", default=None, metavar="DIR|URL",
               help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
-def verify(out, no_checksums, images_root):
+@click.option(TRUST_OPTION, "trust_urls", is_flag=True, help=TRUST_HELP)
+def verify(out, no_checksums, images_root, trust_urls):
     """Check a dataset directory against the on-disk contract; exit 1 on any violation."""
-    violations = validate_dataset(out, check_checksums=not no_checksums, images_root=images_root)
+    violations = validate_dataset(out, check_checksums=not no_checksums, images_root=images_root,
+                                  trust_urls=trust_urls)
     for v in violations:
         click.echo(str(v))
     if violations:
@@ -339,14 +350,17 @@ def verify(out, no_checksums, images_root):
 @click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
 @click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
               help="Side of one panel in inches (PNG width = panels × size × dpi).")
-def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size):
+@click.option("--images-root", default=None, metavar="DIR|URL",
+              help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
+@click.option(TRUST_OPTION, "trust_urls", is_flag=True, help=TRUST_HELP)
+def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size, images_root, trust_urls):
     """Draw sampled images of a dataset with their score heatmaps and kept patches per K."""
     scorers = None if scorer.strip() == "all" else _names(scorer)
     try:
-        plan_show(out_dir, split, n, ks, keys=_names(keys), seed=seed, scorers=scorers)  # arguments first
+        plan_show(out_dir, split, n, ks, keys=_names(keys), seed=seed, scorers=scorers, png=png)  # arguments first
         require_matplotlib()
         facts = render_show(out_dir, split, n, ks, png, keys=_names(keys), seed=seed, scorers=scorers,
-                            panel_inches=panel_size, dpi=dpi)
+                            panel_inches=panel_size, dpi=dpi, images_root=images_root, trust_urls=trust_urls)
     except ShowError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
     except (MissingExtra, FormatError) as e:

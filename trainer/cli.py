@@ -15,6 +15,7 @@ import sys
 import click
 from click.core import ParameterSource
 
+from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
@@ -85,6 +86,7 @@ def cli():
 @click.option("--skip-bad-samples/--fail-on-bad-samples", default=False, show_default=True, help="Skip samples that fail to decode (counted as `skipped` in metrics.jsonl) instead of stopping.")
 @click.option("--val-split", help="Split evaluated after every epoch. [default: val, else test]")
 @click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256. [default: dataset.json's images_root]")
+@click.option(TRUST_OPTION, "trust_dataset_urls", is_flag=True, help="Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. Without it a dataset folder may only name local paths under itself or its images root (a downloaded folder could otherwise run commands); --images-root may always be a URL.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
 @click.pass_context

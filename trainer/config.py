@@ -29,7 +29,7 @@ SCHEDULES = ("step", "cosine")
 # Options a resume may change without changing the result. `workers` is one of them: an
 # epoch's batches are a function of seed, epoch and rank, whatever the number of workers.
 RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite", "compile",
-                      "skip_bad_samples", "workers", "images_root"}
+                      "skip_bad_samples", "workers", "images_root", "trust_dataset_urls"}
 
 
 class ConfigError(ArgumentError):
@@ -70,6 +70,7 @@ class TrainConfig:
     skip_bad_samples: bool = False
     val_split: str | None = None
     images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
+    trust_dataset_urls: bool = False     # dataset.json / shards.parquet may name URLs and pipe: commands
     resume: str | None = None
     overwrite: bool = False
 

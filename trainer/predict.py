@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dynavit.manifests.inputs import read_regular
 from dynavit.pipeline.decode import DecodeError, load_image
 from dynavit.trainer.online import DynaViT
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS
@@ -72,9 +73,9 @@ def list_images(paths: Iterable) -> list[Path]:
     return out
 
 
-def _decode(path: Path, image_size, patch: int, crop_pct: float):
-    try:
-        data = path.read_bytes()
+def _decode(path: Path, image_size, patch: int, crop_pct: float, max_file_bytes: Optional[int] = None):
+    try:  # a regular file under the cap only: a FIFO or a link to /dev/zero is a failed row
+        data = read_regular(path, max_file_bytes)
     except OSError as e:
         return None, f"cannot read file: {e.strerror or e}"
     try:
@@ -244,7 +245,7 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
             device="cpu", batch_size: int = 32, image_size=None, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, top: int = 5, classes: Optional[Sequence[str]] = None,
             round_to: Optional[int] = None, crop_pct: float = 0.875, progress: bool = False,
-            workers: Optional[int] = None) -> list[dict[str, Any]]:
+            workers: Optional[int] = None, max_file_bytes: Optional[int] = None) -> list[dict[str, Any]]:
     """One dict per input image (see the module docstring for the columns), in input order.
 
     ``model`` is a timm VisionTransformer (or a DynaViT, whose ViT is used); ``paths`` are
@@ -280,7 +281,7 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
         def submit(i):  # decode the next batch in threads while the model runs on this one
             if i >= len(chunks):
                 return []
-            return [pool.submit(_decode, p, model_hw, net.patch, crop_pct) for p in chunks[i]]
+            return [pool.submit(_decode, p, model_hw, net.patch, crop_pct, max_file_bytes) for p in chunks[i]]
 
         futures = submit(0)
         for ci, chunk in enumerate(chunks):

@@ -149,7 +149,7 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
                             workers=cfg.workers, train=is_train, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
-                            images_root=cfg.images_root)
+                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size
