@@ -357,7 +357,9 @@ def _image_members(images: str, index: str, keys: list[str], count: int, externa
             i = next(i for i, (a, b) in enumerate(zip(found, keys)) if a != b)
             raise ShardError(f"{images}: keys differ from manifest.parquet at sample {i}: "
                             f"{found[i]!r} vs {keys[i]!r}")
-    members = {key: member for key, member, _ in scanned}
+    members: dict = {}
+    for key, member, _ in scanned:  # a key repeated in a user's tar: the first copy, as indexed
+        members.setdefault(key, member)
     missing = [key for key in keys if members.get(key) is None]
     if missing:
         problem = next((p for key, _, p in scanned if key == missing[0]), None) or "not in the image shard"

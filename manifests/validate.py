@@ -103,7 +103,9 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
 
 
 def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
-    keys = Counter((r["split"], r["key"]) for r in rows)
+    # A user's tar may repeat a key (dynaprep fails the repeats); ours never do.
+    counted = [r for r in rows if r["status"] == STATUS_OK] if info.external_images else rows
+    keys = Counter((r["split"], r["key"]) for r in counted)
     for (split, key), n in keys.items():
         if n > 1:
             bad(MANIFEST_PARQUET, f"key {key!r} appears {n} times in split {split!r}")
@@ -171,9 +173,13 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
     image_keys = None
     if images is not None:
         try:
-            image_keys = []
+            image_keys, seen = [], set()
             for key, members in iter_tar_samples(images):
+                repeated = key in seen  # a user's tar: the first copy is the sample
+                seen.add(key)
                 image_keys.append(key)
+                if repeated and info.external_images:
+                    continue
                 if not info.external_images and not any(ext in members for ext in IMAGE_EXTS):
                     bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
                 # A user's tar holds a .cls only when labels come from it (img2dataset: json/txt).
