@@ -16,6 +16,7 @@ from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from .bench_index import make_jpegs
+from .cli_types import MAX_IMAGE_SIZE, FiniteFloat
 from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from .sources import SOURCES, SourceError, open_source
 
@@ -113,14 +114,14 @@ def main():
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
 @click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
               help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(1, MAX_IMAGE_SIZE),
               help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
                    "after --resize to this size (the trainer applies the same resize); images already this "
                    "size are kept as they are.")
-@click.option("--patch-size", default=16, show_default=True, type=click.IntRange(min=1), help="ViT patch size.")
+@click.option("--patch-size", default=16, show_default=True, type=click.IntRange(1, MAX_IMAGE_SIZE), help="ViT patch size.")
 @click.option("--resize", type=click.Choice(["center-crop", "squash"]), default="center-crop", show_default=True,
               help="center-crop: short side to image_size/crop_pct, then centre crop; squash: resize to a square.")
-@click.option("--crop-pct", default=0.875, show_default=True, type=click.FloatRange(0.05, 1.0),
+@click.option("--crop-pct", default=0.875, show_default=True, type=FiniteFloat(0.05, 1.0),
               help="Crop fraction for --resize center-crop (timm's eval default).")
 @click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
               help="Stored image format; png is lossless (scores then equal score_patches of the decoded shard).")
@@ -170,7 +171,7 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
           order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
           pad_aware, mean, std, options, progress, max_file_bytes):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
-    from .index import IndexConfig, RunError, UnitError, run_index
+    from .index import IndexConfig, LabelError, RunError, UnitError, run_index
 
     if len(srcs) > 1 and data != "wds":
         raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
@@ -224,7 +225,7 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
     except RunError as e:
         raise click.UsageError(str(e)) from None
-    except UnitError as e:
+    except (UnitError, LabelError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # writing the run state or the merged manifests (disk full, ...)
         raise click.ClickException(_os_error(e)) from None
@@ -300,12 +301,14 @@ def _os_error(e: OSError) -> str:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def merge_manifests(out):
     """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
-    from .index import RunError, merge_from_state
+    from .index import LabelError, RunError, merge_from_state
 
     try:
         info = merge_from_state(out)
     except RunError as e:
         raise click.UsageError(str(e)) from None
+    except LabelError as e:
+        raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
     total = {name: (c.ok, c.failed) for name, c in info.splits.items()}
@@ -347,8 +350,8 @@ def verify(out, no_checksums, images_root, trust_urls):
 @click.option("--scorer", "scorer", default="all", show_default=True,
               help="Scorers whose heatmaps are drawn, comma-separated, or all; the first one's top-K "
                    "sets are the kept patches shown.")
-@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
-@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
+@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(10, 1000), help="Figure resolution.")
+@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=FiniteFloat(0.5, 20),
               help="Side of one panel in inches (PNG width = panels × size × dpi).")
 @click.option("--images-root", default=None, metavar="DIR|URL",
               help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")

@@ -24,5 +24,8 @@ class FiniteFloat(click.FloatRange):
 
 
 FINITE_FLOAT = FiniteFloat()
+# Pixels per side of an image the tools make or read whole: --image-size 1000000 would ask
+# for a ~100 GiB array per image before anything said no.
+MAX_IMAGE_SIZE = 8192
 
-__all__ = ["FINITE_FLOAT", "FiniteFloat"]
+__all__ = ["FINITE_FLOAT", "MAX_IMAGE_SIZE", "FiniteFloat"]

@@ -122,6 +122,10 @@ class RunError(Exception):
     """A run-level problem (bad --out state, resume mismatch): reported as one line, exit 2."""
 
 
+class LabelError(Exception):
+    """The labels of a dataset cannot be made into one class list (one line, exit 1)."""
+
+
 class UnitError(Exception):
     """A work unit could not be finished (a worker process died, the disk is full, an
     input file went away): one line naming the shard, exit 1. The shards committed before
@@ -677,6 +681,14 @@ def _classes(source, manifest: pa.Table) -> tuple[list[str], pa.Table]:
         return names, manifest
     label, class_name = manifest["label"], manifest["class_name"]
     named = pa.compute.and_(pa.compute.is_null(label), pa.compute.is_valid(class_name))
+    numbered = pa.compute.and_(pa.compute.is_valid(label), pa.compute.is_null(class_name))
+    if pa.compute.any(named).as_py() and pa.compute.any(numbered).as_py():
+        # "cat" would get index 0 and collide with the samples labelled 0.
+        number = pa.compute.filter(label, numbered)[0].as_py()
+        name = pa.compute.filter(class_name, named)[0].as_py()
+        raise LabelError(f"the labels mix class numbers and class names (e.g. {number} and {name[:40]!r}): "
+                         "sorted names would collide with the numbers; pass -o classes_file=FILE (one name per "
+                         "line, line i = class i) or make every label one kind")
     if pa.compute.any(named).as_py():
         names = sorted(set(pa.compute.filter(class_name, named).to_pylist()))
         index = {n: i for i, n in enumerate(names)}

@@ -273,3 +273,118 @@ def test_duplicate_keys_are_failed_rows_for_every_copy(tmp_path):
     for i, key in enumerate(table.keys):
         assert data[table.offset[i]:table.offset[i] + table.size[i]] == reference[key]["jpg"]
         assert table.label[i] == int(reference[key]["cls"])
+
+
+def test_class_numbers_and_names_mixed_in_one_label_field_is_one_line_exit_1(tmp_path):
+    members = []
+    for i, label in enumerate([0, "cat", 1, "dog", 0, 1]):
+        members += [(f"s{i}.jpg", jpeg(i)), (f"s{i}.json", json.dumps({"label": label}).encode())]
+    tar = write_tar(tmp_path / "mixed.tar", members)
+    out = tmp_path / "out"
+    result = dynaprep("index", "--data", "wds", "--src", f"train={tar}", "-o", "label=json:label", "--out", out,
+                      *COMMON)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: the labels mix class numbers and class names (e.g. 0 and 'cat')")
+    assert "classes_file" in lines[-1]
+    assert not (out / "dataset.json").exists()
+    # With a class list, the same tar indexes: numbers are indices, names are looked up.
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    ok = dynaprep("index", "--data", "wds", "--src", f"train={tar}", "-o", "label=json:label", "-o",
+                  f"classes_file={tmp_path / 'classes.txt'}", "--out", tmp_path / "ok", *COMMON)
+    assert ok.exit_code == 0, ok.output
+    assert [r["label"] for r in manifest(tmp_path / "ok")] == [0, 0, 1, 1, 0, 1]
+
+
+@pytest.mark.parametrize("label", [3_000_000_000, 2 ** 62])
+def test_a_huge_class_number_is_a_failed_row(tmp_path, label):
+    members = []
+    for i, value in enumerate([0, 1, label, 1]):
+        members += [(f"s{i}.jpg", jpeg(i)), (f"s{i}.cls", str(value).encode())]
+    tar = write_tar(tmp_path / "huge.tar", members)
+    out = tmp_path / "out"
+    result = dynaprep("index", "--data", "wds", "--src", f"train={tar}", "--out", out, *COMMON)
+    assert result.exit_code == 0, result.output
+    rows = manifest(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
+    assert f"label {label} is not below" in rows[2]["error"]
+    assert json.loads((out / "dataset.json").read_text())["classes"] == ["0", "1"]
+
+
+# --- truncated and stalled http downloads (a real loopback server) -----------------------------
+
+class _Server:
+    """A loopback http server for one tar: `mode` "truncate" sends half the body with the
+    whole Content-Length then closes, `truncate_once` does so on the first request only,
+    "stall" sends half then waits; ranges are not supported (a retry gets the whole body)."""
+
+    def __init__(self, data: bytes, mode: str):
+        import http.server
+        import threading
+
+        self.data, self.mode, self.requests, self.release = data, mode, 0, threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.data)))
+                self.end_headers()
+                whole = server.mode == "truncate_once" and server.requests > 1
+                self.wfile.write(server.data if whole else server.data[:len(server.data) // 2])
+                self.wfile.flush()
+                if server.mode == "stall":
+                    server.release.wait(30)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/00000.tar"
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def _tar_bytes(tmp_path, n=8) -> bytes:
+    members = []
+    for i in range(n):
+        members += [(f"s{i}.jpg", jpeg(i)), (f"s{i}.cls", str(i % 2).encode())]
+    return write_tar(tmp_path / "src.tar", members).read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["truncate", "truncate_once", "stall"])
+def test_a_short_http_download_is_retried_then_fails_the_unit(tmp_path, monkeypatch, mode):
+    from dynavit.manifests import locations
+
+    monkeypatch.setattr(locations, "HTTP_TIMEOUT", 2.0)
+    server = _Server(_tar_bytes(tmp_path), mode)
+    out = tmp_path / "out"
+    try:
+        result = dynaprep("index", "--data", "wds", "--src", f"train={server.url}", "--out", out, *COMMON)
+    finally:
+        server.stop()
+    if mode == "truncate_once":  # the retry got the whole tar: every sample, the right hash
+        assert result.exit_code == 0, result.output
+        assert server.requests == 2
+        assert [r["status"] for r in manifest(out)] == ["ok"] * 8
+        row = pq.read_table(out / "shards.parquet").to_pylist()[0]
+        import hashlib
+
+        assert row["images_sha256"] == hashlib.sha256(server.data).hexdigest()
+        return
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert server.url in last
+    if mode == "truncate":
+        assert server.requests == 1 + locations.HTTP_RETRIES
+        assert f"sent {len(server.data) // 2} of {len(server.data)} bytes" in last and "truncated" in last
+    else:
+        assert "no data for 2 s" in last and "stalled" in last
+    assert not (out / "dataset.json").exists()

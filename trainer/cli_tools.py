@@ -21,6 +21,7 @@ import torch
 from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat
 from dynavit.manifests.options import ArgumentError, check_output_dir, check_output_file, parse_k_list, parse_triple
 
 from .bench import format_bench, run_bench
@@ -327,9 +328,9 @@ def _check_predict_out(ctx, param, value):
               help="Extra timm.create_model kwargs, e.g. '{\"depth\": 6}' (added to the checkpoint's).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classes of a plain state_dict (default: rows of head.weight).")
-@click.option("--image-size", type=click.IntRange(min=1), default=None,
+@click.option("--image-size", type=click.IntRange(1, MAX_IMAGE_SIZE), default=None,
               help="Input size (default: the checkpoint's input size / pos_embed grid).")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875,
+@click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=0.875,
               show_default=True, help="Center-crop fraction (resize short side to size/crop_pct).")
 @click.option("--mean", callback=_parse_triple, default=None, metavar="R,G,B",
               help="Normalization mean (default: the checkpoint's, else ImageNet).")

@@ -32,6 +32,12 @@ RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite"
                       "skip_bad_samples", "workers", "images_root", "trust_dataset_urls"}
 
 
+# Options that decide what the weights are (architecture, which tokens they see, the
+# method's parameter): a resume that changed them would relabel the run's weights.
+RESUME_FIXED_FIELDS = {"model", "model_kwargs", "k", "select", "scorer", "method", "input_size", "pretrained",
+                       "checkpoint"}
+
+
 class ConfigError(ArgumentError):
     """A bad argument, detected before anything is written. `param` names the option."""
 
@@ -108,6 +114,12 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     if out and Path(out).resolve() != run.resolve():
         raise ConfigError(f"--out {out} differs from the resumed run {run}; a resumed run continues in place", "--out")
     changed = [k for k, v in overrides.items() if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != v]
+    for name in changed:
+        if name in RESUME_FIXED_FIELDS:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} {overrides[name]!r} differs from the run's {getattr(saved, name)!r}: it changes "
+                              f"what the weights of {run} mean, so a resume cannot change it; start a new run "
+                              f"(--checkpoint {run / 'last.pt'} starts from its weights)", option)
     cfg = dataclasses.replace(saved, **overrides)
     cfg.resume, cfg.out = str(run), str(run)
     return cfg, changed

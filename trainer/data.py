@@ -470,7 +470,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         table = build_table(dataset_dir, info, split, scorer, images_root=images_root, trust_urls=trust_urls)
     except ShardError as e:
         raise DataError(str(e)) from None
-    if train and len(table) < world_size * batch_size and (skip_bad_samples or not table.problems):
+    if table.problems and (len(table) == 0 or (train and len(table) < world_size * batch_size)):
+        # Every shard (or all but too few) unreadable: say which and why, not 0 steps.
+        lost = sum(n for _, n in table.problems)
+        raise DataError(f"{dataset_dir}: split {split!r}: {len(table.problems)} shard(s) with {lost} samples "
+                        f"cannot be read, {len(table)} usable samples left; first: {table.problems[0][0]}")
+    if train and len(table) < world_size * batch_size:
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
     plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),

@@ -265,6 +265,13 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
+NONFINITE_CHECK = 20  # steps between looks at the loss's finiteness
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: one line, exit 1; no checkpoint of the diverged epoch is written."""
+
+
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
                     amp_dtype, epoch: int) -> dict[str, Any]:
     model.train()
@@ -275,12 +282,22 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     bar = tqdm(total=loader.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
     start = time.perf_counter()
+    # Non-finite losses are counted on the device and looked at every NONFINITE_CHECK steps
+    # (a host sync per step would cost the GPU its lead); all ranks look at the same step.
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)
     for batch in loader:
         images, keep_idx, labels = to_device(batch, device, mean, std)
         with autocast(device, amp_dtype):
             # Index checks cost a device sync (and a graph break under --compile); the loader
             # has checked the stored indices, so one eager check per epoch is enough.
             loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+        nonfinite += (~torch.isfinite(loss.detach())).double()
+        if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == loader.steps:
+            if ctx.all_reduce(nonfinite.clone()).item() > 0:
+                bar.close()
+                raise NonFiniteLoss(f"the training loss is not finite (NaN or inf) in epoch {epoch + 1}, by step "
+                                    f"{steps + 1}; training stopped, and last.pt / best.pt are those of the last "
+                                    f"finite epoch ({epoch}). Lower --lr, or set --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad:

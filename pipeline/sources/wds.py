@@ -70,6 +70,7 @@ TAR_ERROR_KEY = "__tar_error__"
 DUPLICATE = "key appears again in this tar (non-adjacent members); the first copy is the sample"
 _SPLIT_PREFIX = re.compile(r"^([A-Za-z0-9_-]+)=(.+)$")
 LABEL_MODES = ("auto", "cls", "txt", "none", "json:FIELD")
+MAX_CLASSES = 1_000_000  # the manifest's label is int32, the class list one name per class
 MIN_PIECE = 32  # samples: a smaller piece costs more in scanning and joining than it spreads
 
 
@@ -290,6 +291,10 @@ class WdsSource(Source):
         if last is not None:
             key, group, problem = last
             yield finish(key, group, problem or ("tar ends inside this sample" if failure else None))
+        if failure and isinstance(failure[0], locations.TruncatedDownload):
+            # Not a broken tar but a broken download: the unit fails (exit 1, --resume redoes
+            # it) rather than ending with half the samples and the hash of half the bytes.
+            raise failure[0]
         if failure:
             # One per unreadable tar; the unit index keeps the key unique within the split.
             yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
@@ -353,6 +358,8 @@ class WdsSource(Source):
 
     def _class_of(self, value) -> tuple[int | None, str | None, str | None]:
         if isinstance(value, int):
+            if value >= MAX_CLASSES:  # a class list (and a classifier head) of that size is a bad label
+                return None, None, f"label {value} is not below {MAX_CLASSES} (classes dynaprep accepts)"
             if not self._classes:
                 return value, None, None if value >= 0 else f"label {value} is negative"
             if 0 <= value < len(self._classes):
