@@ -16,7 +16,7 @@ from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from .bench_index import make_jpegs
-from .cli_types import MAX_IMAGE_SIZE, FiniteFloat
+from .cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
 from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from .sources import SOURCES, SourceError, open_source
 
@@ -109,7 +109,7 @@ def main():
               help="Dataset root. wds: a tar, a {000..099} brace pattern, a glob, a folder, or a URL "
                    "(http(s)://, s3://, gs://, pipe:CMD, file://); prefix NAME= to name its split and repeat "
                    "--src for several splits (--src train=A --src val=B).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset directory.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, callback=out_dir, help="Output dataset directory.")
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
 @click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
@@ -338,7 +338,7 @@ def verify(out, no_checksums, images_root, trust_urls):
 
 @main.command("show", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "png", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "png", required=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")
 @click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
 @click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
@@ -385,9 +385,9 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
 @click.option("--scorer", default="l2", show_default=True)
 @click.option("--k", "ks", default="70,50,25", show_default=True)
 @click.option("--format", "fmt", default="jpg", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, callback=out_dir,
               help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=out_file, help="Also write the figures here.")
 def bench_index_command(n, mix, workers, shard_size, repeats, scorer, ks, fmt, workdir, json_out):
     """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
     import numpy as np

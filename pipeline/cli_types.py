@@ -28,4 +28,32 @@ FINITE_FLOAT = FiniteFloat()
 # for a ~100 GiB array per image before anything said no.
 MAX_IMAGE_SIZE = 8192
 
-__all__ = ["FINITE_FLOAT", "MAX_IMAGE_SIZE", "FiniteFloat"]
+
+
+def out_dir(ctx, param, value):
+    """click callback: a folder the command will create or fill, checked while parsing
+    (before any work): not an existing file, not under a file, writable."""
+    from dynavit.manifests.options import ArgumentError, check_output_dir
+
+    if value is not None:
+        try:
+            check_output_dir(value, None)
+        except ArgumentError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def out_file(ctx, param, value):
+    """click callback: a file the command will write, checked while parsing: not a folder,
+    not under a file, in a writable folder."""
+    from dynavit.manifests.options import ArgumentError, check_output_file
+
+    if value is not None:
+        try:
+            check_output_file(value, None)
+        except ArgumentError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+__all__ = ["FINITE_FLOAT", "MAX_IMAGE_SIZE", "FiniteFloat", "out_dir", "out_file"]

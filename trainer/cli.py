@@ -16,7 +16,7 @@ import click
 from click.core import ParameterSource
 
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
@@ -57,7 +57,7 @@ def cli():
 
 @cli.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
+@click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
 @click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense; any 1..100 with --select random/center or a cropping --input-size). [default: --k]")
 @click.option("--scorer", default="l2", show_default=True, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy; must be in the dataset).")

@@ -21,7 +21,7 @@ import torch
 from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
 from dynavit.manifests.options import ArgumentError, check_output_dir, check_output_file, parse_k_list, parse_triple
 
 from .bench import format_bench, run_bench
@@ -63,25 +63,7 @@ def json_object(ctx, param, value):
     return obj
 
 
-def _out_dir(ctx, param, value):
-    """click callback: a folder this command will create or fill, checked before the work."""
-    if value is not None:
-        try:
-            check_output_dir(value, None)
-        except ArgumentError as e:
-            raise click.BadParameter(str(e)) from None
-    return value
-
-
-def _out_file(ctx, param, value):
-    """click callback: a file this command will write must be writable where it is named,
-    found before the work rather than after it (a path under a file, a folder)."""
-    if value is not None:
-        try:
-            check_output_file(value, None)
-        except ArgumentError as e:
-            raise click.BadParameter(str(e)) from None
-    return value
+_out_dir, _out_file = out_dir, out_file  # click callbacks shared with dynaprep (pipeline/cli_types.py)
 
 
 @click.command("flops")
