@@ -61,6 +61,10 @@ def check_output_file(path, param: str) -> None:
     path = Path(path).absolute()
     if path.is_dir():
         raise ArgumentError(f"{path} is a directory, not a file", param)
+    _check_parents(path, param)
+
+
+def _check_parents(path: Path, param: str | None) -> None:
     for p in path.parents:
         try:
             if not p.exists():
@@ -68,7 +72,7 @@ def check_output_file(path, param: str) -> None:
         except OSError as e:
             raise ArgumentError(f"cannot access {p}: {e.strerror or e}", param) from None
         if not p.is_dir():
-            raise ArgumentError(f"{path} lies under {p}, which is a file", param)
+            raise ArgumentError(f"{p} is not a directory ({path} would lie under it)", param)
         if not os.access(p, os.W_OK | os.X_OK):
             raise ArgumentError(f"{p} is not writable", param)
         return
@@ -78,8 +82,11 @@ def check_output_dir(path, param: str) -> None:
     """A folder to be created or filled at `path`: not an existing file, not under a file."""
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
-        raise ArgumentError(f"{path} exists and is not a directory", param)
-    check_output_file(path / "_", param)
+        raise ArgumentError(f"{path} is not a directory", param)
+    if not path.exists():
+        _check_parents(path, param)
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{path} is not writable", param)
 
 
 def finite_float(value, name: str = "value", low: float | None = None, high: float | None = None,
