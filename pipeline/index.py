@@ -452,6 +452,8 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     check_settings(cfg)
     set_max_file_bytes(cfg.max_file_bytes)  # units run in this process too
     units = plan(cfg, source)
+    if not units:  # checked before --out is touched: nothing to write is an argument error
+        raise RunError(f"nothing to index: every split of {cfg.src or cfg.data} is empty")
     mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
     prepare_out_dir(cfg, units, resume, overwrite)
     save_plan(cfg.out, source, units)

@@ -83,3 +83,41 @@ def test_a_split_whose_shards_all_fail_says_which(dataset, tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert "split 'train'" in err[0] and "cannot be read" in err[0] and "images-" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs, words", [({"depth": -1}, "cannot build"), ({"embed_dim": 4_000_000}, "parameters")])
+def test_model_kwargs_that_cannot_build_a_model_are_one_line_exit_2(dataset, tmp_path, capsys, kwargs, words):
+    args = [a if a != json.dumps(MODEL_KWARGS) else json.dumps({**MODEL_KWARGS, **kwargs}) for a in TINY]
+    capsys.readouterr()
+    code = run_cli(["--shards", dataset, "--out", tmp_path / "run", "--epochs", 1, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'--model-kwargs'" in err[0] and words in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_diskfull_while_writing_a_checkpoint_is_one_line_exit_1(dataset, tmp_path, capsys, monkeypatch):
+    from dynavit.trainer import rundir
+
+    def full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir.Checkpoint, "save", full)
+    capsys.readouterr()
+    code = run_cli(["--shards", dataset, "--out", tmp_path / "run", "--epochs", 1, *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "last.pt" in err[0], err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_to_overwrite(dataset, tmp_path, capsys, monkeypatch):
+    from dynavit.trainer import rundir
+
+    monkeypatch.setattr(rundir.Checkpoint, "save", lambda self, path: (_ for _ in ()).throw(OSError(28, "full")))
+    run = tmp_path / "run"
+    assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, *TINY]) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_cli(["--resume", run]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, "--overwrite", *TINY]) == 0

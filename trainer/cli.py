@@ -22,7 +22,7 @@ from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
-from dynavit.trainer.train import NonFiniteLoss, train
+from dynavit.trainer.train import NonFiniteLoss, RunWriteError, train
 
 
 MAX_LR = 10.0        # AdamW's rate: anything above is a typo, and 1e308 overflows the weights
@@ -122,7 +122,7 @@ def train_command(ctx, **options):
         return train(cfg)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
-    except (DataError, NonFiniteLoss) as e:  # a bad shard met mid-run, a diverged run: exit 1
+    except (DataError, NonFiniteLoss, RunWriteError) as e:  # a bad shard mid-run, a diverged run, disk full: exit 1
         raise click.ClickException(str(e)) from None
 
 

@@ -104,6 +104,9 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     applied; returns it with the names of overridden fields that change the result."""
     run = Path(run)
     path = run / "config.json"
+    if path.is_file() and not (run / "last.pt").is_file():
+        raise ConfigError(f"{run}: the run stopped before its first checkpoint (no last.pt), so there is nothing "
+                          f"to resume; start it again with the same options and --out {run} --overwrite", "--resume")
     if not (run / "last.pt").is_file() or not path.is_file():
         raise ConfigError(f"{run}: not a resumable run directory (needs config.json and last.pt)", "--resume")
     try:
@@ -250,5 +253,8 @@ def _check_out(cfg: TrainConfig) -> None:
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ConfigError(f"--out {out} lies under a file", "--out")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        if (out / "config.json").is_file() and not (out / "last.pt").is_file():
+            raise ConfigError(f"{out} holds a run that stopped before its first checkpoint (no last.pt); pass "
+                              f"--overwrite to start it again", "--out")
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace its run files, "
                           f"or --resume {out} to continue it", "--out")

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from dynavit.manifests.inputs import read_regular
 from dynavit.pipeline.decode import DecodeError, load_image
+from dynavit.trainer.model import check_model_size
 from dynavit.trainer.online import DynaViT
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS
 from dynavit.trainer.sparse import check_model
@@ -194,6 +195,7 @@ def _create(name: str, num_classes: int, kwargs: dict, img_size) -> nn.Module:
     if img_size:
         kw["img_size"] = img_size
     try:
+        check_model_size(name, num_classes, kw)
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -105,14 +105,13 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
             best_acc1, best_epoch = record.acc1, epoch + 1
         rngs = ctx.gather_rng()
         if ctx.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(record.line())
-            ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
-                              model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
-                              model=vit.state_dict(), optimizer=optimizer.state_dict(),
-                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                              method_state=None if heads is None else heads.state_dict())
-            write_checkpoints(out, ckpt, is_best)
+            try:
+                _save_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler,
+                            rngs, heads, is_best)
+            except OSError as e:  # disk full, quota, a removed folder: one line, exit 1
+                raise RunWriteError(f"cannot write the checkpoint of epoch {epoch + 1} in {out}: "
+                                    f"{e.strerror or e}; last.pt holds the last epoch written, so free space and "
+                                    f"--resume {out}") from None
             log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record.train_loss:.4f}  val_loss "
                 f"{record.val_loss:.4f}  acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  "
                 f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
@@ -213,6 +212,23 @@ def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist) -> tu
     # Lines of epochs after the checkpoint (a crash between the two writes) are redone.
     history = [m for m in read_metrics(out) if m.epoch <= ckpt.epoch]
     return ckpt.epoch, ckpt.best_acc1, ckpt.best_epoch, history
+
+
+class RunWriteError(RuntimeError):
+    """The run folder cannot be written (disk full, ...): one line, exit 1."""
+
+
+def _save_epoch(out: Path, record: EpochRecord, epoch: int, best_acc1: float, best_epoch: int, cfg: TrainConfig,
+                info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool) -> None:
+    """metrics.jsonl's line of the epoch, then its checkpoints (rank 0)."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(record.line())
+    ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
+                      model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
+                      model=vit.state_dict(), optimizer=optimizer.state_dict(),
+                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                      method_state=None if heads is None else heads.state_dict())
+    write_checkpoints(out, ckpt, is_best)
 
 
 def write_checkpoints(out: Path, ckpt: Checkpoint, is_best: bool) -> None:
