@@ -121,3 +121,31 @@ def test_a_run_stopped_before_its_first_checkpoint_says_to_overwrite(dataset, tm
     assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, *TINY]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, "--overwrite", *TINY]) == 0
+
+
+class _Payload:
+    """Unpickling this runs a command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_checkpoint_is_refused_without_torch_advice_to_unpickle_it(dataset, tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    torch.save({"model": _Payload(marker)}, tmp_path / "evil.pt")
+    capsys.readouterr()
+    code = run_cli(["--shards", dataset, "--out", tmp_path / "run", "--checkpoint", tmp_path / "evil.pt", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "will not unpickle" in err[0], err
+    assert "weights_only" not in err[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(tmp_path / "evil.pt"), str(tmp_path), "--out", str(tmp_path / "p.csv"),
+              "--model", "vit_tiny_patch16_224"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "will not unpickle" in err[0] and "weights_only" not in err[0]
+    assert not marker.exists()

@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .config import ConfigError, TrainConfig
+from .rundir import load_error
 from .selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from .sparse import check_model, sparse_forward
 
@@ -159,7 +160,7 @@ def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> None:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, not a torch file, non-tensor payloads
-        raise ConfigError(f"{path}: cannot load weights ({type(e).__name__}: {e})".splitlines()[0], "--checkpoint") from None
+        raise ConfigError(f"{path}: cannot load weights ({load_error(e)})", "--checkpoint") from None
     for key in ("model", "state_dict", "model_ema", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

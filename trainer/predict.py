@@ -37,6 +37,7 @@ import torch.nn as nn
 from dynavit.manifests.inputs import read_regular
 from dynavit.pipeline.decode import DecodeError, load_image
 from dynavit.trainer.model import check_model_size
+from dynavit.trainer.rundir import load_error
 from dynavit.trainer.online import DynaViT
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS
 from dynavit.trainer.sparse import check_model
@@ -134,8 +135,7 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PredictError(f"cannot read checkpoint {path}: {msg}") from None
+        raise PredictError(f"cannot read checkpoint {path}: {load_error(e)}") from None
     if not isinstance(obj, dict):
         raise PredictError(f"{path} is not a checkpoint: expected a dict, got {type(obj).__name__}")
     return obj
