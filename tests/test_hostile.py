@@ -388,3 +388,23 @@ def test_a_short_http_download_is_retried_then_fails_the_unit(tmp_path, monkeypa
     else:
         assert "no data for 2 s" in last and "stalled" in last
     assert not (out / "dataset.json").exists()
+
+
+def test_a_gif_in_a_users_tar_is_an_image_as_in_folders_and_predict(tmp_path):
+    gif = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(gif, "GIF")
+    members = [("g0.gif", gif.getvalue()), ("g0.cls", b"0")]
+    for i in range(1, 4):
+        members += [(f"s{i}.jpg", jpeg(i)), (f"s{i}.cls", str(i % 2).encode())]
+    tar = write_tar(tmp_path / "gif.tar", members)
+    out = tmp_path / "out"
+    result = dynaprep("index", "--data", "wds", "--src", f"train={tar}", "--out", out, *COMMON)
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in manifest(out)] == ["ok"] * 4
+    from dynavit.manifests import read_dataset_info
+    from dynavit.manifests.shards import build_table
+
+    table = build_table(out, read_dataset_info(out), "train", "l2")
+    data = tar.read_bytes()
+    assert data[table.offset[0]:table.offset[0] + table.size[0]] == gif.getvalue()
+    assert dynaprep("verify", out).exit_code == 0
