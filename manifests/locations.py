@@ -31,6 +31,53 @@ class LocationError(OSError):
     """A shard location that cannot be read; one line naming it."""
 
 
+# A dataset folder is data: what it names is read, never run. A location read from
+# dataset.json, shards.parquet or a run's config.json may only be a local path under the
+# dataset folder (our shards) or under the images root (a user's tars); a URL or a `pipe:`
+# command is honoured only when given on the command line (--images-root) or with this option.
+TRUST_OPTION = "--trust-dataset-urls"
+
+
+class UnsafeLocationError(LocationError):
+    """A location read from disk that names a URL, a command or a path outside its folder."""
+
+
+def _kind(location: str) -> str:
+    return "a command" if location.startswith("pipe:") else "a URL"
+
+
+def check_root(root: str | None, what: str, trusted: bool) -> None:
+    """Refuse `root` (an images root read from `what`, e.g. "dataset.json") when it is a URL
+    or a command and the user has not vouched for it."""
+    if root and is_url(root) and not trusted:
+        raise UnsafeLocationError(
+            f"{what}'s images_root {root[:80]!r} is {_kind(root)}; a dataset folder may only name local "
+            f"paths (pass --images-root with the location, or {TRUST_OPTION} if you trust this folder)")
+
+
+def under(root: str, rel: str, what: str, trusted: bool = False) -> str:
+    """`rel` (read from `what`) joined under `root`, refused unless it stays inside `root`:
+    no URL or command, no absolute path elsewhere, no `..` out of it. With `trusted` (the
+    user's opt-in) anything goes, as `join` does."""
+    rel = str(rel)
+    if trusted:
+        return join(root, rel)
+    if is_url(rel) or "\0" in rel:
+        raise UnsafeLocationError(f"{what} names {_kind(rel)} ({rel[:80]!r}) where a path under {root or '.'} "
+                                  f"belongs (pass {TRUST_OPTION} if you trust this folder)")
+    if root and is_url(root):
+        parts = local_path(rel).split("/")
+        if rel.startswith("/") or ".." in parts:
+            raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which is not under {root}")
+        return root.rstrip("/") + "/" + rel
+    base = os.path.abspath(local_path(root) if root else ".")
+    path = os.path.normpath(os.path.join(base, local_path(rel)))
+    if os.path.commonpath([base, path]) != base:
+        raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which is outside {base} "
+                                  f"(absolute paths and '..' may not leave the folder)")
+    return path
+
+
 def is_url(location: str) -> bool:
     """Whether `location` names a stream rather than a local path (file:// is local)."""
     location = str(location)
@@ -87,13 +134,7 @@ def open_stream(location: str):
             raise LocationError(f"{location}: {e.strerror or e}") from None
     scheme = _SCHEME.match(location).group(1).lower()
     if scheme in ("http", "https"):
-        try:
-            return urllib.request.urlopen(urllib.request.Request(location, headers={"User-Agent": "dynavit"}),
-                                          timeout=60)
-        except urllib.error.HTTPError as e:
-            raise LocationError(f"{location}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise LocationError(f"{location}: {getattr(e, 'reason', None) or e}") from None
+        return _HTTPStream(location)
     try:
         import fsspec
     except ImportError:
@@ -106,6 +147,86 @@ def open_stream(location: str):
         raise LocationError(f"{location}: {scheme}:// needs " + (f"pip install {need}" if need else str(e))) from None
     except (OSError, ValueError) as e:
         raise LocationError(f"{location}: {e}") from None
+
+
+HTTP_TIMEOUT = float(os.environ.get("DYNAVIT_HTTP_TIMEOUT") or 60)  # seconds without a byte from the server
+HTTP_RETRIES = 3  # reconnections after a download that stopped short of its Content-Length
+
+
+class TruncatedDownload(LocationError):
+    """A download that stopped short: the server closed before Content-Length bytes on
+    every retry, or sent nothing for HTTP_TIMEOUT seconds."""
+
+
+def _http_open(location: str, start: int = 0):
+    headers = {"User-Agent": "dynavit", **({"Range": f"bytes={start}-"} if start else {})}
+    try:
+        return urllib.request.urlopen(urllib.request.Request(location, headers=headers), timeout=HTTP_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        raise LocationError(f"{location}: HTTP {e.code} {e.reason}") from None
+    except TimeoutError:
+        raise LocationError(f"{location}: no answer in {HTTP_TIMEOUT:g} s (DYNAVIT_HTTP_TIMEOUT)") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise LocationError(f"{location}: {getattr(e, 'reason', None) or e}") from None
+
+
+class _HTTPStream:
+    """An http(s) body that is either whole or an error. urllib returns a short body as if
+    it were the end when the server closes early; a tar cut there reads as a smaller tar.
+    Short of Content-Length, it reconnects (a Range request, or the body again with the part
+    already read skipped) up to HTTP_RETRIES times, then raises TruncatedDownload. A server
+    silent for HTTP_TIMEOUT seconds is a LocationError that says so."""
+
+    def __init__(self, location: str):
+        self.location, self.pos, self.retries = location, 0, 0
+        self.resp = _http_open(location)
+        length = self.resp.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            try:
+                data = self.resp.read(n)
+            except TimeoutError:
+                raise TruncatedDownload(f"{self.location}: no data for {HTTP_TIMEOUT:g} s after {self.pos} bytes "
+                                    f"(a stalled server; DYNAVIT_HTTP_TIMEOUT sets the wait)") from None
+            except OSError as e:  # a reset connection: retried like a short one
+                data, error = b"", e
+            else:
+                error = None
+            if data or n == 0:
+                self.pos += len(data)
+                return data
+            if self.length is None or self.pos >= self.length:
+                if error is not None:
+                    raise LocationError(f"{self.location}: {error}") from None
+                return b""
+            if self.retries >= HTTP_RETRIES:
+                raise TruncatedDownload(f"{self.location}: the server sent {self.pos} of {self.length} bytes "
+                                        f"(Content-Length), {HTTP_RETRIES} retries included; truncated download")
+            self.retries += 1
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        self.resp.close()
+        self.resp = _http_open(self.location, self.pos)
+        if self.resp.status != 206:  # no ranges: the whole body again, minus what was read
+            skip = self.pos
+            while skip:
+                chunk = self.resp.read(min(skip, 1 << 20))
+                if not chunk:
+                    break
+                skip -= len(chunk)
+
+    def close(self) -> None:
+        self.resp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class _PipeStream:
@@ -157,6 +278,14 @@ class HashingReader:
         return self.hash.hexdigest(), self.size
 
 
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DYNAVIT_CACHE") or Path.home() / ".cache" / "dynavit") / "shards"
 
@@ -170,7 +299,9 @@ def fetch(location: str, expect: tuple[str, int] | None = None, cache_dir=None) 
     name = hashlib.sha256(location.encode()).hexdigest()[:24] + "-" + re.sub(r"[^A-Za-z0-9._-]", "_",
                                                                              location.rsplit("/", 1)[-1])[-60:]
     path = cache / name
-    if path.is_file() and (expect is None or path.stat().st_size == expect[1]):
+    # A cached copy is used only when its bytes are still the indexed ones: a size that
+    # matches says nothing about a copy that was changed or half-overwritten.
+    if path.is_file() and (expect is None or (path.stat().st_size == expect[1] and _sha256(path) == expect[0])):
         return str(path)
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -189,5 +320,5 @@ def fetch(location: str, expect: tuple[str, int] | None = None, cache_dir=None) 
     return str(path)
 
 
-__all__ = ["LocationError", "is_url", "local_path", "join", "common_root", "relative", "open_stream",
+__all__ = ["TruncatedDownload", "LocationError", "UnsafeLocationError", "TRUST_OPTION", "check_root", "under", "is_url", "local_path", "join", "common_root", "relative", "open_stream",
            "HashingReader", "fetch", "default_cache_dir"]

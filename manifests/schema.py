@@ -19,7 +19,7 @@ MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 
 # Member suffixes of a sample (DESIGN §3), the one place that names them.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm")  # webdataset's own image extensions, lower-case
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "gif", "bmp", "tif", "tiff")  # webdataset's own image extensions, then what folders and predict also read (decoded with PIL)
 CLS_EXT = "cls"  # integer label as ASCII
 SCORES_EXT = "scores.npy"  # float16 [Gh, Gw]
 

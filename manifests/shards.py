@@ -23,7 +23,7 @@ import numpy as np
 
 from . import locations
 from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
-from .schema import (CLS_EXT, IMAGE_EXTS, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
+from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
 from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, join_fragments, scan_members, split_name
 
@@ -234,13 +234,25 @@ class SampleTable:
 
 
 def image_shard_path(dataset_dir, info: DatasetInfo, row: dict, images_root: str | None = None,
-                     fetch: bool = True) -> str:
+                     fetch: bool = True, trust_urls: bool = False) -> str:
     """Where to read the image shard of a shards.parquet row: ours under the dataset dir; a
     user's under `images_root` (default: dataset.json's), a remote one copied into the local
-    cache (checked against the sha256 taken at indexing) unless `fetch` is False."""
-    if not info.external_images:
-        return str(resolve(dataset_dir, row["images"]).absolute())
-    location = locations.join(images_root or info.images_root, row["images"])
+    cache (checked against the sha256 taken at indexing) unless `fetch` is False.
+
+    The row and dataset.json are data: a location they name must stay under the dataset dir
+    (ours) or the images root (a user's). `images_root` is the user's own (--images-root), so
+    it may be a URL or a command; dataset.json's may only with `trust_urls`
+    (locations.TRUST_OPTION). UnsafeRowError otherwise."""
+    try:
+        if not info.external_images:
+            return locations.under(str(Path(dataset_dir).absolute()), row["images"],
+                                   f"{SHARDS_PARQUET} (shard {row['split']}/{row['shard']})", trust_urls)
+        if not images_root:
+            locations.check_root(info.images_root, DATASET_JSON, trust_urls)
+        location = locations.under(images_root or info.images_root or "", row["images"],
+                                   f"{SHARDS_PARQUET} (shard {row['split']}/{row['shard']})", trust_urls)
+    except locations.UnsafeLocationError as e:
+        raise UnsafeRowError(f"{dataset_dir}: {e}") from None
     if locations.is_url(location):
         if not fetch:
             return location
@@ -251,6 +263,15 @@ def image_shard_path(dataset_dir, info: DatasetInfo, row: dict, images_root: str
     return str(Path(locations.local_path(location)).absolute())
 
 
+def index_shard_path(dataset_dir, rel: str, row: dict) -> str:
+    """An index shard's path (always ours): under the dataset dir, or UnsafeRowError."""
+    try:
+        return locations.under(str(Path(dataset_dir).absolute()), rel,
+                               f"{SHARDS_PARQUET} (shard {row['split']}/{row['shard']})")
+    except locations.UnsafeLocationError as e:
+        raise UnsafeRowError(f"{dataset_dir}: {e}") from None
+
+
 def moved_hint(path: str, root: str | None) -> str:
     """The one-line error for a user's image shard that is not where it was indexed."""
     return (f"{path}: image shard missing (the user's tars are read in place under images_root "
@@ -258,7 +279,7 @@ def moved_hint(path: str, root: str | None) -> str:
 
 
 def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
-                images_root: str | None = None) -> SampleTable:
+                images_root: str | None = None, trust_urls: bool = False) -> SampleTable:
     """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard.
     `images_root` overrides where a user's WebDataset lies (see `image_shard_path`)."""
     try:
@@ -287,9 +308,11 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
                             f"{scorer!r} (has {', '.join(sorted(paths)) or 'none'})")
         if row["count"] == 0:
             continue
-        index = str(resolve(dataset_dir, paths[scorer]).absolute())
+        index = index_shard_path(dataset_dir, paths[scorer], row)
         try:
-            images = image_shard_path(dataset_dir, info, row, images_root)
+            images = image_shard_path(dataset_dir, info, row, images_root, trust_urls=trust_urls)
+        except UnsafeRowError:
+            raise  # the dataset folder itself is not to be trusted: no shard of it is read
         except ShardError as e:
             problems.append((str(e), row["count"]))
             continue
@@ -334,7 +357,9 @@ def _image_members(images: str, index: str, keys: list[str], count: int, externa
             i = next(i for i, (a, b) in enumerate(zip(found, keys)) if a != b)
             raise ShardError(f"{images}: keys differ from manifest.parquet at sample {i}: "
                             f"{found[i]!r} vs {keys[i]!r}")
-    members = {key: member for key, member, _ in scanned}
+    members: dict = {}
+    for key, member, _ in scanned:  # a key repeated in a user's tar: the first copy, as indexed
+        members.setdefault(key, member)
     missing = [key for key in keys if members.get(key) is None]
     if missing:
         problem = next((p for key, _, p in scanned if key == missing[0]), None) or "not in the image shard"
@@ -344,6 +369,10 @@ def _image_members(images: str, index: str, keys: list[str], count: int, externa
 
 class ShardError(Exception):
     """A shard that does not match the manifests (count, keys, a missing member); one line."""
+
+
+class UnsafeRowError(ShardError):
+    """shards.parquet or dataset.json names a URL, a command or a path outside its folder."""
 
 
 def read_member(fd_images: int, table: "SampleTable", i: int) -> bytes:
@@ -387,5 +416,5 @@ def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
     return None
 
 
-__all__ = ["ShardPairWriter", "join_pieces", "describe_shard", "fragment_paths", "SampleTable", "Shard", "ShardError", "build_table", "image_shard_path", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
+__all__ = ["ShardPairWriter", "join_pieces", "describe_shard", "fragment_paths", "SampleTable", "Shard", "ShardError", "build_table", "image_shard_path", "index_shard_path", "UnsafeRowError", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
            "check_indices", "TarError", "CLS_EXT", "SCORES_EXT", "k_ext"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardError, image_shard_path, moved_hint
-from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, read_shards, resolve, sha256_file
+from .shards import ShardError, UnsafeRowError, image_shard_path, index_shard_path, moved_hint
+from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, read_shards, sha256_file
 from .schema import (
     DATASET_JSON,
     MANIFEST_PARQUET,
@@ -37,9 +37,11 @@ class Violation:
         return f"{self.file}: {self.message}"
 
 
-def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | None = None) -> list[Violation]:
+def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | None = None,
+                     trust_urls: bool = False) -> list[Violation]:
     """Every violation of the contract in `out_dir`. `images_root` overrides where a user's
-    WebDataset lies (dataset.json's `images_root`), for tars that moved."""
+    WebDataset lies (dataset.json's `images_root`), for tars that moved. A URL or command
+    that the folder itself names is a violation unless `trust_urls` (see image_shard_path)."""
     out_dir = Path(out_dir)
     found: list[Violation] = []
 
@@ -88,7 +90,7 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
         if ident in seen_shards:
             bad(SHARDS_PARQUET, f"shard {ident} listed twice")
         seen_shards.add(ident)
-        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels, images_root)
+        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels, images_root, trust_urls)
         if keys is not None and manifest is not None:
             want = expected_keys.get(ident, [])
             if keys != want:
@@ -101,7 +103,9 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
 
 
 def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
-    keys = Counter((r["split"], r["key"]) for r in rows)
+    # A user's tar may repeat a key (dynaprep fails the repeats); ours never do.
+    counted = [r for r in rows if r["status"] == STATUS_OK] if info.external_images else rows
+    keys = Counter((r["split"], r["key"]) for r in counted)
     for (split, key), n in keys.items():
         if n > 1:
             bad(MANIFEST_PARQUET, f"key {key!r} appears {n} times in split {split!r}")
@@ -128,8 +132,10 @@ def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
                 "`dynaprep show`/manifest.parquet give the reasons)")
 
 
-def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums: bool) -> Path | None:
-    path = resolve(out_dir, rel)
+def _check_file(path, rel: str, size: int, digest: str, bad, check_checksums: bool) -> Path | None:
+    """`path`: where shard `rel` (as shards.parquet names it) was found, already checked to
+    be under the dataset folder or the images root."""
+    path = Path(path)
     if not path.is_file():
         bad(rel, "missing shard file")
         return None
@@ -141,7 +147,8 @@ def _check_file(out_dir, rel: str, size: int, digest: str, bad, check_checksums:
 
 
 def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool,
-                 labels: dict | None = None, images_root: str | None = None) -> list[str] | None:
+                 labels: dict | None = None, images_root: str | None = None,
+                 trust_urls: bool = False) -> list[str] | None:
     """Check one shard pair; return the keys it holds in order (None if unreadable).
 
     `labels` ((split, key) -> the manifest's label) checks each sample's `.cls` member
@@ -151,7 +158,10 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
     at indexing, so the index keys must be an in-order subsequence of the image keys and
     they, not the image keys, are what the shard holds."""
     try:
-        where = image_shard_path(out_dir, info, row, images_root)
+        where = image_shard_path(out_dir, info, row, images_root, trust_urls=trust_urls)
+    except UnsafeRowError as e:
+        bad(SHARDS_PARQUET, str(e))
+        return None
     except ShardError as e:
         bad(row["images"], str(e))
         where = None
@@ -159,13 +169,17 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
         bad(row["images"], moved_hint(where, images_root or info.images_root))
         where = None
     shown = where if info.external_images else row["images"]  # ours: named as shards.parquet names it
-    images = where and _check_file(out_dir, shown, row["images_bytes"], row["images_sha256"], bad, check_checksums)
+    images = where and _check_file(where, shown, row["images_bytes"], row["images_sha256"], bad, check_checksums)
     image_keys = None
     if images is not None:
         try:
-            image_keys = []
+            image_keys, seen = [], set()
             for key, members in iter_tar_samples(images):
+                repeated = key in seen  # a user's tar: the first copy is the sample
+                seen.add(key)
                 image_keys.append(key)
+                if repeated and info.external_images:
+                    continue
                 if not info.external_images and not any(ext in members for ext in IMAGE_EXTS):
                     bad(row["images"], f"sample {key!r} has no image member (has {sorted(members)})")
                 # A user's tar holds a .cls only when labels come from it (img2dataset: json/txt).
@@ -181,7 +195,12 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
         bad(SHARDS_PARQUET, f"shard {row['split']}/{row['shard']}: index scorers {scorers}, dataset.json says {info.scorers}")
     held = None if info.external_images else image_keys
     for entry in row["index"]:
-        path = _check_file(out_dir, entry["path"], entry["bytes"], entry["sha256"], bad, check_checksums)
+        try:
+            index_path = index_shard_path(out_dir, entry["path"], row)
+        except UnsafeRowError as e:
+            bad(SHARDS_PARQUET, str(e))
+            continue
+        path = _check_file(index_path, entry["path"], entry["bytes"], entry["sha256"], bad, check_checksums)
         index_keys = _check_index_shard(path, entry["path"], info, bad) if path is not None else None
         if index_keys is None or image_keys is None:
             continue

@@ -11,13 +11,19 @@ from pathlib import Path
 import click
 
 from dynavit.manifests import FormatError, validate_dataset
+from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
+from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from .bench_index import make_jpegs
+from .cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
 from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from .sources import SOURCES, SourceError, open_source
 
 DEFAULT_WORKERS = os.cpu_count() or 1
+TRUST_HELP = ("Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. "
+              "Without it a dataset folder may only name local paths under itself or its images root "
+              "(a downloaded folder could otherwise run commands).")
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -103,19 +109,19 @@ def main():
               help="Dataset root. wds: a tar, a {000..099} brace pattern, a glob, a folder, or a URL "
                    "(http(s)://, s3://, gs://, pipe:CMD, file://); prefix NAME= to name its split and repeat "
                    "--src for several splits (--src train=A --src val=B).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset directory.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, callback=out_dir, help="Output dataset directory.")
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
 @click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
               help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(1, MAX_IMAGE_SIZE),
               help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
                    "after --resize to this size (the trainer applies the same resize); images already this "
                    "size are kept as they are.")
-@click.option("--patch-size", default=16, show_default=True, type=click.IntRange(min=1), help="ViT patch size.")
+@click.option("--patch-size", default=16, show_default=True, type=click.IntRange(1, MAX_IMAGE_SIZE), help="ViT patch size.")
 @click.option("--resize", type=click.Choice(["center-crop", "squash"]), default="center-crop", show_default=True,
               help="center-crop: short side to image_size/crop_pct, then centre crop; squash: resize to a square.")
-@click.option("--crop-pct", default=0.875, show_default=True, type=click.FloatRange(0.05, 1.0),
+@click.option("--crop-pct", default=0.875, show_default=True, type=FiniteFloat(0.05, 1.0),
               help="Crop fraction for --resize center-crop (timm's eval default).")
 @click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
               help="Stored image format; png is lossless (scores then equal score_patches of the decoded shard).")
@@ -158,11 +164,14 @@ def main():
                    "label=auto|cls|txt|json:FIELD|none: where the class is; img2dataset keeps it in KEY.json "
                    "or KEY.txt, see the README).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, type=click.IntRange(min=1),
+              help="Input files (and tar members) larger than this are failed rows, not read; only regular "
+                   "files are read (a FIFO or a symlink to a device is a failed row).")
 def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct, image_format, quality, shard_size,
           order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
-          pad_aware, mean, std, options, progress):
+          pad_aware, mean, std, options, progress, max_file_bytes):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
-    from .index import IndexConfig, RunError, UnitError, run_index
+    from .index import IndexConfig, LabelError, RunError, UnitError, run_index
 
     if len(srcs) > 1 and data != "wds":
         raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
@@ -209,13 +218,14 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
                       image_format=image_format, quality=quality, shard_size=shard_size,
                       order=order, order_seed=order_seed, mean=mean or IndexConfig.mean, std=std or IndexConfig.std, source_options=options,
                       workers=workers, rank=rank, world_size=world_size, executor=executor, ray_address=ray_address,
-                      max_retries=IndexConfig.max_retries if max_retries is None else max_retries)
+                      max_retries=IndexConfig.max_retries if max_retries is None else max_retries,
+                      max_file_bytes=max_file_bytes)
     try:
         result = run_index(cfg, source, resume=resume, overwrite=overwrite,
                            progress_bar=sys.stderr.isatty() if progress is None else progress)
     except RunError as e:
         raise click.UsageError(str(e)) from None
-    except UnitError as e:
+    except (UnitError, LabelError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # writing the run state or the merged manifests (disk full, ...)
         raise click.ClickException(_os_error(e)) from None
@@ -291,12 +301,14 @@ def _os_error(e: OSError) -> str:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def merge_manifests(out):
     """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
-    from .index import RunError, merge_from_state
+    from .index import LabelError, RunError, merge_from_state
 
     try:
         info = merge_from_state(out)
     except RunError as e:
         raise click.UsageError(str(e)) from None
+    except LabelError as e:
+        raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
     total = {name: (c.ok, c.failed) for name, c in info.splits.items()}
@@ -308,9 +320,11 @@ def merge_manifests(out):
 @click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
 @click.option("--images-root", default=None, metavar="DIR|URL",
               help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
-def verify(out, no_checksums, images_root):
+@click.option(TRUST_OPTION, "trust_urls", is_flag=True, help=TRUST_HELP)
+def verify(out, no_checksums, images_root, trust_urls):
     """Check a dataset directory against the on-disk contract; exit 1 on any violation."""
-    violations = validate_dataset(out, check_checksums=not no_checksums, images_root=images_root)
+    violations = validate_dataset(out, check_checksums=not no_checksums, images_root=images_root,
+                                  trust_urls=trust_urls)
     for v in violations:
         click.echo(str(v))
     if violations:
@@ -324,7 +338,7 @@ def verify(out, no_checksums, images_root):
 
 @main.command("show", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "png", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "png", required=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")
 @click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
 @click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
@@ -336,17 +350,20 @@ def verify(out, no_checksums, images_root):
 @click.option("--scorer", "scorer", default="all", show_default=True,
               help="Scorers whose heatmaps are drawn, comma-separated, or all; the first one's top-K "
                    "sets are the kept patches shown.")
-@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(min=10), help="Figure resolution.")
-@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=click.FloatRange(min=0.5),
+@click.option("--dpi", default=DPI, show_default=True, type=click.IntRange(10, 1000), help="Figure resolution.")
+@click.option("--panel-size", default=PANEL_INCHES, show_default=True, type=FiniteFloat(0.5, 20),
               help="Side of one panel in inches (PNG width = panels × size × dpi).")
-def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size):
+@click.option("--images-root", default=None, metavar="DIR|URL",
+              help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
+@click.option(TRUST_OPTION, "trust_urls", is_flag=True, help=TRUST_HELP)
+def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size, images_root, trust_urls):
     """Draw sampled images of a dataset with their score heatmaps and kept patches per K."""
     scorers = None if scorer.strip() == "all" else _names(scorer)
     try:
-        plan_show(out_dir, split, n, ks, keys=_names(keys), seed=seed, scorers=scorers)  # arguments first
+        plan_show(out_dir, split, n, ks, keys=_names(keys), seed=seed, scorers=scorers, png=png)  # arguments first
         require_matplotlib()
         facts = render_show(out_dir, split, n, ks, png, keys=_names(keys), seed=seed, scorers=scorers,
-                            panel_inches=panel_size, dpi=dpi)
+                            panel_inches=panel_size, dpi=dpi, images_root=images_root, trust_urls=trust_urls)
     except ShowError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
     except (MissingExtra, FormatError) as e:
@@ -368,9 +385,9 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
 @click.option("--scorer", default="l2", show_default=True)
 @click.option("--k", "ks", default="70,50,25", show_default=True)
 @click.option("--format", "fmt", default="jpg", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, callback=out_dir,
               help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=out_file, help="Also write the figures here.")
 def bench_index_command(n, mix, workers, shard_size, repeats, scorer, ks, fmt, workdir, json_out):
     """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
     import numpy as np

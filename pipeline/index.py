@@ -44,6 +44,7 @@ from dynavit.manifests import (
     write_shards,
 )
 from dynavit.manifests.atomic import remove_stale_temp_files
+from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES, set_max_file_bytes
 from dynavit.manifests.io import write_table_atomic
 from dynavit.manifests.shards import join_pieces
 from dynavit.manifests.tar import TarError
@@ -91,6 +92,9 @@ class IndexConfig:
     executor: str = "processes"      # or "ray": each unit is a Ray task (pipeline/ray_executor.py)
     ray_address: str | None = None   # join this Ray cluster; None: start a local Ray with `workers` CPUs
     max_retries: int = 2             # ray: attempts of a unit that raises = max_retries + 1
+    # An input file over this many bytes is a failed row (a .jpg symlinked to /dev/zero
+    # would otherwise be read until the OOM killer comes; manifests/inputs.py).
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     RUN_ONLY = ("workers", "rank", "world_size", "executor", "ray_address", "max_retries")
 
@@ -100,6 +104,8 @@ class IndexConfig:
         for name in (*self.RUN_ONLY, "out"):  # a moved or re-mounted --out writes the same bytes
             d.pop(name)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.max_file_bytes == DEFAULT_MAX_FILE_BYTES:
+            d.pop("max_file_bytes")  # runs saved before the cap existed resume unchanged
         # How pixels are resampled decides the bytes too: a resume by another dynavit whose
         # resize differs must not mix both in one dataset.
         d["resampler"] = resampler()
@@ -114,6 +120,10 @@ def resampler() -> dict:
 
 class RunError(Exception):
     """A run-level problem (bad --out state, resume mismatch): reported as one line, exit 2."""
+
+
+class LabelError(Exception):
+    """The labels of a dataset cannot be made into one class list (one line, exit 1)."""
 
 
 class UnitError(Exception):
@@ -276,6 +286,7 @@ def _init_worker(cfg: IndexConfig, counter, threads: int, slots=None) -> None:
     """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit)."""
     global _worker_source, _progress, _worker_slots
     _worker_slots = slots
+    set_max_file_bytes(cfg.max_file_bytes)
     _worker_source = open_source(cfg.data, cfg.src, **cfg.source_options)
 
     def progress(n: int) -> None:
@@ -439,7 +450,10 @@ class RunResult:
 def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = False,
               progress_bar: bool = True) -> RunResult:
     check_settings(cfg)
+    set_max_file_bytes(cfg.max_file_bytes)  # units run in this process too
     units = plan(cfg, source)
+    if not units:  # checked before --out is touched: nothing to write is an argument error
+        raise RunError(f"nothing to index: every split of {cfg.src or cfg.data} is empty")
     mine = [u for i, u in enumerate(units) if i % cfg.world_size == cfg.rank]
     prepare_out_dir(cfg, units, resume, overwrite)
     save_plan(cfg.out, source, units)
@@ -669,6 +683,14 @@ def _classes(source, manifest: pa.Table) -> tuple[list[str], pa.Table]:
         return names, manifest
     label, class_name = manifest["label"], manifest["class_name"]
     named = pa.compute.and_(pa.compute.is_null(label), pa.compute.is_valid(class_name))
+    numbered = pa.compute.and_(pa.compute.is_valid(label), pa.compute.is_null(class_name))
+    if pa.compute.any(named).as_py() and pa.compute.any(numbered).as_py():
+        # "cat" would get index 0 and collide with the samples labelled 0.
+        number = pa.compute.filter(label, numbered)[0].as_py()
+        name = pa.compute.filter(class_name, named)[0].as_py()
+        raise LabelError(f"the labels mix class numbers and class names (e.g. {number} and {name[:40]!r}): "
+                         "sorted names would collide with the numbers; pass -o classes_file=FILE (one name per "
+                         "line, line i = class i) or make every label one kind")
     if pa.compute.any(named).as_py():
         names = sorted(set(pa.compute.filter(class_name, named).to_pylist()))
         index = {n: i for i, n in enumerate(names)}

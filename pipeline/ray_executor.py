@@ -76,6 +76,9 @@ def _open(cfg: IndexConfig, run_id: str):
     global _source, _source_key
     key = (run_id, cfg.data, cfg.src, json.dumps(cfg.source_options, sort_keys=True))
     if _source_key != key:
+        from dynavit.manifests.inputs import set_max_file_bytes
+
+        set_max_file_bytes(cfg.max_file_bytes)
         _source, _source_key = open_source(cfg.data, cfg.src, **cfg.source_options), key
         import numba
 

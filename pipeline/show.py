@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dynavit.manifests import FormatError, atomic_path, read_dataset_info, read_manifest, read_npy
+from dynavit.manifests.options import ArgumentError, check_output_file
 from dynavit.manifests.schema import SCORES_EXT, k_ext
 from dynavit.manifests.shards import UNLABELED, MismatchError, ShardError, build_table, read_member
 
@@ -65,11 +66,19 @@ class ShowPlan:
     scorers: list[str]  # heatmap columns; scorers[0] picks the kept patches
     keys: list[str]
     key_shard: dict[str, int]
+    images_root: str | None = None  # --images-root: the user's own, may be a URL
+    trust_urls: bool = False        # --trust-dataset-urls
 
 
-def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, scorers=None) -> ShowPlan:
+def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, scorers=None,
+              images_root: str | None = None, trust_urls: bool = False, png=None) -> ShowPlan:
     """Check every argument against the dataset and pick the samples. Raises ShowError."""
     out_dir = Path(out_dir)
+    if png is not None:
+        try:
+            check_output_file(png, "--out")
+        except ArgumentError as e:
+            raise ShowError(str(e), e.param) from None
     try:
         info = read_dataset_info(out_dir)
     except FormatError as e:
@@ -115,7 +124,8 @@ def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, 
         rng = np.random.default_rng(seed)
         picked = np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))
         keys = [rows[i]["key"] for i in picked]
-    return ShowPlan(out_dir, info, split, ks, scorers, keys, {k: key_shard[k] for k in keys})
+    return ShowPlan(out_dir, info, split, ks, scorers, keys, {k: key_shard[k] for k in keys}, images_root,
+                    trust_urls)
 
 
 def load_samples(plan: ShowPlan) -> list[dict]:
@@ -126,7 +136,8 @@ def load_samples(plan: ShowPlan) -> list[dict]:
     tables = {}
     for scorer in plan.scorers:
         try:
-            tables[scorer] = build_table(plan.out_dir, plan.info, plan.split, scorer)
+            tables[scorer] = build_table(plan.out_dir, plan.info, plan.split, scorer, images_root=plan.images_root,
+                                         trust_urls=plan.trust_urls)
         except ShardError as e:
             raise FormatError(str(e)) from None
         if tables[scorer].problems:
@@ -212,12 +223,14 @@ def _draw_kept(row, c: int, s: dict, rgb, ks, grid, patch: int, n_patches: int, 
 
 
 def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None,
-                panel_inches: float = PANEL_INCHES, dpi: int = DPI) -> dict:
+                panel_inches: float = PANEL_INCHES, dpi: int = DPI, images_root: str | None = None,
+                trust_urls: bool = False) -> dict:
     """Draw the figure to `png_path` (atomically) and return its layout facts:
     size_px (width, height), nrows/ncols, columns (panel kinds), and per sample the key,
     label, keep masks per K (bool at image resolution), kept counts, indices, and the pixel
     box (left, top, right, bottom) of every mask panel in the PNG."""
-    plan = plan_show(out_dir, split, n, ks, keys=keys, seed=seed, scorers=scorers)
+    plan = plan_show(out_dir, split, n, ks, keys=keys, seed=seed, scorers=scorers, images_root=images_root,
+                     trust_urls=trust_urls, png=png_path)
     Figure, FigureCanvasAgg = require_matplotlib()
     info = plan.info
     samples = load_samples(plan)

@@ -199,8 +199,12 @@ def test_http_source_index_verify_train(crawl, indexed, http_root, tmp_path, mon
         [(r["key"], r["status"], r["label"]) for r in manifest(local)]
     info = json.loads((out / "dataset.json").read_text())
     assert info["images_root"] == http_root
-    assert validate_dataset(out) == []
-    assert dynatrain("--shards", out, "--k", 70, "--out", tmp_path / "run", *TINY) == 0
+    # A URL the folder names is read only when the user vouches for it (issue 23):
+    refused = validate_dataset(out)
+    assert refused and all("--trust-dataset-urls" in v.message for v in refused)
+    assert validate_dataset(out, trust_urls=True) == []
+    assert validate_dataset(out, images_root=http_root) == []  # the command line's own URL
+    assert dynatrain("--shards", out, "--k", 70, "--out", tmp_path / "run", "--trust-dataset-urls", *TINY) == 0
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 

@@ -15,12 +15,18 @@ import sys
 import click
 from click.core import ParameterSource
 
+from dynavit.manifests.locations import TRUST_OPTION
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
-from dynavit.trainer.train import train
+from dynavit.trainer.train import NonFiniteLoss, RunWriteError, train
+
+
+MAX_LR = 10.0        # AdamW's rate: anything above is a typo, and 1e308 overflows the weights
+MAX_EPOCHS = 1_000_000
 
 
 class DefaultGroup(click.Group):
@@ -51,7 +57,7 @@ def cli():
 
 @cli.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
+@click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
 @click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense; any 1..100 with --select random/center or a cropping --input-size). [default: --k]")
 @click.option("--scorer", default="l2", show_default=True, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy; must be in the dataset).")
@@ -66,25 +72,26 @@ def cli():
 @click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Start from local weights: a timm/torch state_dict or a dynatrain last.pt/best.pt. A classifier of another shape is dropped.")
-@click.option("--input-size", type=click.IntRange(1), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
+@click.option("--input-size", type=click.IntRange(1, MAX_IMAGE_SIZE), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per step per process.")
 @click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Data loading worker processes per process.")
-@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True, help="Total epochs (with --resume: train until this many are done).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW peak learning rate.")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not applied to biases, norms, pos_embed, cls/reg tokens).")
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=10, show_default=True, help="Total epochs (with --resume: train until this many are done).")
+@click.option("--lr", type=FiniteFloat(0, MAX_LR, min_open=True), default=1e-4, show_default=True, help="AdamW peak learning rate.")
+@click.option("--weight-decay", type=FiniteFloat(0), default=0.05, show_default=True, help="AdamW weight decay (not applied to biases, norms, pos_embed, cls/reg tokens).")
 @click.option("--sched", type=click.Choice(SCHEDULES), default="step", show_default=True, help="LR schedule, advanced every step: step (×--gamma every --step-epochs, as in the paper) or cosine (to 0).")
 @click.option("--step-epochs", type=click.IntRange(1), default=3, show_default=True, help="--sched step: epochs between LR decays.")
-@click.option("--gamma", type=float, default=0.1, show_default=True, help="--sched step: LR multiplier at each decay.")
-@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True, help="Linear LR warmup, in (fractional) epochs, before either schedule.")
+@click.option("--gamma", type=FiniteFloat(0, min_open=True), default=0.1, show_default=True, help="--sched step: LR multiplier at each decay.")
+@click.option("--warmup-epochs", type=FiniteFloat(0, MAX_EPOCHS), default=0.0, show_default=True, help="Linear LR warmup, in (fractional) epochs, before either schedule.")
 @click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True, help="Mixed precision: bf16, fp16 (CUDA only, with loss scaling), off; auto = bf16 on CUDA GPUs that support it, off on CPU.")
-@click.option("--clip-grad", type=click.FloatRange(0, min_open=True), help="Clip the global gradient norm to this value. [default: no clipping]")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
+@click.option("--clip-grad", type=FiniteFloat(0, min_open=True), help="Clip the global gradient norm to this value. [default: no clipping]")
+@click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds Python, NumPy, torch and the data order (reseeded per epoch from seed and epoch).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the training forward.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
 @click.option("--skip-bad-samples/--fail-on-bad-samples", default=False, show_default=True, help="Skip samples that fail to decode (counted as `skipped` in metrics.jsonl) instead of stopping.")
 @click.option("--val-split", help="Split evaluated after every epoch. [default: val, else test]")
 @click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256. [default: dataset.json's images_root]")
+@click.option(TRUST_OPTION, "trust_dataset_urls", is_flag=True, help="Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. Without it a dataset folder may only name local paths under itself or its images root (a downloaded folder could otherwise run commands); --images-root may always be a URL.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
 @click.pass_context
@@ -115,7 +122,7 @@ def train_command(ctx, **options):
         return train(cfg)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
-    except DataError as e:  # a bad shard met mid-run (without --skip-bad-samples): exit 1
+    except (DataError, NonFiniteLoss, RunWriteError) as e:  # a bad shard mid-run, a diverged run, disk full: exit 1
         raise click.ClickException(str(e)) from None
 
 

@@ -19,7 +19,10 @@ import click
 import torch
 
 from dynavit.manifests import write_json_atomic
-from dynavit.manifests.options import parse_k_list, parse_triple
+from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
+from dynavit.manifests.locations import TRUST_OPTION
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
+from dynavit.manifests.options import ArgumentError, check_output_dir, check_output_file, parse_k_list, parse_triple
 
 from .bench import format_bench, run_bench
 from .bench_compare import compare as compare_methods
@@ -60,13 +63,16 @@ def json_object(ctx, param, value):
     return obj
 
 
+_out_dir, _out_file = out_dir, out_file  # click callbacks shared with dynaprep (pipeline/cli_types.py)
+
+
 @click.command("flops")
 @click.option("--model", "model_name", default="vit_base_patch16_224", show_default=True,
               help="timm VisionTransformer name; built with pretrained=False on the meta "
                    "device (no weights are downloaded or allocated).")
 @click.option("--k", "ks", default="100,90,70,60,50,30,25", show_default=True,
               callback=k_list, help="Comma-separated keep percentages K (100 = dense).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
               help="Also write the table, the fit and the closed form to this JSON file.")
 @click.option("--method", type=click.Choice(["dynavit", "all"]), default="dynavit", show_default=True,
               help="all: also the parameter of ToMe, EViT, DynamicViT, TNT and Token Cropr whose exact "
@@ -155,7 +161,7 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
               show_default=True, help="Where to run.")
 @click.option("--infer", is_flag=True, help="Time inference (forward only) instead of a "
               "train step (forward, backward, AdamW step).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
               help="Also write the rows and the settings to this JSON file.")
 def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, device, infer, json_path):
     """Measured vs ideal speed-up of the sparse forward over dense timm, synthetic data."""
@@ -197,7 +203,7 @@ def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, devic
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
 @click.option("--scorer", default="l2", show_default=True, help="Index shard set the loader reads.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file, help="Also write the results here.")
 def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
     """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
     try:
@@ -215,7 +221,7 @@ def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, a
 
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
               help="Report directory (created): sweep.md, sweep.csv, acc_vs_time.png, acc_vs_k.png, curves.png, "
                    "confusion-<run>.png, per_class-<run>.csv.")
 @click.option("--confusion/--no-confusion", default=True, show_default=True,
@@ -252,7 +258,8 @@ def report_command(runs, out_dir, confusion, split, shards, device, batch_size, 
 
 
 @click.command("bench-report")
-@click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
+              callback=_out_file)
 @click.option("--work", default="out/bench", show_default=True, type=click.Path(file_okay=False),
               help="Where benchmark data is generated (kept between runs).")
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run, not figures to publish).")
@@ -299,6 +306,7 @@ def _check_predict_out(ctx, param, value):
         raise click.BadParameter(f"{value}: must end in .csv or .parquet")
     if p.is_dir():
         raise click.BadParameter(f"{value} is a folder")
+    _out_file(ctx, param, value)
     return p
 
 
@@ -324,9 +332,9 @@ def _check_predict_out(ctx, param, value):
               help="Extra timm.create_model kwargs, e.g. '{\"depth\": 6}' (added to the checkpoint's).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classes of a plain state_dict (default: rows of head.weight).")
-@click.option("--image-size", type=click.IntRange(min=1), default=None,
+@click.option("--image-size", type=click.IntRange(1, MAX_IMAGE_SIZE), default=None,
               help="Input size (default: the checkpoint's input size / pos_embed grid).")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875,
+@click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=0.875,
               show_default=True, help="Center-crop fraction (resize short side to size/crop_pct).")
 @click.option("--mean", callback=_parse_triple, default=None, metavar="R,G,B",
               help="Normalization mean (default: the checkpoint's, else ImageNet).")
@@ -337,8 +345,12 @@ def _check_predict_out(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, type=click.IntRange(min=1),
+              help="Images larger than this are failed rows, not read; only regular files are read "
+                   "(a FIFO or a link to a device is a failed row).")
 def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_size, model_name,
-                    model_kwargs, num_classes, image_size, crop_pct, mean, std, top, overwrite, progress):
+                    model_kwargs, num_classes, image_size, crop_pct, mean, std, top, overwrite, progress,
+                    max_file_bytes):
     """Classify IMAGES (files or folders) with a trained ViT, pruning tokens online.
 
     CHECKPOINT is a dynatrain checkpoint (best.pt / last.pt) or a plain timm state_dict (then
@@ -372,7 +384,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
     try:
         rows = predict(vit, files, k=k, scorer=scorer, device=device, batch_size=batch_size,
                        mean=mean, std=std, top=top, classes=classes, round_to=round_to,
-                       crop_pct=crop_pct, progress=progress)
+                       crop_pct=crop_pct, progress=progress, max_file_bytes=max_file_bytes)
     except PredictError as e:
         raise click.UsageError(str(e)) from None
     write_rows(rows, out, top)
@@ -424,7 +436,7 @@ def _bench_infer_list(ctx, param, value):
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Also time batch 1.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile every module first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write raw timings.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, callback=_out_file, help="Also write raw timings.")
 def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precision, round_to, reps, iters, warmup,
                         latency, compile_, threads, json_out):
     """Images/s of dense vs sparse (precomputed indices) vs online Dyna-ViT per scorer and K."""
@@ -478,7 +490,7 @@ def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precisio
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
               help="wall: elapsed time; cpu: this process's CPU time (steadier on a machine "
                    "shared with other jobs; use with --threads 1).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
               help="Also write the results to this JSON file.")
 def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_model, device, threads, clock,
                           json_path):
@@ -501,12 +513,6 @@ def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_mod
 
 # --- evaluate ------------------------------------------------------------------------------------
 
-def _check_json_out(ctx, param, value):
-    if value is not None and Path(value).is_dir():
-        raise click.BadParameter(f"{value} is a folder")
-    return value
-
-
 @click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--online", is_flag=True,
@@ -528,12 +534,15 @@ def _check_json_out(ctx, param, value):
               help="Data loading worker processes. [default: the run's]")
 @click.option("--round-to", type=click.IntRange(min=1), default=None,
               help="--online: round the sequence length up to a multiple of this (keeps a few more patches).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_check_json_out,
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
               help="Also write the result (the run, the settings, acc1, acc5, loss, timing) to this JSON file.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option(TRUST_OPTION, "trust_urls", is_flag=True,
+              help="Let the run's config.json and the dataset's dataset.json / shards.parquet name remote URLs "
+                   "and pipe: commands for the image tars (without it: local paths only).")
 def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, workers, round_to, json_path,
-                     progress):
+                     progress, trust_urls):
     """Top-1 / top-5 / loss of RUN's best.pt on a split, with the stored kept-patch indices
     (the training path) or, with --online, with the patches scored and selected on the fly.
 
@@ -547,7 +556,8 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
         progress = sys.stderr.isatty()
     try:
         result = evaluate_run(run, online=online, k=k, scorer=scorer, split=split, shards=shards, device=device,
-                              batch_size=batch_size, workers=workers, round_to=round_to, progress=progress)
+                              batch_size=batch_size, workers=workers, round_to=round_to, progress=progress,
+                              trust_urls=trust_urls)
     except EvaluateError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
     except DataError as e:
@@ -562,7 +572,7 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 
 @click.command("compare", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
               help="Folder for compare.md, compare.csv and acc_vs_gmacs.png (created).")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per timed forward.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Forwards per timing.")

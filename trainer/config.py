@@ -29,7 +29,13 @@ SCHEDULES = ("step", "cosine")
 # Options a resume may change without changing the result. `workers` is one of them: an
 # epoch's batches are a function of seed, epoch and rank, whatever the number of workers.
 RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite", "compile",
-                      "skip_bad_samples", "workers", "images_root"}
+                      "skip_bad_samples", "workers", "images_root", "trust_dataset_urls"}
+
+
+# Options that decide what the weights are (architecture, which tokens they see, the
+# method's parameter): a resume that changed them would relabel the run's weights.
+RESUME_FIXED_FIELDS = {"model", "model_kwargs", "k", "select", "scorer", "method", "input_size", "pretrained",
+                       "checkpoint"}
 
 
 class ConfigError(ArgumentError):
@@ -70,6 +76,7 @@ class TrainConfig:
     skip_bad_samples: bool = False
     val_split: str | None = None
     images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
+    trust_dataset_urls: bool = False     # dataset.json / shards.parquet may name URLs and pipe: commands
     resume: str | None = None
     overwrite: bool = False
 
@@ -97,6 +104,9 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     applied; returns it with the names of overridden fields that change the result."""
     run = Path(run)
     path = run / "config.json"
+    if path.is_file() and not (run / "last.pt").is_file():
+        raise ConfigError(f"{run}: the run stopped before its first checkpoint (no last.pt), so there is nothing "
+                          f"to resume; start it again with the same options and --out {run} --overwrite", "--resume")
     if not (run / "last.pt").is_file() or not path.is_file():
         raise ConfigError(f"{run}: not a resumable run directory (needs config.json and last.pt)", "--resume")
     try:
@@ -107,6 +117,12 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     if out and Path(out).resolve() != run.resolve():
         raise ConfigError(f"--out {out} differs from the resumed run {run}; a resumed run continues in place", "--out")
     changed = [k for k, v in overrides.items() if k not in RESUME_SAFE_FIELDS and getattr(saved, k) != v]
+    for name in changed:
+        if name in RESUME_FIXED_FIELDS:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} {overrides[name]!r} differs from the run's {getattr(saved, name)!r}: it changes "
+                              f"what the weights of {run} mean, so a resume cannot change it; start a new run "
+                              f"(--checkpoint {run / 'last.pt'} starts from its weights)", option)
     cfg = dataclasses.replace(saved, **overrides)
     cfg.resume, cfg.out = str(run), str(run)
     return cfg, changed
@@ -237,5 +253,8 @@ def _check_out(cfg: TrainConfig) -> None:
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise ConfigError(f"--out {out} lies under a file", "--out")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        if (out / "config.json").is_file() and not (out / "last.pt").is_file():
+            raise ConfigError(f"{out} holds a run that stopped before its first checkpoint (no last.pt); pass "
+                              f"--overwrite to start it again", "--out")
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace its run files, "
                           f"or --resume {out} to continue it", "--out")

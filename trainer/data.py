@@ -447,10 +447,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
                  flip: bool | None = None, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
-                 images_root: str | None = None) -> Loader:
+                 images_root: str | None = None, trust_urls: bool = False) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
-    `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved."""
+    `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved (the
+    user's own: it may be a URL); `trust_urls`: dataset.json / shards.parquet may name URLs
+    and commands too (--trust-dataset-urls)."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -465,10 +467,15 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         except SelectionError as e:
             raise DataError(f"{dataset_dir}: {e}") from None
     try:
-        table = build_table(dataset_dir, info, split, scorer, images_root=images_root)
+        table = build_table(dataset_dir, info, split, scorer, images_root=images_root, trust_urls=trust_urls)
     except ShardError as e:
         raise DataError(str(e)) from None
-    if train and len(table) < world_size * batch_size and (skip_bad_samples or not table.problems):
+    if table.problems and (len(table) == 0 or (train and len(table) < world_size * batch_size)):
+        # Every shard (or all but too few) unreadable: say which and why, not 0 steps.
+        lost = sum(n for _, n in table.problems)
+        raise DataError(f"{dataset_dir}: split {split!r}: {len(table.problems)} shard(s) with {lost} samples "
+                        f"cannot be read, {len(table)} usable samples left; first: {table.problems[0][0]}")
+    if train and len(table) < world_size * batch_size:
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
     plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynavit.manifests import locations
+
 from .config import ConfigError, TrainConfig, pick_val_split
 from .data import DataError, build_loader, open_dataset
 from .model import build_model
@@ -84,7 +86,7 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
                  split: Optional[str] = None, shards: Optional[str] = None, device: str = "auto",
                  batch_size: Optional[int] = None, workers: Optional[int] = None,
                  round_to: Optional[int] = None, predictions: bool = False,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, trust_urls: bool = False) -> dict[str, Any]:
     """Evaluate `run_dir`/best.pt on `split` (default: the run's validation split).
 
     Returns a JSON-ready dict: mode ("stored" | "online"), split, k, scorer, select, kept
@@ -120,7 +122,7 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
         seq_len = sel.seq_len
         forward = (lambda images, keep_idx: sparse_forward(vit, images, keep_idx, validate=False))
     amp_dtype = _eval_amp(cfg, dev)
-    loader = _labelled_loader(dataset, split, sel, scorer, info, cfg, batch_size, workers)
+    loader = _labelled_loader(dataset, split, sel, scorer, info, cfg, batch_size, workers, run, trust_urls)
 
     tally = _score(loader, forward, dev, amp_dtype, info, predictions, progress)
     loss, hits1, hits5, n = tally["sums"]
@@ -266,14 +268,22 @@ def _eval_amp(cfg: TrainConfig, dev: torch.device) -> Optional[torch.dtype]:
     return amp_dtype
 
 
-def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConfig, batch_size, workers):
-    """The eval loader of `split`; a split whose samples are all unlabelled is refused."""
+def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConfig, batch_size, workers,
+                     run=None, trust_urls: bool = False):
+    """The eval loader of `split`; a split whose samples are all unlabelled is refused.
+    The run's config.json is data like a dataset folder: an images_root URL or command in
+    it is used only with --trust-dataset-urls."""
+    images_root = cfg.images_root if str(dataset) == str(cfg.shards) else None
+    try:
+        locations.check_root(images_root, f"{run or 'the run'}/config.json", trust_urls)
+    except locations.UnsafeLocationError as e:
+        raise EvaluateError(str(e), locations.TRUST_OPTION) from None
     # The loader needs an index shard set to exist; online reads only its image members.
     loader_scorer = scorer if scorer in info.scorers else info.scorers[0]
     loader = build_loader(dataset, split, selection=sel, scorer=loader_scorer,
                           batch_size=batch_size or cfg.batch_size,
                           workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed,
-                          images_root=cfg.images_root if str(dataset) == str(cfg.shards) else None)
+                          images_root=images_root, trust_urls=trust_urls)
     stored_labels = getattr(getattr(loader, "table", None), "label", None)  # -1 = unlabelled
     if stored_labels is not None and len(stored_labels) and bool((np.asarray(stored_labels) < 0).all()):
         raise EvaluateError(f"split {split!r} of {dataset} has no labels; name a labelled split", "--split")

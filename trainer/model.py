@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .config import ConfigError, TrainConfig
+from .rundir import load_error
 from .selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from .sparse import check_model, sparse_forward
 
@@ -161,6 +162,24 @@ def budget_record(vit: nn.Module, method: str, k: int, heads: nn.Module | None =
             "dynavit_macs": int(target), "rel": (macs - target) / target, "counter": MAC_COUNTER}
 
 
+MAX_PARAMS = 4_000_000_000  # 16 GB of fp32 weights: larger is a typo in --model-kwargs, not a model
+
+
+class ModelSizeError(ValueError):
+    """A model whose weights would not fit: found on the meta device, before allocating."""
+
+
+def check_model_size(name: str, num_classes: int, kwargs: dict) -> None:
+    """Build the model on the meta device (no memory) and refuse one over MAX_PARAMS, so that
+    `{"embed_dim": 1000000}` is one line instead of the OOM killer. timm's own errors pass."""
+    with torch.device("meta"):
+        meta = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    n = sum(p.numel() for p in meta.parameters())
+    if n > MAX_PARAMS:
+        raise ModelSizeError(f"{name} with {kwargs} has {n:.3g} parameters, over the {MAX_PARAMS:.0e} this "
+                             "tool builds; check --model-kwargs")
+
+
 def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:
     kwargs = {"img_size": input_hw, **cfg.model_kwargs}
     if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):
@@ -168,10 +187,15 @@ def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable
                           f"{tuple(input_hw)} (set by the dataset or --input-size)", "--model-kwargs")
     kwargs.pop("num_classes", None)
     try:
+        check_model_size(cfg.model, len(info.classes), kwargs)
         vit = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=len(info.classes), **kwargs)
         check_model(vit)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"cannot build {cfg.model} for this dataset: {e}", "--model") from None
+    except ModelSizeError as e:
+        raise ConfigError(str(e), "--model-kwargs") from None
+    except Exception as e:  # timm's own checks raise what they like (RuntimeError for depth -1)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        option = "--model-kwargs" if cfg.model_kwargs else "--model"
+        raise ConfigError(f"cannot build {cfg.model} for this dataset: {first}", option) from None
     patch = tuple(vit.patch_embed.patch_size)
     if patch != (info.patch_size, info.patch_size):
         raise ConfigError(f"{cfg.model} has patch size {patch[0]} but the dataset was indexed with patch "
@@ -189,7 +213,7 @@ def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> None:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, not a torch file, non-tensor payloads
-        raise ConfigError(f"{path}: cannot load weights ({type(e).__name__}: {e})".splitlines()[0], "--checkpoint") from None
+        raise ConfigError(f"{path}: cannot load weights ({load_error(e)})", "--checkpoint") from None
     for key in ("model", "state_dict", "model_ema", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

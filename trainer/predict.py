@@ -34,7 +34,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dynavit.manifests.inputs import read_regular
 from dynavit.pipeline.decode import DecodeError, load_image
+from dynavit.trainer.model import check_model_size
+from dynavit.trainer.rundir import load_error
 from dynavit.trainer.online import DynaViT
 from dynavit.trainer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS
 from dynavit.trainer.sparse import check_model
@@ -72,9 +75,9 @@ def list_images(paths: Iterable) -> list[Path]:
     return out
 
 
-def _decode(path: Path, image_size, patch: int, crop_pct: float):
-    try:
-        data = path.read_bytes()
+def _decode(path: Path, image_size, patch: int, crop_pct: float, max_file_bytes: Optional[int] = None):
+    try:  # a regular file under the cap only: a FIFO or a link to /dev/zero is a failed row
+        data = read_regular(path, max_file_bytes)
     except OSError as e:
         return None, f"cannot read file: {e.strerror or e}"
     try:
@@ -132,8 +135,7 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PredictError(f"cannot read checkpoint {path}: {msg}") from None
+        raise PredictError(f"cannot read checkpoint {path}: {load_error(e)}") from None
     if not isinstance(obj, dict):
         raise PredictError(f"{path} is not a checkpoint: expected a dict, got {type(obj).__name__}")
     return obj
@@ -193,6 +195,7 @@ def _create(name: str, num_classes: int, kwargs: dict, img_size) -> nn.Module:
     if img_size:
         kw["img_size"] = img_size
     try:
+        check_model_size(name, num_classes, kw)
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -244,7 +247,7 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
             device="cpu", batch_size: int = 32, image_size=None, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, top: int = 5, classes: Optional[Sequence[str]] = None,
             round_to: Optional[int] = None, crop_pct: float = 0.875, progress: bool = False,
-            workers: Optional[int] = None) -> list[dict[str, Any]]:
+            workers: Optional[int] = None, max_file_bytes: Optional[int] = None) -> list[dict[str, Any]]:
     """One dict per input image (see the module docstring for the columns), in input order.
 
     ``model`` is a timm VisionTransformer (or a DynaViT, whose ViT is used); ``paths`` are
@@ -280,7 +283,7 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
         def submit(i):  # decode the next batch in threads while the model runs on this one
             if i >= len(chunks):
                 return []
-            return [pool.submit(_decode, p, model_hw, net.patch, crop_pct) for p in chunks[i]]
+            return [pool.submit(_decode, p, model_hw, net.patch, crop_pct, max_file_bytes) for p in chunks[i]]
 
         futures = submit(0)
         for ci, chunk in enumerate(chunks):

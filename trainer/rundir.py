@@ -124,6 +124,17 @@ def read_metrics(out: Path, repair: bool = False) -> list[EpochRecord]:
     return records
 
 
+def load_error(e: BaseException) -> str:
+    """One line for an exception of torch.load(weights_only=True). torch's own message for a
+    refused pickle advises re-running with weights_only=False: for a file from elsewhere
+    that advice runs its code, so it is never repeated."""
+    text = str(e).strip()
+    if "weights only load failed" in text.lower() or "weights_only" in text or type(e).__name__ == "UnpicklingError":
+        return ("it holds Python objects other than tensors (a pickle); dynavit loads tensors only and will "
+                "not unpickle it, since unpickling a file can run its code")
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 @dataclass
 class Checkpoint:
     """last.pt / best.pt: plain tensors and lists, loadable with weights_only=True."""
@@ -158,8 +169,7 @@ class Checkpoint:
         except FileNotFoundError:
             raise RunDirError(f"{path}: missing") from None
         except Exception as e:  # truncated zip, not a torch file, a pickle refused by weights_only
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason})") from None
+            raise RunDirError(f"{path}: unreadable checkpoint ({load_error(e)})") from None
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
             raise RunDirError(f"{path}: not a dynatrain checkpoint")
         if d.get("version") not in READABLE_CHECKPOINTS:

@@ -110,14 +110,13 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
             best_acc1, best_epoch = record.acc1, epoch + 1
         rngs = ctx.gather_rng()
         if ctx.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(record.line())
-            ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
-                              model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
-                              model=vit.state_dict(), optimizer=optimizer.state_dict(),
-                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                              method_state=None if heads is None else heads.state_dict())
-            write_checkpoints(out, ckpt, is_best)
+            try:
+                _save_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler,
+                            rngs, heads, is_best)
+            except OSError as e:  # disk full, quota, a removed folder: one line, exit 1
+                raise RunWriteError(f"cannot write the checkpoint of epoch {epoch + 1} in {out}: "
+                                    f"{e.strerror or e}; last.pt holds the last epoch written, so free space and "
+                                    f"--resume {out}") from None
             log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record.train_loss:.4f}  val_loss "
                 f"{record.val_loss:.4f}  acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  "
                 f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
@@ -154,7 +153,7 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
                             workers=cfg.workers, train=is_train, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
-                            images_root=cfg.images_root)
+                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size
@@ -233,6 +232,23 @@ def recorded_budget(out: Path, cfg: TrainConfig, k: int, log: Callable[[str], No
     return budget
 
 
+class RunWriteError(RuntimeError):
+    """The run folder cannot be written (disk full, ...): one line, exit 1."""
+
+
+def _save_epoch(out: Path, record: EpochRecord, epoch: int, best_acc1: float, best_epoch: int, cfg: TrainConfig,
+                info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool) -> None:
+    """metrics.jsonl's line of the epoch, then its checkpoints (rank 0)."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(record.line())
+    ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
+                      model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
+                      model=vit.state_dict(), optimizer=optimizer.state_dict(),
+                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                      method_state=None if heads is None else heads.state_dict())
+    write_checkpoints(out, ckpt, is_best)
+
+
 def write_checkpoints(out: Path, ckpt: Checkpoint, is_best: bool) -> None:
     # best.pt first: once last.pt names an epoch, everything of that epoch is on disk.
     if is_best:  # weights only: best.pt is for evaluation and fine-tuning
@@ -285,6 +301,13 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
+NONFINITE_CHECK = 20  # steps between looks at the loss's finiteness
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: one line, exit 1; no checkpoint of the diverged epoch is written."""
+
+
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
                     amp_dtype, epoch: int) -> dict[str, Any]:
     model.train()
@@ -295,12 +318,22 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     bar = tqdm(total=loader.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
     start = time.perf_counter()
+    # Non-finite losses are counted on the device and looked at every NONFINITE_CHECK steps
+    # (a host sync per step would cost the GPU its lead); all ranks look at the same step.
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)
     for batch in loader:
         images, keep_idx, labels = to_device(batch, device, mean, std)
         with autocast(device, amp_dtype):
             # Index checks cost a device sync (and a graph break under --compile); the loader
             # has checked the stored indices, so one eager check per epoch is enough.
             loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+        nonfinite += (~torch.isfinite(loss.detach())).double()
+        if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == loader.steps:
+            if ctx.all_reduce(nonfinite.clone()).item() > 0:
+                bar.close()
+                raise NonFiniteLoss(f"the training loss is not finite (NaN or inf) in epoch {epoch + 1}, by step "
+                                    f"{steps + 1}; training stopped, and last.pt / best.pt are those of the last "
+                                    f"finite epoch ({epoch}). Lower --lr, or set --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad:

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dynavit.manifests.inputs import InputFileError, read_regular
 from dynavit.manifests.schema import key_for
 
 __all__ = ["RawSample", "WorkUnit", "Source", "SourceError", "make_key", "read_bytes",
@@ -69,8 +70,9 @@ def read_bytes(path: str) -> tuple[bytes | None, str | None]:
     """Read a whole file; a failure becomes a reason string instead of an exception because
     one unreadable sample must not stop a run over millions of files."""
     try:
-        with open(path, "rb") as f:
-            return f.read(), None
+        return read_regular(path), None  # no FIFO, device or file over --max-file-bytes
+    except InputFileError as e:
+        return None, f"unreadable: {e}"
     except FileNotFoundError:
         return None, "missing file"
     except IsADirectoryError:

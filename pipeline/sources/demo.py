@@ -94,18 +94,36 @@ def render(seed: int, split_id: int, index: int, size: tuple[int, int]) -> tuple
     return out, label
 
 
+MAX_SAMPLES = 10_000_000
+
+
+def _int_option(name: str, value, low: int, high: int) -> int:
+    """A -o option that must be an integer in [low, high]; the error names the option."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            as_float = None
+        if as_float is None or not as_float.is_integer():
+            raise ValueError(f"demo: -o {name}={value!r} is not an integer")
+        value = int(as_float)
+    if not low <= value <= high:
+        raise ValueError(f"demo: -o {name}={value} is outside {low}..{high}")
+    return value
+
+
 class DemoSource(Source):
     name = "demo"
 
     def __init__(self, src: str | None = None, n_train: int = 600, n_val: int = 200,
                  seed: int = 0, image_size: int | tuple[int, int] = 224):
-        self.counts = {"train": int(n_train), "val": int(n_val)}
-        if min(self.counts.values()) < 0:
-            raise ValueError("demo: n_train and n_val must be >= 0")
-        self.seed = int(seed)
+        self.counts = {"train": _int_option("n_train", n_train, 0, MAX_SAMPLES),
+                       "val": _int_option("n_val", n_val, 0, MAX_SAMPLES)}
+        if not any(self.counts.values()):
+            raise ValueError("demo: -o n_train and -o n_val are both 0: nothing to index")
+        self.seed = _int_option("seed", seed, 0, 2 ** 63 - 1)
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if h < 16 or w < 16:
-            raise ValueError(f"demo: image_size {image_size} is too small")
+        h, w = _int_option("image_size", h, 16, 8192), _int_option("image_size", w, 16, 8192)
         self.size = (int(h), int(w))
 
     def splits(self) -> list[str]:

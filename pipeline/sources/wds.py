@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import glob
 import json
+from collections import Counter
 import os
 import re
 import tarfile
 
 from dynavit.manifests import locations
+from dynavit.manifests.inputs import max_file_bytes, open_regular
 from dynavit.manifests.io import sha256_file
 from dynavit.manifests.schema import IMAGE_EXTS
 from dynavit.manifests.tar import COMPRESSED_SUFFIXES, TarError, group_by_keys, read_at, scan_members
@@ -63,9 +65,12 @@ except ImportError:  # pragma: no cover - a dependency of dynavit
 IMAGE_SUFFIXES = IMAGE_EXTS
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_ERROR_KEY = "__tar_error__"
-DUPLICATE = "key appears twice in this tar (non-adjacent members)"
+# A stream is read once: its first copy of a key is indexed before a later copy shows up, so
+# the later copies fail and every reader (trainer, verify) takes the first.
+DUPLICATE = "key appears again in this tar (non-adjacent members); the first copy is the sample"
 _SPLIT_PREFIX = re.compile(r"^([A-Za-z0-9_-]+)=(.+)$")
 LABEL_MODES = ("auto", "cls", "txt", "none", "json:FIELD")
+MAX_CLASSES = 1_000_000  # the manifest's label is int32, the class list one name per class
 MIN_PIECE = 32  # samples: a smaller piece costs more in scanning and joining than it spreads
 
 
@@ -223,14 +228,19 @@ class WdsSource(Source):
     def _read_by_offset(self, unit, loc: str, lo: int, hi: int | None):
         path = locations.local_path(loc)
         samples = list(group_by_keys(scan_members(path)))  # raises TarError before any sample
-        seen = {key for key, _, _ in samples[:lo]}
+        # The whole tar is known: every copy of a repeated key fails, so no reader can pair
+        # one copy's image with another's label or indices (the trainer's scan keeps the first).
+        counts = Counter(key for key, _, _ in samples)
         tar_name = os.path.basename(path)
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
         try:
             for key, group, problem in samples[lo:hi]:
-                if key in seen:
-                    problem = DUPLICATE
-                seen.add(key)
+                if counts[key] > 1:
+                    problem = f"key appears {counts[key]} times in this tar; every copy is left out"
+                big = next((m for m in group.values() if m.size > max_file_bytes()), None)
+                if big is not None:  # not read: a member's size is the tar's word, not a limit
+                    yield self._sample(tar_name, key, {}, problem or _too_big(big.name, big.size))
+                    continue
                 yield self._sample(tar_name, key, {ext: read_at(fd, m) for ext, m in group.items()}, problem)
         finally:
             os.close(fd)
@@ -249,7 +259,8 @@ class WdsSource(Source):
                 with tarfile.open(fileobj=hashing, mode="r|*") as tf:
                     for info in tf:
                         if info.isreg():
-                            yield info.name, tf.extractfile(info).read()
+                            yield info.name, (tf.extractfile(info).read() if info.size <= max_file_bytes()
+                                              else TooBig(info.name, info.size))
                         tf.members = []  # streaming: do not keep every TarInfo
                 self._digests[loc] = hashing.finish()
             except (OSError, tarfile.TarError, EOFError) as e:
@@ -267,6 +278,9 @@ class WdsSource(Source):
             if key in seen:
                 problem = DUPLICATE
             seen.add(key)
+            big = next((data for _, data in group.values() if isinstance(data, TooBig)), None)
+            if big is not None:
+                return self._sample(tar_name, key, {}, problem or _too_big(big.name, big.size))
             return self._sample(tar_name, key, {ext: data for ext, (_, data) in group.items()}, problem)
 
         last = None
@@ -277,6 +291,10 @@ class WdsSource(Source):
         if last is not None:
             key, group, problem = last
             yield finish(key, group, problem or ("tar ends inside this sample" if failure else None))
+        if failure and isinstance(failure[0], locations.TruncatedDownload):
+            # Not a broken tar but a broken download: the unit fails (exit 1, --resume redoes
+            # it) rather than ending with half the samples and the hash of half the bytes.
+            raise failure[0]
         if failure:
             # One per unreadable tar; the unit index keeps the key unique within the split.
             yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
@@ -284,6 +302,10 @@ class WdsSource(Source):
 
     def _sample(self, tar_name: str, key: str, members: dict, err: str | None) -> RawSample:
         source = f"{tar_name}#{key}"
+        if err is None and unsafe_key(key):
+            # The key names our index tars' members: `../x` or `/x` would be extracted outside
+            # the folder by `tar x`. It is the user's data, so the sample fails, saying why.
+            err = f"unsafe member name {key[:80]!r} (absolute, or with a '..' part)"
         img = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
         if err is None and img is None:
             dotted = [s for s in members if "." in s and s.rsplit(".", 1)[1] in IMAGE_SUFFIXES]
@@ -336,6 +358,8 @@ class WdsSource(Source):
 
     def _class_of(self, value) -> tuple[int | None, str | None, str | None]:
         if isinstance(value, int):
+            if value >= MAX_CLASSES:  # a class list (and a classifier head) of that size is a bad label
+                return None, None, f"label {value} is not below {MAX_CLASSES} (classes dynaprep accepts)"
             if not self._classes:
                 return value, None, None if value >= 0 else f"label {value} is negative"
             if 0 <= value < len(self._classes):
@@ -346,6 +370,22 @@ class WdsSource(Source):
         if value in self._class_index:
             return self._class_index[value], value, None
         return None, None, f"class {value[:60]!r} is not in the classes file"
+
+
+class TooBig:
+    """A stream member over --max-file-bytes, not read."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+
+def _too_big(name: str, size: int) -> str:
+    return f"member {name} is {size} bytes, over the {max_file_bytes()}-byte cap (--max-file-bytes)"
+
+
+def unsafe_key(key: str) -> bool:
+    """A key that would put a member outside the folder a tar is extracted into."""
+    return key.startswith("/") or ".." in key.split("/") or "\0" in key
 
 
 def split_spec(spec: str) -> tuple[str | None, str]:

@@ -1,0 +1,59 @@
+"""click parameter types shared by both CLIs.
+
+click's FloatRange compares with <, > only, and every comparison with NaN is False, so
+`--lr nan` passed any range; `inf` passed every unbounded one. FiniteFloat refuses both
+(exit 2, one line naming the option) with or without a range.
+"""
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class FiniteFloat(click.FloatRange):
+    """A finite float, optionally in a range (click.FloatRange's arguments)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
+FINITE_FLOAT = FiniteFloat()
+# Pixels per side of an image the tools make or read whole: --image-size 1000000 would ask
+# for a ~100 GiB array per image before anything said no.
+MAX_IMAGE_SIZE = 8192
+
+
+
+def out_dir(ctx, param, value):
+    """click callback: a folder the command will create or fill, checked while parsing
+    (before any work): not an existing file, not under a file, writable."""
+    from dynavit.manifests.options import ArgumentError, check_output_dir
+
+    if value is not None:
+        try:
+            check_output_dir(value, None)
+        except ArgumentError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def out_file(ctx, param, value):
+    """click callback: a file the command will write, checked while parsing: not a folder,
+    not under a file, in a writable folder."""
+    from dynavit.manifests.options import ArgumentError, check_output_file
+
+    if value is not None:
+        try:
+            check_output_file(value, None)
+        except ArgumentError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+__all__ = ["FINITE_FLOAT", "MAX_IMAGE_SIZE", "FiniteFloat", "out_dir", "out_file"]
