@@ -52,9 +52,16 @@ def random_keep(b, k, seed=2):
 
 
 def masked_dense_features(m, x, keep):
-    """timm's own dense forward with dropped tokens hidden as keys; prefix + kept rows."""
+    """timm's own dense forward with dropped tokens hidden as keys; prefix + kept rows.
+
+    The fused path gets the boolean mask as is (SDPA semantics); timm's manual path gets it as
+    an additive 0/-inf mask, which every timm version adds the same way (before 1.0.28 or so
+    the manual path added a boolean mask as 0/1 instead of hiding the keys)."""
     p = m.num_prefix_tokens
-    f = m.forward_features(x, attn_mask=dense_equivalent_mask(keep, N, p))
+    mask = dense_equivalent_mask(keep, N, p)
+    if not m.blocks[0].attn.fused_attn:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    f = m.forward_features(x, attn_mask=mask)
     rows = torch.cat([torch.arange(p).expand(keep.shape[0], -1), keep + p], dim=1)
     return torch.gather(f, 1, rows.unsqueeze(-1).expand(-1, -1, f.shape[-1]))
 

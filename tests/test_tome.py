@@ -222,7 +222,12 @@ def test_refuses_distilled_subclass():
 
 def test_gated_and_scale_norm_attention():
     from timm.layers import LayerNorm
+    import inspect
+
     from timm.models.vision_transformer import Attention
+
+    if "gated" not in inspect.signature(Attention.__init__).parameters:
+        pytest.skip("this timm's Attention has no output gate (timm >= 1.0.28)")
 
     m, x = tiny(depth=2), images()
     torch.manual_seed(3)
