@@ -15,6 +15,10 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DATASET_JSON = "dataset.json"
+# Every saliency scorer (docs/FORMAT.md defines each): the Numba kernels, their torch twins
+# and the CLIs take the names from here, and a dataset.json naming another is invalid (the
+# name becomes part of its index shards' file names).
+SCORER_NAMES = ("l2", "sobel", "entropy", "contrast", "distinct")
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 

@@ -16,6 +16,7 @@ from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, re
 from .schema import (
     DATASET_JSON,
     MANIFEST_PARQUET,
+    SCORER_NAMES,
     SHARDS_PARQUET,
     STATUS_FAILED,
     STATUS_OK,
@@ -62,6 +63,9 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
         bad(SHARDS_PARQUET, str(e))
         shards = None
 
+    unknown = [s for s in info.scorers if s not in SCORER_NAMES]
+    if unknown or not info.scorers:
+        bad(DATASET_JSON, f"unknown scorer(s) {unknown or '(none)'}; valid: {', '.join(SCORER_NAMES)}")
     for k in info.ks:
         if (k.kept, k.seq_len) != (k_count(k.k, info.num_patches), 1 + k_count(k.k, info.num_patches)):
             bad(DATASET_JSON, f"ks entry K={k.k} says kept={k.kept}, seq_len={k.seq_len}; the grid "

@@ -107,7 +107,7 @@ def main():
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
 @click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
-              help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
+              help="Saliency scorers, comma-separated: l2 (the paper's), sobel, entropy, contrast, distinct (docs/FORMAT.md); one index shard set each.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
               help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
                    "after --resize to this size (the trainer applies the same resize); images already this "
