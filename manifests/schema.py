@@ -117,6 +117,10 @@ class DatasetInfo:
     # Which patches top-K may keep: {"policy": "none"} (the paper's plain scores) or
     # {"policy": "pad-aware", ...}: constant letterbox borders never win (pipeline/padding.py).
     padding: dict[str, Any] = field(default_factory=lambda: {"policy": "none"})
+    # Share of flat patches (no variation) each scorer keeps vs a random selection, per split,
+    # and warnings where a scorer keeps markedly more (docs/FORMAT.md, pipeline/flatness.py).
+    # None: not measured (datasets written before the field existed).
+    flat_patches: dict[str, Any] | None = None
     # Where labels come from: {"from": "source"} (the layout: folders, annotations), or for
     # a wds the `label` option: "auto"/"cls" (the .cls member), "txt", "json:FIELD", "none".
     labels: dict[str, Any] = field(default_factory=lambda: {"from": "source"})

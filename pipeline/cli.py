@@ -232,6 +232,8 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
         for reason, count in failure_reasons(out):
             click.echo(f"  failed: {count} × {reason}")
         click.echo(f"  wrote {out}/dataset.json")
+        for line in flat_summary(info):
+            click.echo(line)
         failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
         if data == "wds" and not info["classes"] and info["labels"]["from"] == "auto":
             click.echo("warning: no sample has a .cls label; img2dataset keeps the class in KEY.json or KEY.txt: "
@@ -249,6 +251,28 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
         what += [f"{len(problems)} dataset problems (see the warnings above)"] if problems else []
         click.echo(f"--strict: {'; '.join(what)}", err=True)
         sys.exit(1)
+
+
+def flat_summary(info: dict) -> list[str]:
+    """The flat-patch figures of dataset.json for the summary: per split the share of flat
+    patches the indexed scorers keep at the smallest K next to a random selection's, then a
+    warning per scorer that keeps markedly more (pipeline/flatness.py)."""
+    from .flatness import warning_lines
+
+    fp = info.get("flat_patches")
+    if not fp:
+        return []
+    lines = []
+    for split, fig in fp["splits"].items():
+        if fig.get("random") is None:
+            continue
+        k = str(min(int(k) for k in next(iter(fig["kept_share"].values()), {"0": 0}))) if fig["kept_share"] else None
+        shares = ", ".join(f"{s} {100 * fig['kept_share'][s][k]:.0f} %" for s in info["scorers"]
+                           if k and fig["kept_share"].get(s, {}).get(k) is not None)
+        lines.append(f"  {split}: flat patches kept at K={k} (of {fig['images']} sampled images): {shares}; "
+                     f"random {100 * fig['random']:.0f} %")
+        lines += [f"warning: {line}" for line in warning_lines(split, fig["warnings"])]
+    return lines
 
 
 def _absolute_spec(spec: str) -> str:
@@ -354,6 +378,18 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
     w, h = facts["size_px"]
     click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
                f"({facts['scorer']}) → {png} ({w}x{h} px)")
+    from .flatness import warning_lines
+
+    flat, split = facts["flat"], facts["split"]
+    k = str(min(facts["ks"]))
+    shares = ", ".join(f"{s} {100 * flat['kept_share'][s][k]:.0f} %" for s in facts["scorers"])
+    click.echo(f"  flat patches kept at K={k} in these samples: {shares}; random {100 * flat['random']:.0f} %")
+    for line in warning_lines(split, flat["warnings"], where=" in these samples"):
+        click.echo(f"warning: {line}")
+    stored = facts["flat_dataset"]
+    for line in warning_lines(split, (stored or {}).get("warnings", []),
+                              where=f" (dataset.json, {stored['images'] if stored else 0} sampled images)"):
+        click.echo(f"warning: {line}")
 
 
 @main.command("bench-index")
