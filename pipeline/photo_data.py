@@ -63,8 +63,9 @@ def grey_objects(root, n_train: int, n_val: int, size: int = 64, classes=PHOTOS[
     return {"root": root, "classes": sorted(classes), "ground": grounds}
 
 
-def digits(root, size: int = 32, n_val: int = 360, seed: int = 0) -> dict:
-    """scikit-learn's 1797 digits (8×8, 0..16) as white-on-black PNGs upsampled to `size`."""
+def digits(root, size: int = 32, n_val: int = 360, seed: int = 0, resample: str = "nearest") -> dict:
+    """scikit-learn's 1797 digits (8×8, 0..16) as white-on-black PNGs upsampled to `size`
+    (resample "nearest": every size/8-px block is one scanned pixel; "bilinear": smooth)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -77,5 +78,43 @@ def digits(root, size: int = 32, n_val: int = 360, seed: int = 0) -> dict:
         a = np.rint(im * (255 / 16)).astype(np.uint8)
         path = root / ("val" if i in val else "train") / str(t) / f"{i:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(a).resize((size, size), Image.NEAREST).convert("RGB").save(path)
+        Image.fromarray(a).resize((size, size), {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR}[resample]).convert("RGB").save(path)
     return {"root": root, "classes": [str(c) for c in range(10)]}
+
+
+def letterboxed(root, n_train: int, n_val: int, size: int = 64, bar: int = 16, classes=PHOTOS[3:7],
+                seed: int = 0) -> dict:
+    """scikit-image colour photos shrunk to size×(size − 2·bar) and letterboxed to size×size
+    with centred constant bars (white or black, top+bottom or left+right), as img2dataset's
+    border mode or a scanner leaves them. Returns {"root", "bars": {path: (axis, colour)}}."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    try:
+        import skimage.data
+    except ImportError:
+        raise MissingExtra("the photo data sets need scikit-image: pip install scikit-image") from None
+    photos = {c: np.asarray(getattr(skimage.data, c)()) for c in classes}
+    bars = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c = classes[i % len(classes)]
+            src = photos[c]
+            if src.ndim == 2:
+                src = np.repeat(src[..., None], 3, axis=2)
+            src = src[..., :3]
+            h, w = src.shape[:2]
+            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = Image.fromarray(np.ascontiguousarray(src[y:y + side, x:x + side]))
+            colour = 255 if rng.integers(0, 2) else 0
+            img = np.full((size, size, 3), colour, np.uint8)
+            axis = int(rng.integers(0, 2))  # 0: bars top and bottom, 1: left and right
+            if axis == 0:
+                img[bar:size - bar] = np.asarray(crop.resize((size, size - 2 * bar), Image.BILINEAR))
+            else:
+                img[:, bar:size - bar] = np.asarray(crop.resize((size - 2 * bar, size), Image.BILINEAR))
+            path = root / split / c / f"{c}_{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+            bars[str(path)] = (axis, colour)
+    return {"root": root, "bars": bars}
