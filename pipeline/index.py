@@ -324,7 +324,7 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                              image_ext=cfg.image_format, external_images=external, piece=piece)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
-    flat = flatness.empty_counts()
+    flat = _FlatSample(cfg)
     try:
         for raw in source.read_unit(unit):
             row = {"split": unit.split, "key": raw.key, "shard": unit.index, "label": raw.label,
@@ -351,6 +351,7 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
             if len(pending) == BATCH:
                 _flush(cfg, writer, pending, progress, flat)
         _flush(cfg, writer, pending, progress, flat)
+        flat.measure()
         if external is not None and piece is None:
             writer.images_digest = source.image_digest(unit)
         shard_row = writer.commit()
@@ -358,10 +359,10 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
         writer.abort()
         raise
     if piece is not None:
-        write_json_atomic(Path(f"{piece}.flat.json"), flat)  # before the rows that mark it done
+        write_json_atomic(Path(f"{piece}.flat.json"), flat.counts)  # before the rows that mark it done
         write_table_atomic(_piece_rows(cfg.out, unit), rows, MANIFEST_SCHEMA)
     else:
-        write_json_atomic(_flat_part(cfg.out, unit), flat)
+        write_json_atomic(_flat_part(cfg.out, unit), flat.counts)
         write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
         write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
     ok = sum(r["status"] == STATUS_OK for r in rows)
@@ -420,7 +421,7 @@ def _batch_buffer(n: int, shape: tuple) -> np.ndarray:
     return _batch[:n]
 
 
-def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat: dict | None = None) -> None:
+def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat=None) -> None:
     """Score a batch of decoded images, select every K from one ranking, write in key order;
     add the batch's sampled images to the flat-patch counts."""
     if not pending:
@@ -435,7 +436,7 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, f
         ranked = scores[scorer] if masks is None else mask_scores(scores[scorer], masks)
         indices[scorer] = select_topk_multi(ranked, cfg.ks)
     if flat is not None:
-        _count_flat(cfg, batch, pending, scores, indices, masks, flat)
+        flat.add(batch, pending, indices, masks)
     external = writer.external_images is not None
     for i, (row, rgb, _) in enumerate(pending):
         image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
@@ -447,23 +448,43 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, f
     pending.clear()
 
 
-def _count_flat(cfg: IndexConfig, batch, pending, scores, indices, masks, flat: dict) -> None:
-    """Flat share of every scorer's kept sets on the sampled images of the batch (also the
-    scorers not indexed, so that a better one can be named); the same pad-aware ranking."""
-    sel = [i for i, (row, _, _) in enumerate(pending) if flatness.sampled(row["sha256"])]
-    if not sel:
-        return
-    sub = batch[sel]
-    sub_masks = masks[sel] if masks is not None else None
-    contrast = scores["contrast"][sel] if "contrast" in scores else score_patches(sub, cfg.patch_size, "contrast")
-    kept = {}
-    for scorer in SCORERS:
-        if scorer in indices:
-            kept[scorer] = {k: v[sel] for k, v in indices[scorer].items()}
-            continue
-        sc = contrast if scorer == "contrast" else score_patches(sub, cfg.patch_size, scorer, cfg.mean, cfg.std)
-        kept[scorer] = select_topk_multi(sc if sub_masks is None else mask_scores(sc, sub_masks), cfg.ks)
-    flatness.add_counts(flat, flatness.flat_mask(contrast), kept)
+class _FlatSample:
+    """The flat-patch counts of a unit (pipeline/flatness.py). The sampled images (one in
+    SAMPLE_EVERY) are kept until a batch is full and measured together: scoring a handful
+    per call cost ~3× per image in kernel call overhead."""
+
+    def __init__(self, cfg: IndexConfig):
+        self.cfg, self.counts = cfg, flatness.empty_counts()
+        self.rgb, self.masks, self.kept = [], [], []
+
+    def add(self, batch, pending, indices, masks) -> None:
+        for i, (row, _, _) in enumerate(pending):
+            if flatness.sampled(row["sha256"]):
+                self.rgb.append(batch[i].copy())  # the batch buffer is reused
+                self.masks.append(None if masks is None else masks[i])
+                self.kept.append({s: {k: v[i] for k, v in by_k.items()} for s, by_k in indices.items()})
+        if len(self.rgb) >= BATCH:
+            self.measure()
+
+    def measure(self) -> None:
+        """Every scorer's kept sets on the held images (the indexed ones as written, the
+        others selected here with the same pad-aware ranking), then the counts."""
+        if not self.rgb:
+            return
+        cfg, sub = self.cfg, np.stack(self.rgb)
+        grid = sub.shape[1] // cfg.patch_size, sub.shape[2] // cfg.patch_size
+        masks = None if all(m is None for m in self.masks) else \
+            np.stack([np.zeros(grid, bool) if m is None else m for m in self.masks])
+        contrast = score_patches(sub, cfg.patch_size, "contrast")
+        kept = {}
+        for scorer in SCORERS:
+            if scorer in self.kept[0]:
+                kept[scorer] = {k: np.stack([d[scorer][k] for d in self.kept]) for k in cfg.ks}
+                continue
+            sc = contrast if scorer == "contrast" else score_patches(sub, cfg.patch_size, scorer, cfg.mean, cfg.std)
+            kept[scorer] = select_topk_multi(sc if masks is None else mask_scores(sc, masks), cfg.ks)
+        flatness.add_counts(self.counts, flatness.flat_mask(contrast), kept)
+        self.rgb, self.masks, self.kept = [], [], []
 
 
 # --- the run ------------------------------------------------------------------------------
