@@ -387,9 +387,12 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
     for line in warning_lines(split, flat["warnings"], where=" in these samples"):
         click.echo(f"warning: {line}")
     stored = facts["flat_dataset"]
-    for line in warning_lines(split, (stored or {}).get("warnings", []),
-                              where=f" (dataset.json, {stored['images'] if stored else 0} sampled images)"):
-        click.echo(f"warning: {line}")
+    try:
+        for line in warning_lines(split, (stored or {}).get("warnings", []),
+                                  where=f" (dataset.json, {stored['images'] if stored else 0} sampled images)"):
+            click.echo(f"warning: {line}")
+    except (AttributeError, KeyError, TypeError, ValueError):  # data, not code: never a traceback
+        click.echo(f"warning: dataset.json's flat_patches of split {split!r} is malformed; see dynaprep verify")
 
 
 @main.command("bench-index")

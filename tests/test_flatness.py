@@ -131,3 +131,24 @@ def test_rule():
     shares["entropy"] = {"50": 0.6, "25": 0.75}
     assert flatness.warnings_for(shares, 0.32, ["l2"])[0]["better"] is None  # none does better
     assert flatness.warnings_for({"l2": {"50": 0.41}}, 0.32, ["l2"]) == []  # under the margin
+
+
+def test_verify_checks_the_figures(photos, tmp_path):
+    """dynaprep verify accepts the written figures and reports edited ones (one line each)."""
+    import shutil
+
+    from dynavit.manifests import validate_dataset
+
+    _, out, _ = photos
+    assert validate_dataset(out, check_checksums=False) == []
+    copy = tmp_path / "ds"
+    shutil.copytree(out, copy)
+    d = json.loads((copy / "dataset.json").read_text())
+    d["flat_patches"]["splits"]["val"]["kept_flat"]["l2"]["25"] = 10**6
+    d["flat_patches"]["splits"]["train"]["warnings"] = "l2"
+    (copy / "dataset.json").write_text(json.dumps(d))
+    found = [v.message for v in validate_dataset(copy, check_checksums=False)]
+    assert any("'l2'] K=25: 1000000 flat of" in m for m in found), found
+    assert any("flat_patches['train'] is malformed" in m for m in found), found
+    r = CliRunner().invoke(main, ["show", str(copy), "--split", "train", "--n", "2", "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0 and "is malformed" in r.output and "Traceback" not in r.output
