@@ -147,9 +147,10 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an earlier dynaprep output in --out.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input failed.")
 @click.option("--pad-aware/--no-pad-aware", "pad_aware", default=None,
-              help="Never keep constant letterbox borders (img2dataset's border mode) in the top-K while real "
-                   "content is left out; borders from KEY.json's sizes, else a constant-border detector. "
-                   "--no-pad-aware: the paper's plain scores. [default: on for wds, off otherwise]")
+              help="Never keep constant letterbox borders (img2dataset's border mode, scanner margins in pairs) in "
+                   "the top-K while real content is left out; any --data: borders from KEY.json's sizes (wds), else "
+                   "a constant-border detector. --no-pad-aware: the paper's plain scores. "
+                   "[default: on for wds, off otherwise]")
 @click.option("--mean", default=None, callback=_triple, help="Normalisation mean R,G,B for the l2 score [ImageNet].")
 @click.option("--std", default=None, callback=_triple, help="Normalisation std R,G,B for the l2 score [ImageNet].")
 @click.option("-o", "--option", "options", multiple=True, callback=_options,
