@@ -288,8 +288,9 @@ def _check_predict_out(ctx, param, value):
               help="Output table, one row per input image (format from the extension).")
 @click.option("--k", type=click.IntRange(1, 100), default=100, show_default=True,
               help="Percent of patches kept (100 = dense, no scoring).")
-@click.option("--scorer", type=click.Choice(SCORERS), default="l2", show_default=True,
-              help="Patch saliency score (DESIGN.md §5), computed online on the device.")
+@click.option("--scorer", type=click.Choice(SCORERS), default=None,
+              help="Patch saliency score (docs/FORMAT.md), computed online on the device. "
+                   "[default: the scorer the checkpoint's run trained with, else l2]")
 @click.option("--round-to", type=click.IntRange(min=1), default=None,
               help="Round the sequence length up to a multiple of this (e.g. 8); keeps a few more patches.")
 @click.option("--device", default="auto", show_default=True, callback=_parse_device,
@@ -342,6 +343,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
     if not files:
         raise click.UsageError("no images found in the given IMAGES (extensions: "
                                + ", ".join(IMAGE_EXTENSIONS) + ")")
+    scorer = scorer or (info.get("scorer") if info.get("scorer") in SCORERS else "l2")
     mean = mean or info.get("mean") or IMAGENET_MEAN
     std = std or info.get("std") or IMAGENET_STD
     if progress is None:
