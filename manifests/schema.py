@@ -19,6 +19,11 @@ DATASET_JSON = "dataset.json"
 # and the CLIs take the names from here, and a dataset.json naming another is invalid (the
 # name becomes part of its index shards' file names).
 SCORER_NAMES = ("l2", "sobel", "entropy", "contrast", "distinct")
+# What `dynaprep index` scores with when --scorer is not given. Not the paper's l2: on real
+# scans and photos l2 kept flat background and trained worse than random patches, entropy
+# beat random at K=50 and K=25 on every set (docs/BENCHMARKS.md, "Scorers on real data").
+# l2 stays selectable by name (--scorer l2) and is what the paper's numbers use.
+DEFAULT_SCORER = "entropy"
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dynavit.manifests import FormatError, validate_dataset
+from dynavit.manifests import DEFAULT_SCORER, FormatError, validate_dataset
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from .bench_index import make_jpegs
@@ -106,8 +106,11 @@ def main():
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset directory.")
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
-@click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
-              help="Saliency scorers, comma-separated: l2 (the paper's), sobel, entropy, contrast, distinct (docs/FORMAT.md); one index shard set each.")
+@click.option("--scorer", "scorers", default=DEFAULT_SCORER, show_default=True, callback=_scorers,
+              help="Saliency scorers, comma-separated: l2 (the paper's), sobel, entropy, contrast, distinct "
+                   "(docs/FORMAT.md); one index shard set each; the first is what dynatrain uses by default. "
+                   "The default is entropy, not the paper's l2: l2 keeps flat dark/white background "
+                   "(docs/BENCHMARKS.md, scorers on real data).")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
               help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
                    "after --resize to this size (the trainer applies the same resize); images already this "

@@ -49,7 +49,7 @@ def test_pad_aware_on_an_imagefolder(tmp_path):
     bars = {"/".join(p.split("/")[-3:]): v for p, v in data["bars"].items()}  # train/<class>/<file>
     common = ["index", "--data", "imagefolder", "--src", str(tmp_path / "src"), "--image-size", str(SIZE),
               "--patch-size", str(PATCH), "--resize", "squash", "--format", "png", "--k", "50",
-              "--workers", "1", "--no-progress"]
+              "--workers", "1", "--no-progress", "--scorer", "l2"]
     shares = {}
     for flag in ("--pad-aware", None):
         out = tmp_path / f"out{flag or ''}"

@@ -174,7 +174,7 @@ def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, devic
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True, help="Autocast dtype.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
-@click.option("--scorer", default="l2", show_default=True, help="Index shard set the loader reads.")
+@click.option("--scorer", default=None, help="Index shard set the loader reads. [default: the dataset's first scorer]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
     """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
