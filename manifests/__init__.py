@@ -18,6 +18,8 @@ from .io import (  # noqa: F401 (the package API)
 from .schema import (
     FORMAT_VERSION,
     MANIFEST_SCHEMA,
+    DEFAULT_SCORER,
+    SCORER_NAMES,
     SHARDS_SCHEMA,
     DatasetInfo,
     FormatError,

@@ -15,6 +15,15 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DATASET_JSON = "dataset.json"
+# Every saliency scorer (docs/FORMAT.md defines each): the Numba kernels, their torch twins
+# and the CLIs take the names from here, and a dataset.json naming another is invalid (the
+# name becomes part of its index shards' file names).
+SCORER_NAMES = ("l2", "sobel", "entropy", "contrast", "distinct")
+# What `dynaprep index` scores with when --scorer is not given. Not the paper's l2: on real
+# scans and photos l2 kept flat background and trained worse than random patches, entropy
+# beat random at K=50 and K=25 on every set (docs/BENCHMARKS.md, "Scorers on real data").
+# l2 stays selectable by name (--scorer l2) and is what the paper's numbers use.
+DEFAULT_SCORER = "entropy"
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 
@@ -113,6 +122,10 @@ class DatasetInfo:
     # Which patches top-K may keep: {"policy": "none"} (the paper's plain scores) or
     # {"policy": "pad-aware", ...}: constant letterbox borders never win (pipeline/padding.py).
     padding: dict[str, Any] = field(default_factory=lambda: {"policy": "none"})
+    # Share of flat patches (no variation) each scorer keeps vs a random selection, per split,
+    # and warnings where a scorer keeps markedly more (docs/FORMAT.md, pipeline/flatness.py).
+    # None: not measured (datasets written before the field existed).
+    flat_patches: dict[str, Any] | None = None
     # Where labels come from: {"from": "source"} (the layout: folders, annotations), or for
     # a wds the `label` option: "auto"/"cls" (the .cls member), "txt", "json:FIELD", "none".
     labels: dict[str, Any] = field(default_factory=lambda: {"from": "source"})

@@ -16,6 +16,7 @@ from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, re
 from .schema import (
     DATASET_JSON,
     MANIFEST_PARQUET,
+    SCORER_NAMES,
     SHARDS_PARQUET,
     STATUS_FAILED,
     STATUS_OK,
@@ -26,6 +27,43 @@ from .schema import (
     k_count,
 )
 
+
+
+def _check_flat(info: DatasetInfo, bad) -> None:
+    """flat_patches (docs/FORMAT.md): null, or per split counts that add up."""
+    fp = info.flat_patches
+    if fp is None:
+        return
+    try:
+        splits = dict(fp["splits"])
+    except (KeyError, TypeError, ValueError) as e:
+        bad(DATASET_JSON, f"flat_patches is malformed ({type(e).__name__}: {e})")
+        return
+    for split, fig in splits.items():
+        try:
+            _check_flat_split(info, split, fig, bad)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            bad(DATASET_JSON, f"flat_patches[{split!r}] is malformed ({type(e).__name__}: {e})")
+
+
+def _check_flat_split(info: DatasetInfo, split: str, fig: dict, bad) -> None:
+    if split not in info.splits:
+        bad(DATASET_JSON, f"flat_patches names split {split!r}, which is not in splits")
+    n, flat = int(fig["images"]), int(fig["flat"])
+    if not 0 <= flat <= int(fig["patches"]) == n * info.num_patches:
+        bad(DATASET_JSON, f"flat_patches[{split!r}]: {flat} flat of {fig['patches']} patches "
+            f"on {n} images of {info.num_patches} patches")
+    for scorer, by_k in fig["kept_flat"].items():
+        if scorer not in SCORER_NAMES:
+            bad(DATASET_JSON, f"flat_patches[{split!r}] names unknown scorer {scorer!r}")
+        for k, v in by_k.items():
+            if not 0 <= int(v) <= int(fig["kept"][scorer][k]) == n * k_count(int(k), info.num_patches):
+                bad(DATASET_JSON, f"flat_patches[{split!r}][{scorer!r}] K={k}: {v} flat of "
+                    f"{fig['kept'][scorer][k]} kept on {n} images")
+    for w in fig["warnings"]:
+        if w["scorer"] not in info.scorers or (w["better"] is not None and w["better"] not in SCORER_NAMES):
+            bad(DATASET_JSON, f"flat_patches[{split!r}] warning names unknown scorers {w['scorer']!r}, "
+                f"{w['better']!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +102,10 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
         bad(SHARDS_PARQUET, str(e))
         shards = None
 
+    unknown = [s for s in info.scorers if s not in SCORER_NAMES]
+    if unknown or not info.scorers:
+        bad(DATASET_JSON, f"unknown scorer(s) {unknown or '(none)'}; valid: {', '.join(SCORER_NAMES)}")
+    _check_flat(info, bad)
     for k in info.ks:
         if (k.kept, k.seq_len) != (k_count(k.k, info.num_patches), 1 + k_count(k.k, info.num_patches)):
             bad(DATASET_JSON, f"ks entry K={k.k} says kept={k.kept}, seq_len={k.seq_len}; the grid "

@@ -59,7 +59,34 @@ def np_entropy(img, p):
     return ent.reshape(b, gh, gw)
 
 
-NUMPY_IMPL = {"l2": np_l2, "sobel": np_sobel, "entropy": np_entropy}
+def _np_sums(img, p):
+    """Per patch and channel: sum and sum of squares (float32 holds these integers exactly)."""
+    b, h, w, _ = img.shape
+    f = img.astype(np.float32).reshape(b, h // p, p, w * 3)  # rows first: contiguous adds
+    s = f.sum(axis=2).reshape(b, h // p, w // p, p, 3).sum(axis=3)
+    q = np.square(f, out=f).sum(axis=2).reshape(b, h // p, w // p, p, 3).sum(axis=3)
+    return s, q
+
+
+def np_contrast(img, p):
+    s, q = _np_sums(img, p)
+    n = float(p * p)
+    var = np.maximum(q / n - np.square(s / n), 0.0)
+    return np.sqrt(var.mean(axis=-1)) / 255.0
+
+
+def np_distinct(img, p):
+    s, q = _np_sums(img, p)
+    n = float(p * p)
+    sigma = np.sqrt(np.maximum(q / n - np.square(s / n), 0.0).mean(axis=-1)) / 255.0
+    mu = s / (255.0 * n)
+    d_col = mu - mu.mean(axis=(1, 2), keepdims=True)
+    d_tex = sigma - sigma.mean(axis=(1, 2), keepdims=True)
+    return np.sqrt(np.square(d_col).sum(axis=-1) + np.square(d_tex))
+
+
+NUMPY_IMPL = {"l2": np_l2, "sobel": np_sobel, "entropy": np_entropy, "contrast": np_contrast,
+              "distinct": np_distinct}
 
 
 def _time(fn, repeats):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dynavit.manifests import FormatError, validate_dataset
+from dynavit.manifests import DEFAULT_SCORER, FormatError, validate_dataset
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
@@ -112,8 +112,11 @@ def main():
 @click.option("--out", type=click.Path(file_okay=False), required=True, callback=out_dir, help="Output dataset directory.")
 @click.option("--k", "ks", default="70,50,25", show_default=True, callback=_int_list,
               help="Percent of patches to keep, comma-separated; all K come from one ranking (nested sets).")
-@click.option("--scorer", "scorers", default="l2", show_default=True, callback=_scorers,
-              help="Saliency scorers, comma-separated (l2, sobel, entropy); one index shard set each.")
+@click.option("--scorer", "scorers", default=DEFAULT_SCORER, show_default=True, callback=_scorers,
+              help="Saliency scorers, comma-separated: l2 (the paper's), sobel, entropy, contrast, distinct "
+                   "(docs/FORMAT.md); one index shard set each; the first is what dynatrain uses by default. "
+                   "The default is entropy, not the paper's l2: l2 keeps flat dark/white background "
+                   "(docs/BENCHMARKS.md, scorers on real data).")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(1, MAX_IMAGE_SIZE),
               help="Side of the stored square image (a multiple of --patch-size). wds: images are scored "
                    "after --resize to this size (the trainer applies the same resize); images already this "
@@ -153,9 +156,10 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an earlier dynaprep output in --out.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input failed.")
 @click.option("--pad-aware/--no-pad-aware", "pad_aware", default=None,
-              help="Never keep constant letterbox borders (img2dataset's border mode) in the top-K while real "
-                   "content is left out; borders from KEY.json's sizes, else a constant-border detector. "
-                   "--no-pad-aware: the paper's plain scores. [default: on for wds, off otherwise]")
+              help="Never keep constant letterbox borders (img2dataset's border mode, scanner margins in pairs) in "
+                   "the top-K while real content is left out; any --data: borders from KEY.json's sizes (wds), else "
+                   "a constant-border detector. --no-pad-aware: the paper's plain scores. "
+                   "[default: on for wds, off otherwise]")
 @click.option("--mean", default=None, callback=_triple, help="Normalisation mean R,G,B for the l2 score [ImageNet].")
 @click.option("--std", default=None, callback=_triple, help="Normalisation std R,G,B for the l2 score [ImageNet].")
 @click.option("-o", "--option", "options", multiple=True, callback=_options,
@@ -242,6 +246,8 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
         for reason, count in failure_reasons(out):
             click.echo(f"  failed: {count} × {reason}")
         click.echo(f"  wrote {out}/dataset.json")
+        for line in flat_summary(info):
+            click.echo(line)
         failed = sum(c["failed"] for c in info["splits"].values())  # earlier runs and ranks too
         if data == "wds" and not info["classes"] and info["labels"]["from"] == "auto":
             click.echo("warning: no sample has a .cls label; img2dataset keeps the class in KEY.json or KEY.txt: "
@@ -259,6 +265,28 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
         what += [f"{len(problems)} dataset problems (see the warnings above)"] if problems else []
         click.echo(f"--strict: {'; '.join(what)}", err=True)
         sys.exit(1)
+
+
+def flat_summary(info: dict) -> list[str]:
+    """The flat-patch figures of dataset.json for the summary: per split the share of flat
+    patches the indexed scorers keep at the smallest K next to a random selection's, then a
+    warning per scorer that keeps markedly more (pipeline/flatness.py)."""
+    from .flatness import warning_lines
+
+    fp = info.get("flat_patches")
+    if not fp:
+        return []
+    lines = []
+    for split, fig in fp["splits"].items():
+        if fig.get("random") is None:
+            continue
+        k = str(min(int(k) for k in next(iter(fig["kept_share"].values()), {"0": 0}))) if fig["kept_share"] else None
+        shares = ", ".join(f"{s} {100 * fig['kept_share'][s][k]:.0f} %" for s in info["scorers"]
+                           if k and fig["kept_share"].get(s, {}).get(k) is not None)
+        lines.append(f"  {split}: flat patches kept at K={k} (of {fig['images']} sampled images): {shares}; "
+                     f"random {100 * fig['random']:.0f} %")
+        lines += [f"warning: {line}" for line in warning_lines(split, fig["warnings"])]
+    return lines
 
 
 def _absolute_spec(spec: str) -> str:
@@ -371,6 +399,21 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
     w, h = facts["size_px"]
     click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
                f"({facts['scorer']}) → {png} ({w}x{h} px)")
+    from .flatness import warning_lines
+
+    flat, split = facts["flat"], facts["split"]
+    k = str(min(facts["ks"]))
+    shares = ", ".join(f"{s} {100 * flat['kept_share'][s][k]:.0f} %" for s in facts["scorers"])
+    click.echo(f"  flat patches kept at K={k} in these samples: {shares}; random {100 * flat['random']:.0f} %")
+    for line in warning_lines(split, flat["warnings"], where=" in these samples"):
+        click.echo(f"warning: {line}")
+    stored = facts["flat_dataset"]
+    try:
+        for line in warning_lines(split, (stored or {}).get("warnings", []),
+                                  where=f" (dataset.json, {stored['images'] if stored else 0} sampled images)"):
+            click.echo(f"warning: {line}")
+    except (AttributeError, KeyError, TypeError, ValueError):  # data, not code: never a traceback
+        click.echo(f"warning: dataset.json's flat_patches of split {split!r} is malformed; see dynaprep verify")
 
 
 @main.command("bench-index")

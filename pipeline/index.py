@@ -50,9 +50,10 @@ from dynavit.manifests.shards import join_pieces
 from dynavit.manifests.tar import TarError
 from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
+from . import flatness
 from .decode import DecodeError, encode_image, load_image
 from .padding import content_box_from_meta, detect_constant_border, map_box, mask_scores, padding_masks
-from .saliency import score_patches
+from .saliency import SCORERS, score_patches
 from .sources import SourceError, open_source
 from .topk import select_topk_multi
 
@@ -252,6 +253,21 @@ def load_plan(out) -> "SavedPlan | None":
         raise RunError(f"{path} is damaged ({e}); run the index command again with --resume") from None
 
 
+def _flat_part(out, unit) -> Path:
+    """The unit's flat-patch counts (pipeline/flatness.py): JSON, null when unknown."""
+    return _state(out) / "parts" / f"{unit.split}-{unit.index:06d}.flat.json"
+
+
+def _read_flat(path: Path):
+    """Counts of a part or piece, or None: written by a dynavit that did not measure them."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise RunError(f"{path} is damaged ({e}); delete it and the shard's parts, then --resume") from None
+
+
 def _piece(out, unit) -> Path:
     """Path prefix of a piece's fragments and manifest rows (the piece count is in the
     name, so a resume that cuts the unit differently ignores them)."""
@@ -319,6 +335,7 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                              image_ext=cfg.image_format, external_images=external, piece=piece)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
+    flat = _FlatSample(cfg)
     try:
         for raw in source.read_unit(unit):
             row = {"split": unit.split, "key": raw.key, "shard": unit.index, "label": raw.label,
@@ -343,8 +360,9 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
             box = _content_box(cfg, decoded, raw.meta, kept=external is not None) if cfg.pad_aware else None
             pending.append((row, decoded.rgb, box))
             if len(pending) == BATCH:
-                _flush(cfg, writer, pending, progress)
-        _flush(cfg, writer, pending, progress)
+                _flush(cfg, writer, pending, progress, flat)
+        _flush(cfg, writer, pending, progress, flat)
+        flat.measure()
         if external is not None and piece is None:
             writer.images_digest = source.image_digest(unit)
         shard_row = writer.commit()
@@ -352,8 +370,10 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
         writer.abort()
         raise
     if piece is not None:
+        write_json_atomic(Path(f"{piece}.flat.json"), flat.counts)  # before the rows that mark it done
         write_table_atomic(_piece_rows(cfg.out, unit), rows, MANIFEST_SCHEMA)
     else:
+        write_json_atomic(_flat_part(cfg.out, unit), flat.counts)
         write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
         write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
     ok = sum(r["status"] == STATUS_OK for r in rows)
@@ -372,6 +392,8 @@ def join_unit(cfg: IndexConfig, source, pieces: list) -> None:
     digest = source.image_digest(unit) if external is not None else None
     shard_row = join_pieces(cfg.out, unit.split, unit.index, cfg.scorers, [_piece(cfg.out, p) for p in pieces],
                             counts, external_images=external, images_digest=digest)
+    flats = [_read_flat(Path(f"{_piece(cfg.out, p)}.flat.json")) for p in pieces]
+    write_json_atomic(_flat_part(cfg.out, unit), flatness.merge_counts(flats) if None not in flats else None)
     write_table_atomic(_part(cfg.out, unit, "manifest"), pa.concat_tables(tables).combine_chunks(), MANIFEST_SCHEMA)
     write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
     for path in (_state(cfg.out) / "pieces").glob(f"{unit.split}-{unit.index:06d}.*"):
@@ -410,8 +432,9 @@ def _batch_buffer(n: int, shape: tuple) -> np.ndarray:
     return _batch[:n]
 
 
-def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress) -> None:
-    """Score a batch of decoded images, select every K from one ranking, write in key order."""
+def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat=None) -> None:
+    """Score a batch of decoded images, select every K from one ranking, write in key order;
+    add the batch's sampled images to the flat-patch counts."""
     if not pending:
         return
     batch = np.stack([rgb for _, rgb, _ in pending], out=_batch_buffer(len(pending), pending[0][1].shape))
@@ -423,6 +446,8 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress) -
         # Stored scores stay the paper's; only the choice ranks padding last (--pad-aware).
         ranked = scores[scorer] if masks is None else mask_scores(scores[scorer], masks)
         indices[scorer] = select_topk_multi(ranked, cfg.ks)
+    if flat is not None:
+        flat.add(batch, pending, indices, masks)
     external = writer.external_images is not None
     for i, (row, rgb, _) in enumerate(pending):
         image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
@@ -432,6 +457,45 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress) -
     if progress is not None:
         progress(len(pending))
     pending.clear()
+
+
+class _FlatSample:
+    """The flat-patch counts of a unit (pipeline/flatness.py). The sampled images (one in
+    SAMPLE_EVERY) are kept until a batch is full and measured together: scoring a handful
+    per call cost ~3× per image in kernel call overhead."""
+
+    def __init__(self, cfg: IndexConfig):
+        self.cfg, self.counts = cfg, flatness.empty_counts()
+        self.rgb, self.masks, self.kept = [], [], []
+
+    def add(self, batch, pending, indices, masks) -> None:
+        for i, (row, _, _) in enumerate(pending):
+            if flatness.sampled(row["sha256"]):
+                self.rgb.append(batch[i].copy())  # the batch buffer is reused
+                self.masks.append(None if masks is None else masks[i])
+                self.kept.append({s: {k: v[i] for k, v in by_k.items()} for s, by_k in indices.items()})
+        if len(self.rgb) >= BATCH:
+            self.measure()
+
+    def measure(self) -> None:
+        """Every scorer's kept sets on the held images (the indexed ones as written, the
+        others selected here with the same pad-aware ranking), then the counts."""
+        if not self.rgb:
+            return
+        cfg, sub = self.cfg, np.stack(self.rgb)
+        grid = sub.shape[1] // cfg.patch_size, sub.shape[2] // cfg.patch_size
+        masks = None if all(m is None for m in self.masks) else \
+            np.stack([np.zeros(grid, bool) if m is None else m for m in self.masks])
+        contrast = score_patches(sub, cfg.patch_size, "contrast")
+        kept = {}
+        for scorer in SCORERS:
+            if scorer in self.kept[0]:
+                kept[scorer] = {k: np.stack([d[scorer][k] for d in self.kept]) for k in cfg.ks}
+                continue
+            sc = contrast if scorer == "contrast" else score_patches(sub, cfg.patch_size, scorer, cfg.mean, cfg.std)
+            kept[scorer] = select_topk_multi(sc if masks is None else mask_scores(sc, masks), cfg.ks)
+        flatness.add_counts(self.counts, flatness.flat_mask(contrast), kept)
+        self.rgb, self.masks, self.kept = [], [], []
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -630,6 +694,7 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     shards = pa.concat_tables([pq.read_table(_part(out, u, "shard"), schema=SHARDS_SCHEMA) for u in units])
     write_manifest(out, manifest)
     write_shards(out, shards)
+    flat = _flat_figures(out, units, cfg, source.splits())
     n = (cfg.image_size // cfg.patch_size) ** 2
     counts = {(r["split"], r["status"]): r["key_count"]
               for r in manifest.group_by(["split", "status"]).aggregate([("key", "count")]).to_pylist()}
@@ -648,6 +713,7 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
                 **({"at_size": "kept"} if source.external_images else {})},
         images_root=source.images_root() if source.external_images else None,
         padding=padding_info(cfg),
+        flat_patches=flat,
         labels={"from": str(cfg.source_options.get("label", "auto")) if source.external_images else "source"},
         image_format=cfg.image_format if not source.external_images else "external",
         quality=cfg.quality if cfg.image_format == "jpg" and not source.external_images else None,
@@ -659,6 +725,20 @@ def merge(out, source, cfg: IndexConfig, units) -> DatasetInfo:
     )
     write_dataset_info(out, info)
     return info
+
+
+def _flat_figures(out, units, cfg: IndexConfig, splits) -> dict | None:
+    """dataset.json's flat_patches: per split, the summed counts of its units, shares and
+    warnings (pipeline/flatness.py); None when a unit was written without counts."""
+    per_split: dict = {}
+    for u in units:
+        counts = _read_flat(_flat_part(out, u))
+        if counts is None:
+            return None
+        per_split.setdefault(u.split, []).append(counts)
+    return {"definition": flatness.DEFINITION,
+            "splits": {split: flatness.summarize(flatness.merge_counts(per_split.get(split, [])), cfg.scorers)
+                       for split in splits}}
 
 
 def padding_info(cfg: IndexConfig) -> dict:

@@ -368,7 +368,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--mix", choices=MIXES, default="500x375")
-    ap.add_argument("--scorer", default="l2", help="comma-separated scorers (l2, sobel, entropy)")
+    ap.add_argument("--scorer", default="l2", help="comma-separated scorers (l2, sobel, entropy, contrast, distinct)")
     ap.add_argument("--k", default="70,50,25")
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=3)

@@ -8,6 +8,11 @@ locks). Kernels are compiled with `cache=True` so dataloader/worker processes lo
 machine code from disk instead of recompiling. Sums, lumas and gradients are computed as
 exact integers (some held in float32, exact below 2^24), so the only rounding is in the
 last float step; every score matches a float64 reference to ~1e-7 relative.
+
+`l2` is the paper's score: the energy of the ImageNet-normalised patch, so a flat black or
+white patch outranks a textured mid-grey one. `contrast` (the patch's own standard deviation)
+and `distinct` (how far the patch's mean colour and contrast are from the image's) measure
+content instead: a flat patch of any colour has contrast 0. docs/FORMAT.md defines each.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-SCORERS = ("l2", "sobel", "entropy")
+from dynavit.manifests.schema import SCORER_NAMES as SCORERS  # the one list of names
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -144,6 +150,95 @@ def _entropy_kernel(rows, patch, clog, out):
             out[b, t % gh, gx] = max(log2n - ((s0 + s1) + (s2 + s3)) / n, 0.0)  # clamp -1ulp
 
 
+@numba.njit(inline="always", cache=True)
+def _channel_sums(rows, b, y0, patch, s1, s2):
+    # Column sums of x and x^2 over the patch's P rows (exact int32), as in _l2_kernel.
+    s1[:] = 0
+    s2[:] = 0
+    wc = rows.shape[2]
+    for y in range(y0, y0 + patch):
+        r = rows[b, y]
+        for j in range(wc):
+            v = np.int32(r[j])
+            s1[j] += v
+            s2[j] += v * v
+
+
+@numba.njit(**_JIT)
+def _contrast_kernel(rows, patch, out):
+    # sigma = sqrt( sum_c (n*Q_c - S_c^2) / (3 n^2) ) / 255: the per-channel variances come
+    # from exact integer sums (n*Q_c - S_c^2 = n^2 var_c, int64), so a flat patch is exactly 0
+    # and the only roundings are the final division and sqrt.
+    nb, h, wc = rows.shape
+    gh = h // patch
+    gw = wc // (3 * patch)
+    n = patch * patch
+    for t in numba.prange(nb * gh):
+        b = t // gh
+        s1 = np.empty(wc, np.int32)
+        s2 = np.empty(wc, np.int32)
+        _channel_sums(rows, b, (t % gh) * patch, patch, s1, s2)
+        for gx in range(gw):
+            tot = np.int64(0)
+            for c in range(3):
+                s = np.int64(0)
+                q = np.int64(0)
+                for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
+                    s += s1[j]
+                    q += s2[j]
+                tot += n * q - s * s
+            out[b, t % gh, gx] = np.sqrt(tot / (3.0 * n * n)) / 255.0
+
+
+@numba.njit(**_JIT)
+def _distinct_kernel(rows, patch, psum, sigma, out):
+    # Pass 1 (per image row of patches): each patch's channel sums S_c (int64, exact) and its
+    # contrast sigma. Pass 2 (per image): the image's channel totals and mean sigma, then
+    # distinct = sqrt( sum_c ((G*S_c - T_c) / (255 n G))^2 + (sigma - mean sigma)^2 ); the
+    # colour difference has an exact integer numerator, so a patch whose mean colour equals
+    # the image's scores exactly 0 in colour.
+    nb, h, wc = rows.shape
+    gh = h // patch
+    gw = wc // (3 * patch)
+    n = patch * patch
+    for t in numba.prange(nb * gh):
+        b = t // gh
+        gy = t % gh
+        s1 = np.empty(wc, np.int32)
+        s2 = np.empty(wc, np.int32)
+        _channel_sums(rows, b, gy * patch, patch, s1, s2)
+        for gx in range(gw):
+            tot = np.int64(0)
+            for c in range(3):
+                s = np.int64(0)
+                q = np.int64(0)
+                for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
+                    s += s1[j]
+                    q += s2[j]
+                psum[b, gy, gx, c] = s
+                tot += n * q - s * s
+            sigma[b, gy, gx] = np.sqrt(tot / (3.0 * n * n)) / 255.0
+    g = gh * gw
+    for b in numba.prange(nb):
+        tc = np.zeros(3, np.int64)
+        ms = 0.0
+        for gy in range(gh):
+            for gx in range(gw):
+                for c in range(3):
+                    tc[c] += psum[b, gy, gx, c]
+                ms += sigma[b, gy, gx]
+        ms /= g
+        den = 255.0 * n * g
+        for gy in range(gh):
+            for gx in range(gw):
+                acc = 0.0
+                for c in range(3):
+                    d = (g * psum[b, gy, gx, c] - tc[c]) / den
+                    acc += d * d
+                d = sigma[b, gy, gx] - ms
+                out[b, gy, gx] = np.sqrt(acc + d * d)
+
+
 _CLOG: dict[int, np.ndarray] = {}
 
 
@@ -195,6 +290,11 @@ def score_patches(images: np.ndarray, patch: int, scorer: str,
         _l2_kernel(rows, patch, 1.0 / (255.0 * s), m / s, out)
     elif scorer == "sobel":
         _sobel_kernel(rows, patch, out)
-    else:
+    elif scorer == "contrast":
+        _contrast_kernel(rows, patch, out)
+    elif scorer == "distinct":
+        gh, gw = h // patch, w // patch
+        _distinct_kernel(rows, patch, np.empty((nb, gh, gw, 3), np.int64), np.empty((nb, gh, gw), np.float64), out)
+    elif scorer == "entropy":
         _entropy_kernel(rows, patch, _clog_table(patch * patch), out)
     return out

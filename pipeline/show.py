@@ -168,23 +168,38 @@ def load_samples(plan: ShowPlan) -> list[dict]:
             raise FormatError(f"{shard.images}: sample {key}: {e}") from None
         label = int(first.label[i])
         sample = {"key": key, "image": rgb, "label": None if label == UNLABELED else label, "scores": {},
-                  "indices": {}}
+                  "indices": {}, "kept_by": {}}
         for scorer, table in tables.items():
             index = table.shards[table.shard[i]]
             fd = os.open(index.index, os.O_RDONLY)
             try:
                 sample["scores"][scorer] = read_npy(index.layout.read(fd, int(table.pos[i]), key, SCORES_EXT)
                                                     ).astype(np.float32)
-                if scorer == plan.scorers[0]:
-                    for k in plan.ks:
-                        sample["indices"][k] = read_npy(index.layout.read(fd, int(table.pos[i]), key, k_ext(k))
-                                                        ).astype(np.int64)
+                sample["kept_by"][scorer] = {
+                    k: read_npy(index.layout.read(fd, int(table.pos[i]), key, k_ext(k))).astype(np.int64)
+                    for k in plan.ks}
             except (KeyError, MismatchError) as e:
                 raise FormatError(f"{index.index}: sample {key}: {e}") from None
             finally:
                 os.close(fd)
+        sample["indices"] = sample["kept_by"][plan.scorers[0]]
         out.append(sample)
     return out
+
+
+def flat_check(samples: list[dict], plan: "ShowPlan") -> dict:
+    """The flat-patch check of `dynaprep index` (pipeline/flatness.py) on the shown samples:
+    each shown scorer's kept sets as stored, flatness from the stored pixels."""
+    from . import flatness
+    from .saliency import score_patches
+
+    counts = flatness.empty_counts()
+    patch = plan.info.patch_size
+    for s in samples:
+        contrast = score_patches(np.ascontiguousarray(s["image"][None]), patch, "contrast")
+        flatness.add_counts(counts, flatness.flat_mask(contrast),
+                            {sc: {k: v[None] for k, v in by_k.items()} for sc, by_k in s["kept_by"].items()})
+    return flatness.summarize(counts, plan.scorers)
 
 
 def keep_mask(indices: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
@@ -236,6 +251,7 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
     samples = load_samples(plan)
     patch, grid, n_patches = info.patch_size, info.grid, info.num_patches
     main_scorer = plan.scorers[0]
+    flat = flat_check(samples, plan)
 
     columns = ["image"] + [f"score:{s}" for s in plan.scorers]
     for k in plan.ks:
@@ -289,4 +305,5 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
                                                float(height - box.y0))
     return {"png": str(png_path), "size_px": (width, height), "dpi": dpi, "nrows": nrows, "ncols": ncols,
             "columns": columns, "split": plan.split, "ks": plan.ks, "scorers": plan.scorers,
-            "scorer": main_scorer, "num_patches": n_patches, "grid": grid, "samples": out_samples}
+            "scorer": main_scorer, "num_patches": n_patches, "grid": grid, "samples": out_samples,
+            "flat": flat, "flat_dataset": (info.flat_patches or {}).get("splits", {}).get(plan.split)}

@@ -271,5 +271,16 @@ def test_unknown_format_version(dataset):
         DatasetInfo.from_dict(d)
 
 
+@pytest.mark.parametrize("name", ["../../etc/evil", "canny"])
+def test_unknown_scorer_name(dataset, name):
+    """A scorer name becomes part of index shard file names: only the known ones are valid."""
+    out, _ = dataset
+    d = json.loads((out / "dataset.json").read_text())
+    d["scorers"] = d["scorers"] + [name]
+    (out / "dataset.json").write_text(json.dumps(d))
+    found = [v for v in validate_dataset(out) if v.file == "dataset.json"]
+    assert len(found) == 1 and "unknown scorer" in found[0].message and name in found[0].message
+
+
 def test_not_a_dataset_directory(tmp_path):
     _only(validate_dataset(tmp_path), "dataset.json", "not a dynavit dataset directory")

@@ -81,6 +81,16 @@ def test_scores_match_numba(kind, patch):
     ref = score_patches(u8, patch, "entropy")
     assert np.array_equal(score(t, patch, "entropy").numpy(), ref)
     assert np.array_equal(score(t.float(), patch, "entropy").numpy(), ref)
+    # contrast: the same exact integer sums and float steps as the kernel, bit for bit;
+    # distinct: only the image's mean contrast is summed in another order
+    for scorer in ("contrast", "distinct"):
+        ref = score_patches(u8, patch, scorer)
+        got = score(t, patch, scorer).numpy()
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        if scorer == "contrast":
+            assert np.array_equal(got, ref)
+        assert_rel(got, ref, 1e-6)
+        assert_rel(score(t.float(), patch, scorer).numpy(), ref, 1e-6)
     if kind == "constant":
         # sobel is exactly 0; entropy is 0 up to the kernel's float64 log2(n) - n·log2(n)/n
         # (8.9e-16 for n=196, reproduced bit for bit above)
@@ -186,7 +196,7 @@ def test_online_selection_vs_numba_selection():
                          make_images("random", 16, b=4, gh=14, gw=14, seed=2) // 3 + 60])
     t = to_torch(u8)
     boundary_ties = 0
-    for scorer in ("l2", "sobel", "entropy"):
+    for scorer in ("l2", "sobel", "entropy", "contrast", "distinct"):
         ref_scores = score_patches(u8, 16, scorer).reshape(len(u8), -1)
         got_scores = score(t, 16, scorer).reshape(len(u8), -1)
         for k in (70, 50, 25):
@@ -195,7 +205,7 @@ def test_online_selection_vs_numba_selection():
             for i in range(len(u8)):
                 if np.array_equal(ref[i], got[i]):
                     continue
-                assert scorer != "entropy", "entropy scores are exact, so must the selection be"
+                assert scorer not in ("entropy", "contrast"), f"{scorer} scores are exact, so must the selection be"
                 diff = np.setxor1d(ref[i], got[i])
                 kth = np.sort(ref_scores[i])[::-1][ref.shape[1] - 1]
                 assert np.all(np.abs(ref_scores[i][diff] - kth) <= 1e-5 * abs(kth)), "not a near-tie"
@@ -221,7 +231,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("scorer", ("l2", "sobel", "entropy"))
+@pytest.mark.parametrize("scorer", ("l2", "sobel", "entropy", "contrast", "distinct"))
 def test_dynavit_equals_sparse_forward_and_dense(variant, scorer):
     vit = tiny_vit(**VARIANTS[variant])
     u8 = make_images("smooth", 16, b=3, gh=4, gw=4, seed=5)
@@ -232,7 +242,7 @@ def test_dynavit_equals_sparse_forward_and_dense(variant, scorer):
             d = DynaViT(vit, k=k, scorer=scorer).eval()
             idx = d.keep_indices(x)
             ref_idx = select_topk(score_patches(u8, 16, scorer), k).astype(np.int64)
-            if scorer == "entropy":  # exact scores from the un-normalized input
+            if scorer in ("entropy", "contrast"):  # exact scores from the un-normalized input
                 assert np.array_equal(idx.numpy(), ref_idx)
             else:
                 assert (idx.numpy() != ref_idx).any(axis=1).sum() <= 1

@@ -45,7 +45,24 @@ def ref_entropy(img, p):
     return out
 
 
-REFS = {"l2": ref_l2, "sobel": ref_sobel, "entropy": ref_entropy}
+def ref_contrast(img, p):
+    # np.std per channel (population, ddof=0) of x/255, pooled over the three channels
+    var = (_patches(img.astype(np.float64) / 255.0, p)).var(axis=(3, 4))  # [B,Gh,Gw,3]
+    return np.sqrt(var.mean(axis=-1))
+
+
+def ref_distinct(img, p):
+    x = _patches(img.astype(np.float64) / 255.0, p)
+    colour = x.mean(axis=(3, 4))                                   # [B,Gh,Gw,3]
+    texture = ref_contrast(img, p)                                 # [B,Gh,Gw]
+    image_colour = img.astype(np.float64).mean(axis=(1, 2)) / 255.0  # [B,3]: the image's mean colour
+    image_texture = texture.mean(axis=(1, 2))                      # [B]
+    d2 = ((colour - image_colour[:, None, None]) ** 2).sum(-1) + (texture - image_texture[:, None, None]) ** 2
+    return np.sqrt(d2)
+
+
+REFS = {"l2": ref_l2, "sobel": ref_sobel, "entropy": ref_entropy, "contrast": ref_contrast,
+        "distinct": ref_distinct}
 
 
 def _check(img, p, scorer):
@@ -85,6 +102,8 @@ def test_constant_image(value):
     img = np.full((2, 32, 48, 3), value, np.uint8)
     for p in (8, 16):
         assert np.all(score_patches(img, p, "sobel") == 0)
+        for scorer in ("contrast", "distinct"):  # exact integer sums: exactly 0, not ~1e-17
+            assert np.all(score_patches(img, p, scorer) == 0)
         np.testing.assert_allclose(score_patches(img, p, "entropy"), 0, atol=1e-12)
         _check(img, p, "l2")
     img14 = np.full((1, 28, 42, 3), value, np.uint8)
@@ -134,9 +153,32 @@ def test_errors():
         score_patches(np.zeros((1, 32, 32, 4), np.uint8), 16, "l2")
     with pytest.raises(ValueError, match="32x30.*14|30.*14"):
         score_patches(np.zeros((1, 32, 30, 3), np.uint8), 14, "sobel")
-    with pytest.raises(ValueError, match="'canny'.*l2, sobel, entropy"):
+    with pytest.raises(ValueError, match="'canny'.*l2, sobel, entropy, contrast, distinct"):
         score_patches(img, 16, "canny")
     with pytest.raises(ValueError, match="patch"):
         score_patches(img, 0, "l2")
     with pytest.raises(ValueError, match="std"):
         score_patches(img, 16, "l2", std=(0.2, 0.0, 0.2))
+
+
+@pytest.mark.parametrize("scorer", ("contrast", "distinct"))
+def test_content_scorers_ignore_brightness(scorer):
+    """What the content scorers are for: a flat patch of any colour scores 0 (contrast), and
+    shifting every pixel by a constant (no clipping) changes neither score, while l2 changes."""
+    rng = np.random.default_rng(11)
+    img = rng.integers(40, 200, size=(2, 32, 48, 3), dtype=np.uint8)
+    img[:, :16, :16] = (0, 0, 0)          # a flat black patch and a flat white one
+    img[:, 16:, 32:] = (255, 255, 255)
+    got = _check(img, 16, scorer)
+    shifted = img.copy()
+    shifted[:, :16, 16:32] += 30  # an inner patch, still inside 0..255
+    inner = score_patches(shifted, 16, scorer)
+    if scorer == "contrast":
+        assert got[:, 0, 0].max() == 0 and got[:, 1, 2].max() == 0
+        assert got[:, 0, 1].min() > 0.1
+        np.testing.assert_array_equal(inner, got)  # brightness of a patch does not matter
+        np.testing.assert_array_equal(score_patches(img // 2 + 40, 16, scorer), score_patches(img // 2 + 90, 16, scorer))
+    else:
+        np.testing.assert_allclose(score_patches(img // 2 + 90, 16, scorer), score_patches(img // 2 + 40, 16, scorer),
+                                   rtol=1e-6, atol=1e-7)  # a global shift moves the image mean too
+    assert not np.array_equal(score_patches(img // 2 + 90, 16, "l2"), score_patches(img // 2 + 40, 16, "l2"))

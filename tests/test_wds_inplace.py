@@ -29,7 +29,7 @@ from dynavit.pipeline.saliency import score_patches
 from dynavit.pipeline.topk import select_topk
 
 SIZE, PATCH = 64, 8  # an 8×8 grid: small enough for CPU tests, fine enough to see letterboxing
-COMMON = ["--image-size", SIZE, "--patch-size", PATCH, "--k", "70,25", "--no-progress"]
+COMMON = ["--image-size", SIZE, "--patch-size", PATCH, "--k", "70,25", "--no-progress", "--scorer", "l2"]
 MODEL_KWARGS = {"img_size": SIZE, "patch_size": PATCH, "embed_dim": 32, "depth": 1, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS), "--batch-size", "8",
         "--workers", "0", "--epochs", "1", "--device", "cpu"]

@@ -140,6 +140,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def run_bench(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, worker_counts, scorer):
     info = open_dataset(shards)
+    scorer = scorer or info.scorers[0]
     kwargs = {"img_size": info.image_size[0], "num_classes": len(info.classes), **model_kwargs}
     sparse_ks = [k for k in ks if k != 100]
     result = {"dataset": str(shards), "model": model_name, "model_kwargs": kwargs, "batch": batch, "amp": amp,

@@ -96,7 +96,8 @@ def write_report(out, work, quick: bool, log=print) -> None:
     data = work / "demo224"
     if not (data / "dataset.json").exists():
         _run([str(BIN / "dynaprep"), "index", "--data", "demo", "-o", f"n_train={256 if quick else 1024}", "-o", "n_val=64",
-              "--k", "70,50,25", "--shard-size", "128", "--out", str(data), "--overwrite", "--no-progress"], log)
+              "--k", "70,50,25", "--scorer", "l2", "--shard-size", "128", "--out", str(data), "--overwrite",
+              "--no-progress"], log)
     bench_json = work / "train.json"
     cmd, text = _run([str(BIN / "dynatrain"), "bench", "--shards", str(data), "--model", "vit_tiny_patch16_224",
                       "--k", "100,70,50,25", "--batch", "32", "--steps", "2" if quick else "4", "--repeats", "3",

@@ -60,7 +60,7 @@ def cli():
 @click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
 @click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense; any 1..100 with --select random/center or a cropping --input-size). [default: --k]")
-@click.option("--scorer", default="l2", show_default=True, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy; must be in the dataset).")
+@click.option("--scorer", default=None, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy, contrast, distinct; must be in the dataset; definitions in docs/FORMAT.md). [default: the dataset's first scorer]")
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
               help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
 @click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,

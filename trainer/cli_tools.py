@@ -202,7 +202,7 @@ def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, devic
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True, help="Autocast dtype.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
-@click.option("--scorer", default="l2", show_default=True, help="Index shard set the loader reads.")
+@click.option("--scorer", default=None, help="Index shard set the loader reads. [default: the dataset's first scorer]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file, help="Also write the results here.")
 def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
     """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
@@ -318,8 +318,9 @@ def _check_predict_out(ctx, param, value):
               help="Output table, one row per input image (format from the extension).")
 @click.option("--k", type=click.IntRange(1, 100), default=100, show_default=True,
               help="Percent of patches kept (100 = dense, no scoring).")
-@click.option("--scorer", type=click.Choice(SCORERS), default="l2", show_default=True,
-              help="Patch saliency score (DESIGN.md §5), computed online on the device.")
+@click.option("--scorer", type=click.Choice(SCORERS), default=None,
+              help="Patch saliency score (docs/FORMAT.md), computed online on the device. "
+                   "[default: the scorer the checkpoint's run trained with, else l2]")
 @click.option("--round-to", type=click.IntRange(min=1), default=None,
               help="Round the sequence length up to a multiple of this (e.g. 8); keeps a few more patches.")
 @click.option("--device", default="auto", show_default=True, callback=_parse_device,
@@ -376,6 +377,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
     if not files:
         raise click.UsageError("no images found in the given IMAGES (extensions: "
                                + ", ".join(IMAGE_EXTENSIONS) + ")")
+    scorer = scorer or (info.get("scorer") if info.get("scorer") in SCORERS else "l2")
     mean = mean or info.get("mean") or IMAGENET_MEAN
     std = std or info.get("std") or IMAGENET_STD
     if progress is None:

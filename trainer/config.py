@@ -54,7 +54,7 @@ class TrainConfig:
     checkpoint: str | None = None        # local weights file
     k: int | None = None                 # percent of patches kept in training (100 = dense)
     eval_k: int | None = None            # percent kept in evaluation (default: k)
-    scorer: str = "l2"
+    scorer: str | None = None            # None: the dataset's first scorer (dynaprep's default)
     select: str = "saliency"
     method: str = "dynavit"              # dynavit (before the encoder) | tome | evit (inside it), at K's MACs
     input_size: int | None = None        # default: the stored image size
@@ -179,6 +179,8 @@ def _check_dataset(cfg: TrainConfig) -> DatasetInfo:
         info = open_dataset(cfg.shards)
     except (DataError, ValueError, OSError) as e:
         raise ConfigError(str(e), "--shards") from None
+    if cfg.scorer is None:  # the recorded config names the scorer actually used
+        cfg.scorer = info.scorers[0]
     if cfg.scorer not in info.scorers:
         raise ConfigError(f"scorer {cfg.scorer!r} is not in this dataset's scorers {info.scorers}", "--scorer")
     if len(info.classes) < 2:

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from dynavit.trainer.scoring import (IMAGENET_MEAN, IMAGENET_STD, SCORERS, clog_table, keep_count,
-                                     l2_of_normalized, score_entropy, score_sobel, to_pixels,
+                                     l2_of_normalized, score, score_entropy, score_sobel, to_pixels,
                                      topk_indices)
 from dynavit.trainer.sparse import check_model, num_patches, sparse_forward
 
@@ -131,6 +131,8 @@ class DynaViT(nn.Module):
         pixels = to_pixels(x, self.mean, self.std)
         if self.scorer == "sobel":
             return score_sobel(pixels, self.patch)
+        if self.scorer in ("contrast", "distinct"):
+            return score(pixels, self.patch, self.scorer)
         return score_entropy(pixels, self.patch, self.clog)
 
     def keep_indices(self, x: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,8 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
     _load_exact(m, sd, name)
     m.eval()
     info["model_name"] = name
+    if isinstance(cfg.get("scorer"), str):  # the scorer a dynatrain run trained with
+        info["scorer"] = cfg["scorer"]
     info["image_size"] = tuple(int(v) for v in m.patch_embed.img_size)
     return m, classes, info
 

@@ -23,6 +23,12 @@ Exactness (what the tests check against the Numba kernels on uint8 images):
   is built exactly with an integer ``scatter_add``, and H = log2(n) − (1/n)·Σ c·log2(c) is
   evaluated with the *same* float64 table of c·log2(c), the same four-lane summation order
   and the same clamp at 0 as the Numba kernel, then cast to float32 — bit-identical results.
+- ``contrast`` / ``distinct``: per-patch channel sums S_c and sums of squares Q_c in float64
+  (exact for integer pixels: every value is an integer below 2^53), n²·var_c = n·Q_c − S_c²
+  and the colour differences (G·S_c − T_c) evaluated with the same operations as the Numba
+  kernels. ``contrast`` is bit-identical; ``distinct`` differs only in the summation order
+  of the image's mean contrast (relative error ~1e-15 before the cast to float32). Float
+  pixels that are not integers are used as they are.
 
 Top-K: ``topk_indices`` ranks by score descending with a stable sort, so ties go to the lower
 raster index, exactly like ``select_topk``; NaN scores rank last. Because both sides compute
@@ -43,16 +49,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dynavit.manifests import k_count
+from dynavit.manifests import SCORER_NAMES, k_count
 
 
 
 
 __all__ = ["SCORERS", "IMAGENET_MEAN", "IMAGENET_STD", "score_l2", "score_sobel",
            "score_entropy", "score", "topk_indices", "keep_count", "to_pixels", "clog_table",
-           "l2_of_normalized"]
+           "l2_of_normalized", "score_contrast", "score_distinct"]
 
-SCORERS = ("l2", "sobel", "entropy")
+SCORERS = SCORER_NAMES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -195,6 +201,44 @@ def score_entropy(images: torch.Tensor, patch: int, clog: Optional[torch.Tensor]
     return ent.to(torch.float32).reshape(b, gh, gw)
 
 
+def _channel_sums(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 [B, Gh, Gw, 3] sums S_c and sums of squares Q_c over each patch."""
+    x = images.to(torch.float64)
+    b, _, h, w = x.shape
+    p = _patches(x, patch).reshape(b, h // patch, w // patch, 3, patch * patch)
+    return p.sum(-1), (p * p).sum(-1)
+
+
+def _contrast_from_sums(s: torch.Tensor, q: torch.Tensor, patch: int) -> torch.Tensor:
+    n = patch * patch
+    tot = (n * q - s * s).sum(-1)  # n²·Σ_c var_c; exact for integer pixels
+    return torch.sqrt(torch.clamp(tot, min=0.0) / (3.0 * n * n)) / 255.0  # float64 [B,Gh,Gw]
+
+
+def score_contrast(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Pooled standard deviation of each patch's pixel values (per-channel means removed),
+    in units of the 0..255 range: sqrt(mean_c var_c)/255; float32 [B, Gh, Gw]."""
+    _check_images(images, patch)
+    s, q = _channel_sums(images, patch)
+    return _contrast_from_sums(s, q, patch).to(torch.float32)
+
+
+def score_distinct(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Distance of each patch's (mean colour, contrast) from the image's mean colour and its
+    patches' mean contrast, all in units of the 0..255 range; float32 [B, Gh, Gw]."""
+    _check_images(images, patch)
+    s, q = _channel_sums(images, patch)
+    sigma = _contrast_from_sums(s, q, patch)
+    b, gh, gw, _ = s.shape
+    g = gh * gw
+    n = patch * patch
+    tc = s.sum(dim=(1, 2), keepdim=True)  # the image's channel totals (exact)
+    d = (g * s - tc) / (255.0 * n * g)
+    ms = sigma.sum(dim=(1, 2), keepdim=True) / g
+    dt = sigma - ms
+    return torch.sqrt((d * d).sum(-1) + dt * dt).to(torch.float32)
+
+
 def score(images: torch.Tensor, patch: int, scorer: str, mean=IMAGENET_MEAN,
           std=IMAGENET_STD) -> torch.Tensor:
     """Dispatch by name; the torch counterpart of ``pipeline.saliency.score_patches`` with
@@ -205,6 +249,10 @@ def score(images: torch.Tensor, patch: int, scorer: str, mean=IMAGENET_MEAN,
         return score_sobel(images, patch)
     if scorer == "entropy":
         return score_entropy(images, patch)
+    if scorer == "contrast":
+        return score_contrast(images, patch)
+    if scorer == "distinct":
+        return score_distinct(images, patch)
     raise ValueError(f"unknown scorer {scorer!r}; valid scorers: {', '.join(SCORERS)}")
 
 
