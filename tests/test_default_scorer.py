@@ -41,3 +41,30 @@ def test_dynaprep_index_defaults_to_entropy(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "train").glob("topk-*")) == ["topk-entropy-000000.tar"]
     r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "b"), "--scorer", "l2"])
     assert r.exit_code == 0 and read_dataset_info(tmp_path / "b").scorers == ["l2"]  # the paper's, by name
+
+
+@pytest.mark.parametrize("saved,expect", [("sobel", "sobel"), (None, "l2")])
+def test_predict_defaults_to_the_runs_scorer(tmp_path, saved, expect):
+    """dynatrain predict at K < 100 without --scorer scores with the scorer the checkpoint's
+    run trained with (its config), else l2."""
+    import numpy as np
+    import timm
+    import torch
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from dynavit.trainer.cli_tools import predict_command
+
+    kw = {"img_size": 32, "depth": 1, "num_classes": 3}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    config = {"model": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "depth": 1},
+              **({"scorer": saved} if saved else {})}
+    torch.save({"model": vit.state_dict(), "model_name": "vit_tiny_patch16_224", "config": config,
+                "classes": ["a", "b", "c"], "epoch": 1}, tmp_path / "best.pt")
+    img = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    r = CliRunner().invoke(predict_command, [str(tmp_path / "best.pt"), str(tmp_path / "x.png"), "--out",
+                                             str(tmp_path / "p.csv"), "--k", "50", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"K=50 {expect} on cpu" in r.output
