@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(LOCK)
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	PIP_FIND_LINKS= $(BIN)/pip install --quiet "$(UV)"
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra viz --universal --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra viz --extra bench --universal --python-version 3.11 \
 		--generate-hashes --upgrade --custom-compile-command "make lock" -o $(LOCK)
 
 # Without the lock: what `pip install -e ".[dev]"` resolves today, in a fresh venv of its own.
