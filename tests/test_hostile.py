@@ -266,7 +266,7 @@ def test_duplicate_keys_are_failed_rows_for_every_copy(tmp_path):
     from dynavit.manifests import read_dataset_info
     from dynavit.manifests.shards import build_table
 
-    table = build_table(out, read_dataset_info(out), "train", "l2")
+    table = build_table(out, read_dataset_info(out), "train", read_dataset_info(out).scorers[0])
     assert table.keys == ["b", "c", "d", "e"]
     data = tar.read_bytes()
     reference = {s["__key__"]: s for s in wds.WebDataset(str(tar), shardshuffle=False)}
@@ -404,7 +404,7 @@ def test_a_gif_in_a_users_tar_is_an_image_as_in_folders_and_predict(tmp_path):
     from dynavit.manifests import read_dataset_info
     from dynavit.manifests.shards import build_table
 
-    table = build_table(out, read_dataset_info(out), "train", "l2")
+    table = build_table(out, read_dataset_info(out), "train", read_dataset_info(out).scorers[0])
     data = tar.read_bytes()
     assert data[table.offset[0]:table.offset[0] + table.size[0]] == gif.getvalue()
     assert dynaprep("verify", out).exit_code == 0
