@@ -110,6 +110,27 @@ def test_dynatrain_prints_one_line_exit_2_and_writes_nothing(args, option, tmp_p
     assert sorted(os.listdir(tmp_path)) == (["w.pt"] if args[0] == "predict" else [])
 
 
+def _run_main(prog, args, capsys):
+    """(exit code, stderr lines) of the console entry point, as a user runs it."""
+    if prog == "dynatrain":
+        with pytest.raises(SystemExit) as exc:
+            dynatrain_main(args)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            dynaprep_group.main(args=args, prog_name="dynaprep")
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(lambda p: _is_float(p) or _is_int(p))))
+def test_every_number_option_through_the_console_entry_is_one_line_exit_2_nothing_written(
+        prog, name, command, param, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("nan", "abc"):
+        code, err = _run_main(prog, [name, param.opts[-1], value], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("Error:") and param.opts[-1] in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
 def test_dynaprep_index_refuses_bad_numbers_before_writing(tmp_path):
     from click.testing import CliRunner
 
