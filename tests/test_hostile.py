@@ -408,3 +408,18 @@ def test_a_gif_in_a_users_tar_is_an_image_as_in_folders_and_predict(tmp_path):
     data = tar.read_bytes()
     assert data[table.offset[0]:table.offset[0] + table.size[0]] == gif.getvalue()
     assert dynaprep("verify", out).exit_code == 0
+
+
+def test_a_fifo_where_a_dataset_shard_belongs_does_not_block(wds_dataset, tmp_path):
+    """An index shard replaced by a FIFO (a hostile or broken dataset folder): verify and
+    training answer at once (a child with a timeout: a regression cannot hang the suite)."""
+    ds, _ = wds_dataset
+    copy = _copy(ds, tmp_path)
+    shard = next(copy.rglob("topk-*.tar"))
+    shard.unlink()
+    os.mkfifo(shard)
+    verify = run_limited([BIN / "dynaprep", "verify", copy, "--no-checksums"], timeout=60)
+    assert verify.returncode == 1 and shard.name in verify.stdout
+    train = run_limited([BIN / "dynatrain", "--shards", copy, "--k", 50, "--out", tmp_path / "run", *TINY], timeout=120)
+    err = train.stderr.strip().splitlines()
+    assert train.returncode in (1, 2) and len(err) == 1 and "FIFO" in err[0], train.stderr
