@@ -36,18 +36,21 @@ same key form one sample.  Keys are the user's keys verbatim.
   reason; it is never silently unlabelled.
 - meta: the parsed `KEY.json` when present (padding-aware scoring reads img2dataset's sizes);
 - source: "<tar basename>#<key>".
-A key that appears twice in one tar, or a sample with two members of the same suffix, is a
-failed sample (webdataset would raise).  A tar that cannot be opened or is truncated yields
+A key that appears twice in one local tar fails every copy (a stream fails the later copies,
+and every reader takes the first); a sample with two members of the same suffix is a failed
+sample (webdataset would raise). So is a key that is absolute or has a `..` part (it would
+name a member outside the folder our index tar is extracted into) and a member over
+`--max-file-bytes`.  A tar that cannot be opened or is truncated yields
 what it could read plus one failed sample with key "__tar_error__NNNNNN".
 """
 from __future__ import annotations
 
 import glob
 import json
-from collections import Counter
 import os
 import re
 import tarfile
+from collections import Counter
 
 from dynavit.manifests import locations
 from dynavit.manifests.inputs import max_file_bytes, open_regular
