@@ -444,3 +444,14 @@ def test_a_cached_remote_tar_whose_bytes_changed_is_fetched_again(tmp_path):
         assert server.requests == 2
     finally:
         server.stop()
+
+
+def test_a_fifo_as_a_datasets_own_list_file_is_one_line_exit_2(wds_dataset, tmp_path):
+    _, tars = wds_dataset
+    os.mkfifo(tmp_path / "classes.txt")
+    proc = run_limited([BIN / "dynaprep", "index", "--data", "wds", "--src", f"train={tars / '00000.tar'}",
+                        "-o", f"classes_file={tmp_path / 'classes.txt'}", "--out", tmp_path / "out", *COMMON],
+                       timeout=60)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "FIFO" in err[0], proc.stderr
+    assert not (tmp_path / "out").exists()

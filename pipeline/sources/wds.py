@@ -53,7 +53,7 @@ import tarfile
 from collections import Counter
 
 from dynavit.manifests import locations
-from dynavit.manifests.inputs import max_file_bytes, open_regular
+from dynavit.manifests.inputs import max_file_bytes, open_regular, open_text
 from dynavit.manifests.io import sha256_file
 from dynavit.manifests.schema import IMAGE_EXTS
 from dynavit.manifests.tar import COMPRESSED_SUFFIXES, TarError, group_by_keys, read_at, scan_members
@@ -117,7 +117,7 @@ class WdsSource(Source):
         self._classes: list[str] = []
         if classes_file:
             try:
-                with open(classes_file, encoding="utf-8") as f:
+                with open_text(classes_file) as f:
                     self._classes = [ln.rstrip("\r\n") for ln in f if ln.strip()]
             except OSError as e:
                 raise SourceError(f"wds: cannot read classes file {classes_file}: {e.strerror or e}") from None
