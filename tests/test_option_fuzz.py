@@ -140,3 +140,20 @@ def test_dynaprep_index_refuses_bad_numbers_before_writing(tmp_path):
                                                      option, value])
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output.splitlines()[-1]
         assert not (tmp_path / "out").exists()
+
+
+def _parsed_by_callback(p):
+    from dynavit.pipeline.cli_types import out_dir, out_file
+
+    return p.callback is not None and p.callback not in (out_dir, out_file) and not isinstance(p.type, click.Path)
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(_parsed_by_callback)))
+@pytest.mark.parametrize("value", ["nan,abc", "-1", ""])
+def test_options_parsed_by_a_callback_refuse_nonsense(prog, name, command, param, value):
+    assert _refused(command, name, param, value) is not None
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(lambda p: isinstance(p.type, click.Choice))))
+def test_choice_options_refuse_other_values(prog, name, command, param):
+    assert _refused(command, name, param, "nan") is not None
