@@ -365,7 +365,7 @@ def verify(out, no_checksums, images_root, trust_urls):
 @click.option("--out", "png", required=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")
 @click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
-@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--n", default=8, show_default=True, type=click.IntRange(1, 256),
               help="Number of samples (rows), drawn at random with --seed; ignored with --keys.")
 @click.option("--k", "ks", default=None, callback=_k_list_or_none,
               help="K values to show, comma-separated; each must be in dataset.json's ks. [default: all]")
