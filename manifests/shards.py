@@ -23,7 +23,7 @@ import numpy as np
 
 from . import locations
 from .inputs import open_regular
-from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
+from .io import npy_bytes, read_manifest, read_shards, sha256_file
 from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
 from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, join_fragments, scan_members, split_name
