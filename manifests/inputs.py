@@ -9,6 +9,7 @@ regular files are followed as before: only what they point at is checked.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -84,5 +85,14 @@ def read_regular(path, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "InputFileError", "check_size", "max_file_bytes", "open_regular",
+METADATA_LIMIT = 4 << 30  # a dataset's own lists and pickles (CIFAR's 150 MB train): not --max-file-bytes
+
+
+def open_text(path, limit: int = METADATA_LIMIT) -> io.StringIO:
+    """A dataset's text file (class list, annotations), read whole as UTF-8 through the same
+    regular-file check: usable as `with open_text(p) as f: for line in f`."""
+    return io.StringIO(read_regular(path, limit).decode("utf-8"), newline=None)
+
+
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "METADATA_LIMIT", "open_text", "InputFileError", "check_size", "max_file_bytes", "open_regular",
            "read_regular", "set_max_file_bytes"]

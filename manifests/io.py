@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import TMP_SUFFIX, atomic_path, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from .inputs import open_regular
 from .schema import (
     DATASET_JSON,
     MANIFEST_PARQUET,
@@ -40,7 +42,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> tuple[str, int]:
     """(hex digest, size in bytes) of a file, streamed."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # a FIFO in a dataset folder must not block
         while block := f.read(chunk):
             h.update(block)
             size += len(block)
@@ -127,7 +129,7 @@ def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
     trainer's reader (manifests.tar.scan_members) on purpose: the validator must not trust
     the reader it is checking for."""
     current_key, current = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
+    with os.fdopen(open_regular(path), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue

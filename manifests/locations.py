@@ -174,8 +174,8 @@ class _HTTPStream:
     """An http(s) body that is either whole or an error. urllib returns a short body as if
     it were the end when the server closes early; a tar cut there reads as a smaller tar.
     Short of Content-Length, it reconnects (a Range request, or the body again with the part
-    already read skipped) up to HTTP_RETRIES times, then raises TruncatedDownload. A server
-    silent for HTTP_TIMEOUT seconds is a LocationError that says so."""
+    already read skipped) up to HTTP_RETRIES times, then raises TruncatedDownload; so does a
+    server silent for HTTP_TIMEOUT seconds (not retried: each wait would cost as much again)."""
 
     def __init__(self, location: str):
         self.location, self.pos, self.retries = location, 0, 0
@@ -189,7 +189,7 @@ class _HTTPStream:
                 data = self.resp.read(n)
             except TimeoutError:
                 raise TruncatedDownload(f"{self.location}: no data for {HTTP_TIMEOUT:g} s after {self.pos} bytes "
-                                    f"(a stalled server; DYNAVIT_HTTP_TIMEOUT sets the wait)") from None
+                                        f"(a stalled server; DYNAVIT_HTTP_TIMEOUT sets the wait)") from None
             except OSError as e:  # a reset connection: retried like a short one
                 data, error = b"", e
             else:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import locations
-from .io import npy_bytes, read_manifest, read_shards, resolve, sha256_file
+from .inputs import open_regular
+from .io import npy_bytes, read_manifest, read_shards, sha256_file
 from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
 from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, join_fragments, scan_members, split_name
@@ -161,9 +162,11 @@ class IndexShard:
     def __init__(self, path: str, count: int):
         self.path, self.count = path, count
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
         except FileNotFoundError:
             raise TarError(f"{path}: shard file missing") from None
+        except OSError as e:  # a FIFO or device where a shard belongs
+            raise TarError(f"{path}: {e.strerror or e}") from None
         try:
             size = os.fstat(fd).st_size
             first_key, members, pos = None, {}, 0

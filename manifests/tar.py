@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .atomic import atomic_path
+from .inputs import open_regular
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 _ZEROS = bytes(BLOCK)
@@ -183,7 +184,7 @@ def scan_members(path: str) -> list[Member]:
     if str(path).lower().endswith(COMPRESSED_SUFFIXES):
         raise TarError(f"{path}: compressed tar; members cannot be read by offset (decompress it, e.g. gunzip)")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)  # a FIFO must not block the scan, a device must not be read
     except FileNotFoundError:
         raise TarError(f"{path}: shard file missing") from None
     except OSError as e:

@@ -94,7 +94,31 @@ def _options(ctx, param, values) -> dict:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class OneLineErrors(click.Group):
+    """A bad argument is one `Error:` line on stderr and exit 2 (click's standalone mode
+    prints a usage block first), as in dynatrain."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # bare `dynaprep`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynavit")
 def main():
     """Offline saliency indexing for Dyna-ViT: datasets -> WebDataset shards + top-K patch indices."""
@@ -369,7 +393,7 @@ def verify(out, no_checksums, images_root, trust_urls):
 @click.option("--out", "png", required=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")
 @click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
-@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--n", default=8, show_default=True, type=click.IntRange(1, 256),
               help="Number of samples (rows), drawn at random with --seed; ignored with --keys.")
 @click.option("--k", "ks", default=None, callback=_k_list_or_none,
               help="K values to show, comma-separated; each must be in dataset.json's ks. [default: all]")

@@ -298,9 +298,28 @@ _progress = None
 _worker_slots = None  # shared array: slot i holds the PID of the worker that took unit i
 
 
-def _init_worker(cfg: IndexConfig, counter, threads: int, slots=None) -> None:
-    """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit)."""
+PARENT_POLL_S = 1.0
+
+
+def _watch_parent(parent: int) -> None:
+    """A worker whose parent was killed (kill -9, the OOM killer) is re-parented and would
+    go on forever holding the source open; it exits within PARENT_POLL_S instead."""
+    import threading
+
+    def watch():  # checks at once: the parent may be gone before this worker got here
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dynaprep-parent-watch", daemon=True).start()
+
+
+def _init_worker(cfg: IndexConfig, counter, threads: int, slots=None, parent: int | None = None) -> None:
+    """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit).
+    `parent`: the main process's pid, passed in (the parent may die while this worker still
+    imports, and getppid() would then already be init's)."""
     global _worker_source, _progress, _worker_slots
+    _watch_parent(parent or os.getppid())
     _worker_slots = slots
     set_max_file_bytes(cfg.max_file_bytes)
     _worker_source = open_source(cfg.data, cfg.src, **cfg.source_options)
@@ -607,7 +626,7 @@ def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict
         if job.parts > 1:
             pieces_left[(job.split, job.index)] = pieces_left.get((job.split, job.index), 0) + 1
     pool = ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
-                               initargs=(cfg, counter, 1, slots))
+                               initargs=(cfg, counter, 1, slots, os.getpid()))
     try:
         futures = {pool.submit(_run_unit, cfg, u, i): i for i, u in enumerate(todo)}
         processes = dict(getattr(pool, "_processes", None) or {})  # every worker exists once submitted

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dynavit.manifests import FormatError, atomic_path, read_dataset_info, read_manifest, read_npy
+from dynavit.manifests.inputs import open_regular
 from dynavit.manifests.options import ArgumentError, check_output_file
 from dynavit.manifests.schema import SCORES_EXT, k_ext
 from dynavit.manifests.shards import UNLABELED, MismatchError, ShardError, build_table, read_member
@@ -152,7 +153,7 @@ def load_samples(plan: ShowPlan) -> list[dict]:
     for key in plan.keys:
         i = where[key]
         shard = first.shards[first.shard[i]]
-        fd = os.open(shard.images, os.O_RDONLY)
+        fd = open_regular(shard.images)
         try:
             data = read_member(fd, first, i)
         finally:
@@ -171,7 +172,7 @@ def load_samples(plan: ShowPlan) -> list[dict]:
                   "indices": {}, "kept_by": {}}
         for scorer, table in tables.items():
             index = table.shards[table.shard[i]]
-            fd = os.open(index.index, os.O_RDONLY)
+            fd = open_regular(index.index)
             try:
                 sample["scores"][scorer] = read_npy(index.layout.read(fd, int(table.pos[i]), key, SCORES_EXT)
                                                     ).astype(np.float32)

@@ -331,7 +331,7 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(server.data)))
                 self.end_headers()
-                whole = server.mode == "truncate_once" and server.requests > 1
+                whole = server.mode == "whole" or (server.mode == "truncate_once" and server.requests > 1)
                 self.wfile.write(server.data if whole else server.data[:len(server.data) // 2])
                 self.wfile.flush()
                 if server.mode == "stall":
@@ -408,3 +408,50 @@ def test_a_gif_in_a_users_tar_is_an_image_as_in_folders_and_predict(tmp_path):
     data = tar.read_bytes()
     assert data[table.offset[0]:table.offset[0] + table.size[0]] == gif.getvalue()
     assert dynaprep("verify", out).exit_code == 0
+
+
+def test_a_fifo_where_a_dataset_shard_belongs_does_not_block(wds_dataset, tmp_path):
+    """An index shard replaced by a FIFO (a hostile or broken dataset folder): verify and
+    training answer at once (a child with a timeout: a regression cannot hang the suite)."""
+    ds, _ = wds_dataset
+    copy = _copy(ds, tmp_path)
+    shard = next(copy.rglob("topk-*.tar"))
+    shard.unlink()
+    os.mkfifo(shard)
+    verify = run_limited([BIN / "dynaprep", "verify", copy, "--no-checksums"], timeout=60)
+    assert verify.returncode == 1 and shard.name in verify.stdout
+    train = run_limited([BIN / "dynatrain", "--shards", copy, "--k", 50, "--out", tmp_path / "run", *TINY], timeout=120)
+    err = train.stderr.strip().splitlines()
+    assert train.returncode in (1, 2) and len(err) == 1 and "FIFO" in err[0], train.stderr
+
+
+def test_a_cached_remote_tar_whose_bytes_changed_is_fetched_again(tmp_path):
+    import hashlib
+
+    from dynavit.manifests import locations
+
+    server = _Server(_tar_bytes(tmp_path, n=2), "whole")
+    try:
+        expect = (hashlib.sha256(server.data).hexdigest(), len(server.data))
+        path = Path(locations.fetch(server.url, expect, cache_dir=tmp_path / "cache"))
+        assert path.read_bytes() == server.data and server.requests == 1
+        assert locations.fetch(server.url, expect, cache_dir=tmp_path / "cache") == str(path)
+        assert server.requests == 1  # an intact copy is reused
+        damaged = bytearray(server.data)
+        damaged[1000] ^= 0xFF  # same size, other bytes
+        path.write_bytes(bytes(damaged))
+        assert Path(locations.fetch(server.url, expect, cache_dir=tmp_path / "cache")).read_bytes() == server.data
+        assert server.requests == 2
+    finally:
+        server.stop()
+
+
+def test_a_fifo_as_a_datasets_own_list_file_is_one_line_exit_2(wds_dataset, tmp_path):
+    _, tars = wds_dataset
+    os.mkfifo(tmp_path / "classes.txt")
+    proc = run_limited([BIN / "dynaprep", "index", "--data", "wds", "--src", f"train={tars / '00000.tar'}",
+                        "-o", f"classes_file={tmp_path / 'classes.txt'}", "--out", tmp_path / "out", *COMMON],
+                       timeout=60)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "FIFO" in err[0], proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +148,16 @@ def test_a_pickle_checkpoint_is_refused_without_torch_advice_to_unpickle_it(data
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "will not unpickle" in err[0] and "weights_only" not in err[0]
     assert not marker.exists()
+
+
+def test_a_nan_in_a_resumed_runs_config_json_is_refused(one_epoch_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(one_epoch_run, run)
+    doc = json.loads((run / "config.json").read_text())
+    doc["config"]["lr"] = float("nan")  # json writes NaN; a run folder from elsewhere may hold anything
+    (run / "config.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert run_cli(["--resume", run, "--epochs", 2]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'--lr'" in err[0] and "nan" in err[0], err
+    assert Checkpoint.load(run / "last.pt").epoch == 1

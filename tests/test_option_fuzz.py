@@ -110,6 +110,27 @@ def test_dynatrain_prints_one_line_exit_2_and_writes_nothing(args, option, tmp_p
     assert sorted(os.listdir(tmp_path)) == (["w.pt"] if args[0] == "predict" else [])
 
 
+def _run_main(prog, args, capsys):
+    """(exit code, stderr lines) of the console entry point, as a user runs it."""
+    if prog == "dynatrain":
+        with pytest.raises(SystemExit) as exc:
+            dynatrain_main(args)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            dynaprep_group.main(args=args, prog_name="dynaprep")
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(lambda p: _is_float(p) or _is_int(p))))
+def test_every_number_option_through_the_console_entry_is_one_line_exit_2_nothing_written(
+        prog, name, command, param, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("nan", "abc"):
+        code, err = _run_main(prog, [name, param.opts[-1], value], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("Error:") and param.opts[-1] in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
 def test_dynaprep_index_refuses_bad_numbers_before_writing(tmp_path):
     from click.testing import CliRunner
 
@@ -119,3 +140,20 @@ def test_dynaprep_index_refuses_bad_numbers_before_writing(tmp_path):
                                                      option, value])
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output.splitlines()[-1]
         assert not (tmp_path / "out").exists()
+
+
+def _parsed_by_callback(p):
+    from dynavit.pipeline.cli_types import out_dir, out_file
+
+    return p.callback is not None and p.callback not in (out_dir, out_file) and not isinstance(p.type, click.Path)
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(_parsed_by_callback)))
+@pytest.mark.parametrize("value", ["nan,abc", "-1", ""])
+def test_options_parsed_by_a_callback_refuse_nonsense(prog, name, command, param, value):
+    assert _refused(command, name, param, value) is not None
+
+
+@pytest.mark.parametrize("prog, name, command, param", list(_options(lambda p: isinstance(p.type, click.Choice))))
+def test_choice_options_refuse_other_values(prog, name, command, param):
+    assert _refused(command, name, param, "nan") is not None

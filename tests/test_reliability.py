@@ -554,3 +554,37 @@ def test_flipped_bytes_in_a_source_jpeg_may_decode(tmp_path):
             outcomes.append(f"failed: {e}")
     assert any(o.startswith("failed: truncated or corrupt image") for o in outcomes), outcomes
     assert "garbage" in outcomes, outcomes  # silently wrong pixels: not detectable without the original
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killing_the_main_process_stops_its_workers(tmp_path):
+    """kill -9 of dynaprep itself: its workers notice they lost their parent and exit (they
+    used to index on forever, re-parented to init), and the resource tracker follows."""
+    out = tmp_path / "out"
+    job = [DYNAPREP, "index", "--data", "demo", "-o", "n_train=2000", "-o", "n_val=20", "--shard-size", "10",
+           "--image-size", "64", "--k", "50", "--workers", "2", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(job, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        deadline = time.time() + 90
+        while proc.poll() is None and time.time() < deadline:
+            children = _children(proc.pid)
+            workers = [c for c in children if "spawn_main" in _cmdline(c)]
+            if len(workers) == 2 and (out / ".dynaprep" / "parts").exists():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(workers) == 2, "the run ended before the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_cmdline(c) for c in children):
+            time.sleep(0.2)
+        left = [c for c in children if _cmdline(c)]
+    finally:
+        for pid in children:  # started by this test: never left behind, whatever happened
+            if _cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert left == [], [_cmdline(c) for c in left]

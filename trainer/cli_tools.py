@@ -22,7 +22,7 @@ from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
-from dynavit.manifests.options import ArgumentError, check_output_dir, check_output_file, parse_k_list, parse_triple
+from dynavit.manifests.options import parse_k_list, parse_triple
 
 from .bench import format_bench, run_bench
 from .bench_compare import compare as compare_methods

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,16 +204,28 @@ def _check_splits(cfg: TrainConfig, info: DatasetInfo) -> str:
     return val_split
 
 
+def _number(value, integer: bool = False) -> bool:
+    """A finite number (an int when `integer`): config.json is read back on --resume, and a
+    NaN or a string there must be refused like one on the command line."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return integer or math.isfinite(value)
+
+
 def _check_numbers(cfg: TrainConfig) -> None:
-    for name, value, ok in (("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
-                            ("--epochs", cfg.epochs, cfg.epochs >= 1),
-                            ("--workers", cfg.workers, cfg.workers >= 0),
-                            ("--lr", cfg.lr, cfg.lr > 0),
-                            ("--step-epochs", cfg.step_epochs, cfg.step_epochs >= 1),
-                            ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0),
-                            ("--label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1)):
-        if not ok:
-            raise ConfigError(f"{name} {value} is out of range", name)
+    checks = (("--batch-size", cfg.batch_size, True, lambda v: v >= 1),
+              ("--epochs", cfg.epochs, True, lambda v: v >= 1),
+              ("--workers", cfg.workers, True, lambda v: v >= 0),
+              ("--step-epochs", cfg.step_epochs, True, lambda v: v >= 1),
+              ("--lr", cfg.lr, False, lambda v: 0 < v <= 10),
+              ("--weight-decay", cfg.weight_decay, False, lambda v: v >= 0),
+              ("--gamma", cfg.gamma, False, lambda v: v > 0),
+              ("--warmup-epochs", cfg.warmup_epochs, False, lambda v: 0 <= v <= 1_000_000),
+              ("--label-smoothing", cfg.label_smoothing, False, lambda v: 0 <= v < 1),
+              ("--clip-grad", 1.0 if cfg.clip_grad is None else cfg.clip_grad, False, lambda v: v > 0))
+    for name, value, integer, ok in checks:
+        if not _number(value, integer) or not ok(value):
+            raise ConfigError(f"{name} {value!r} is out of range", name)
     if cfg.sched not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.sched!r}; choose from {', '.join(SCHEDULES)}", "--sched")
     if cfg.select not in SELECTS:

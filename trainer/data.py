@@ -44,6 +44,7 @@ import torch
 
 from dynavit.manifests import DatasetInfo, FormatError, check_indices, read_dataset_info, read_npy
 from dynavit.manifests.schema import SCORES_EXT, k_ext
+from dynavit.manifests.inputs import open_regular
 from dynavit.manifests.shards import UNLABELED, MismatchError, SampleTable, Shard, ShardError, build_table
 from dynavit.pipeline.decode import decode_stored, load_image
 from dynavit.pipeline.topk import select_topk
@@ -170,9 +171,11 @@ class BatchReader:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_regular(path)
             except FileNotFoundError:
                 raise DataError(f"{path}: shard file missing") from None
+            except OSError as e:
+                raise DataError(f"{path}: {e.strerror or e}") from None
             self._fds[path] = fd
             if len(self._fds) > self.max_open:
                 os.close(self._fds.popitem(last=False)[1])

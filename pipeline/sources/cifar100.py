@@ -18,6 +18,8 @@ import pickle
 
 import numpy as np
 
+from dynavit.manifests.inputs import METADATA_LIMIT, read_regular
+
 from .base import RawSample, Source, SourceError, make_key, require_dir
 
 _SPLITS = ("train", "test")
@@ -69,8 +71,7 @@ def _load(path: str, _mtime_ns: int, _size: int) -> dict:
     # Cached per process: work units run in worker processes and each reads hundreds of rows
     # of the same 150 MB file.  (mtime, size) in the key notices a replaced file.
     try:
-        with open(path, "rb") as f:
-            obj = restricted_load(f.read())
+        obj = restricted_load(read_regular(path, METADATA_LIMIT))  # no FIFO, no device
     except OSError as e:
         raise SourceError(f"cifar100: cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # UnpicklingError, EOFError, ValueError, ... from a bad file

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+from dynavit.manifests.inputs import open_text
+
 from .base import RawSample, Source, SourceError, is_image_name, make_key, read_bytes, require_dir
 
 
@@ -42,7 +44,7 @@ class TinyImageNetSource(Source):
         else:
             raise SourceError(f"tinyimagenet: no wnids.txt in {self.src} or {self.src}/tiny-imagenet-200")
         path = os.path.join(self.root, "wnids.txt")
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             wnids = [ln.strip() for ln in f if ln.strip()]
         if not wnids or len(set(wnids)) != len(wnids):
             raise SourceError(f"tinyimagenet: {path} is empty or lists a wnid twice")
@@ -58,7 +60,7 @@ class TinyImageNetSource(Source):
         path = os.path.join(self.root, "words.txt")
         words = {}
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
+            with open_text(path) as f:
                 for n, ln in enumerate(f, 1):
                     if not ln.strip():
                         continue
@@ -96,7 +98,7 @@ class TinyImageNetSource(Source):
         if not os.path.isfile(path):
             raise SourceError(f"tinyimagenet: {path} is missing (val labels)")
         ann: dict[str, str] = {}
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             for n, ln in enumerate(f, 1):
                 if not ln.strip():
                     continue

@@ -23,6 +23,8 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+from dynavit.manifests.inputs import open_text
+
 from .base import RawSample, Source, SourceError, make_key, read_bytes, require_dir
 
 CLASSES = ("bicycle", "car", "cat", "dog", "person")
@@ -92,7 +94,7 @@ class Voc5Source(Source):
     def _ids(self, split: str) -> list[str]:
         path = os.path.join(self._sets, f"{split}.txt")
         ids = []
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             for n, ln in enumerate(f, 1):
                 tok = ln.split()
                 if not tok:

@@ -36,21 +36,24 @@ same key form one sample.  Keys are the user's keys verbatim.
   reason; it is never silently unlabelled.
 - meta: the parsed `KEY.json` when present (padding-aware scoring reads img2dataset's sizes);
 - source: "<tar basename>#<key>".
-A key that appears twice in one tar, or a sample with two members of the same suffix, is a
-failed sample (webdataset would raise).  A tar that cannot be opened or is truncated yields
+A key that appears twice in one local tar fails every copy (a stream fails the later copies,
+and every reader takes the first); a sample with two members of the same suffix is a failed
+sample (webdataset would raise). So is a key that is absolute or has a `..` part (it would
+name a member outside the folder our index tar is extracted into) and a member over
+`--max-file-bytes`.  A tar that cannot be opened or is truncated yields
 what it could read plus one failed sample with key "__tar_error__NNNNNN".
 """
 from __future__ import annotations
 
 import glob
 import json
-from collections import Counter
 import os
 import re
 import tarfile
+from collections import Counter
 
 from dynavit.manifests import locations
-from dynavit.manifests.inputs import max_file_bytes, open_regular
+from dynavit.manifests.inputs import max_file_bytes, open_regular, open_text
 from dynavit.manifests.io import sha256_file
 from dynavit.manifests.schema import IMAGE_EXTS
 from dynavit.manifests.tar import COMPRESSED_SUFFIXES, TarError, group_by_keys, read_at, scan_members
@@ -114,7 +117,7 @@ class WdsSource(Source):
         self._classes: list[str] = []
         if classes_file:
             try:
-                with open(classes_file, encoding="utf-8") as f:
+                with open_text(classes_file) as f:
                     self._classes = [ln.rstrip("\r\n") for ln in f if ln.strip()]
             except OSError as e:
                 raise SourceError(f"wds: cannot read classes file {classes_file}: {e.strerror or e}") from None
