@@ -20,6 +20,8 @@ from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
+from dynavit.trainer.augment import ERASE_MODES, parse_jitter
+from dynavit.trainer.augment import HELP as AUGMENT_HELP
 from dynavit.trainer.train import train
 
 
@@ -42,6 +44,30 @@ class DefaultGroup(click.Group):
         sub_ctx = command.make_context(ctx.info_name, [], resilient_parsing=True)
         command.format_help(sub_ctx, formatter)
         self.format_commands(ctx, formatter)
+
+
+def _jitter(ctx, param, value):
+    try:
+        return parse_jitter(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give B, B,C,S or B,C,S,H (numbers)") from None
+
+
+def recipe_options(f):
+    """Recipe options (trainer/recipe.py, trainer/augment.py), timm's train.py names."""
+    for option in reversed([
+        click.option("--hflip", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of a horizontal flip per training sample; 0 turns flips off (digits, text, charts, scans with a fixed orientation). The kept-patch indices are mirrored with the pixels."),
+        click.option("--vflip", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability of a vertical flip per training sample (indices mapped alike)."),
+        click.option("--color-jitter", callback=_jitter, metavar="B[,C,S[,H]]", help="Colour jitter: brightness, contrast, saturation factors in [1-v, 1+v] (one value for all three) and a hue shift in [-h, h]. " + AUGMENT_HELP + " [default: off]"),
+        click.option("--reprob", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Random erasing probability (timm's box draw); only pixels inside kept patches are erased."),
+        click.option("--remode", type=click.Choice(ERASE_MODES), default="pixel", show_default=True, help="Random erasing fill: pixel (normal noise per pixel) or const (the dataset mean)."),
+        click.option("--model-ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Keep an EMA of the weights (e.g. 0.9998), updated every optimizer step, evaluated every epoch (ema_acc1 in metrics.jsonl) and saved in last.pt/best.pt as model_ema. [default: off]"),
+        click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), help="Layer-wise LR decay for fine-tuning (timm's param_groups_layer_decay): block i of D trains at lr x decay^(D-i), embeddings at decay^(D+1), head at lr. [default: off]"),
+        click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Loader batches per optimizer step (gradient accumulation): equal to --batch-size x this in one step; a tail of fewer batches per epoch is not read."),
+        click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth rate (timm's drop_path_rate; a shortcut for --model-kwargs). [default: the model's]"),
+    ]):
+        f = option(f)
+    return f
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -87,6 +113,7 @@ def cli():
 @click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256. [default: dataset.json's images_root]")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
+@recipe_options
 @click.pass_context
 def train_command(ctx, **options):
     """Train a timm ViT on the top-K saliency patches of a dynaprep dataset.

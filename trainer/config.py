@@ -72,6 +72,16 @@ class TrainConfig:
     images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
     resume: str | None = None
     overwrite: bool = False
+    # Recipe (recipe.py, augment.py): none of them invalidates the stored kept-patch indices.
+    hflip: float = 0.5                   # per-sample probability of a horizontal flip (train)
+    vflip: float = 0.0                   # ... of a vertical flip
+    color_jitter: list | None = None     # brightness, contrast, saturation[, hue]
+    reprob: float = 0.0                  # random erasing probability (inside kept patches)
+    remode: str = "pixel"                # random erasing fill: pixel (N(0,1) noise) | const (the mean)
+    model_ema_decay: float | None = None # EMA of the weights, evaluated and saved beside them
+    layer_decay: float | None = None     # layer-wise LR decay (timm's param_groups_layer_decay)
+    accum_steps: int = 1                 # loader batches per optimizer step
+    drop_path: float | None = None       # = --model-kwargs drop_path_rate
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +145,8 @@ def check_config(cfg: TrainConfig) -> Checked:
     info = _check_dataset(cfg)
     val_split = _check_splits(cfg, info)
     _check_numbers(cfg)
+    from .recipe import check_recipe  # recipe.py imports this module
+    check_recipe(cfg)
     _check_runtime(cfg)
     _check_out(cfg)
     return _selections(cfg, info, val_split)
