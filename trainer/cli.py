@@ -64,6 +64,10 @@ def recipe_options(f):
         click.option("--model-ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Keep an EMA of the weights (e.g. 0.9998), updated every optimizer step, evaluated every epoch (ema_acc1 in metrics.jsonl) and saved in last.pt/best.pt as model_ema. [default: off]"),
         click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), help="Layer-wise LR decay for fine-tuning (timm's param_groups_layer_decay): block i of D trains at lr x decay^(D-i), embeddings at decay^(D+1), head at lr. [default: off]"),
         click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Loader batches per optimizer step (gradient accumulation): equal to --batch-size x this in one step; a tail of fewer batches per epoch is not read."),
+        click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="Mixup alpha (timm's, batch mode); the kept set is the top-K of the two images' scores blended with the pixels' weight. 0 = off."),
+        click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha: a patch-aligned box of the partner image; the kept set is re-selected to exactly K from both images' stored scores, and the label weight is each image's share of the kept tokens. 0 = off."),
+        click.option("--mixup-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Probability of mixing a batch (with --mixup or --cutmix)."),
+        click.option("--mixup-switch-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of CutMix rather than Mixup when both are on."),
         click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth rate (timm's drop_path_rate; a shortcut for --model-kwargs). [default: the model's]"),
     ]):
         f = option(f)

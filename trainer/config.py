@@ -82,6 +82,10 @@ class TrainConfig:
     layer_decay: float | None = None     # layer-wise LR decay (timm's param_groups_layer_decay)
     accum_steps: int = 1                 # loader batches per optimizer step
     drop_path: float | None = None       # = --model-kwargs drop_path_rate
+    mixup: float = 0.0                   # Mixup alpha (mixing.py: kept set = top-K of the blended scores)
+    cutmix: float = 0.0                  # CutMix alpha (patch-aligned box; kept set re-selected)
+    mixup_prob: float = 1.0              # probability of mixing a batch
+    mixup_switch_prob: float = 0.5       # probability of CutMix when both are on
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -80,6 +80,7 @@ class Batch:
     labels: torch.Tensor  # int64 [B]; -1 for unlabeled samples
     keys: list[str]
     skipped: int = 0  # bad samples of this batch left out (with skip_bad_samples)
+    scores: torch.Tensor | None = None  # float32 [B,Gh,Gw] of the shown window (with_scores: Mixup/CutMix)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -93,7 +94,8 @@ class Batch:
 
     def _map(self, f) -> "Batch":
         keep = None if self.keep_idx is None else f(self.keep_idx)
-        return dataclasses.replace(self, images=f(self.images), keep_idx=keep, labels=f(self.labels))
+        scores = None if self.scores is None else f(self.scores)
+        return dataclasses.replace(self, images=f(self.images), keep_idx=keep, labels=f(self.labels), scores=scores)
 
 
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -169,6 +171,7 @@ class ReadPlan:
     recycle: bool = False  # workers reuse a ring of shared buffers (see _shared_buffer)
     resize: tuple = ("center-crop", 0.875)  # external images: dataset.json's resize, as dynaprep applied it
     vflip: float = 0.0  # probability of a vertical flip per sample (train only)
+    scores: bool = False  # also deliver each sample's scores.npy window, flipped as its pixels
 
 
 class BatchReader:
@@ -202,10 +205,10 @@ class BatchReader:
         self._fds.clear()
 
     def __call__(self, samples: np.ndarray, epoch: int) -> Batch:
-        images, keeps, labels, keys, skipped = [], [], [], [], 0
+        images, keeps, labels, keys, skipped, scores = [], [], [], [], 0, []
         for i in samples:
             try:
-                image, keep = self.sample(int(i), epoch)
+                image, keep, score = self.sample(int(i), epoch)
             except DataError as e:
                 if not self.plan.skip_bad:
                     raise
@@ -214,11 +217,16 @@ class BatchReader:
                 continue
             images.append(image)
             keeps.append(keep)
+            scores.append(score)
             labels.append(self.table.label[i])
             keys.append(self.table.keys[i])
-        return collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
+        batch = collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
+        if images and scores[0] is not None:
+            batch.scores = torch.from_numpy(np.stack(scores))
+        return batch
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(image HWC, kept indices or None, the window's scores if plan.scores else None)."""
         t, p, sel = self.table, self.plan, self.plan.selection
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
@@ -267,7 +275,25 @@ class BatchReader:
             keep = hflip_indices(keep, sel.window[1])
         if vflip and keep is not None:
             keep = vflip_indices(keep, *sel.window)
-        return image, keep
+        scores = None
+        if p.scores and keep is not None:  # the scores of what is shown: same window, same flips
+            scores = self._scores(i, shard, key)[r0:r0 + sel.window[0], c0:c0 + sel.window[1]]
+            scores = np.ascontiguousarray(scores[::-1 if vflip else 1, ::-1 if flip else 1], dtype=np.float32)
+        return image, keep, scores
+
+    def _scores(self, i: int, shard: Shard, key: str) -> np.ndarray:
+        """The sample's scores.npy [Gh, Gw]."""
+        t, sel = self.table, self.plan.selection
+        try:
+            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, SCORES_EXT))
+            if arr.shape != tuple(sel.grid):
+                raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
+            return arr
+        except MismatchError as e:
+            raise DataError(f"{shard.images} and {shard.index}: keys differ at sample {e.pos}: index shard has "
+                            f"{e.got!r}, image shard has {key!r}") from None
+        except Exception as e:
+            raise DataError(f"{shard.index}: sample {key!r}: {e}") from None
 
     def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
         """The stored k{K}.npy; with a crop, top-K re-selected from the window of scores.npy
@@ -474,12 +500,13 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
                  flip: bool | None = None, hflip: float = 0.5, vflip: float = 0.0, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
-                 images_root: str | None = None) -> Loader:
+                 images_root: str | None = None, with_scores: bool = False) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
     `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved.
     `hflip`/`vflip`: per-sample flip probabilities of a train loader (an eval loader never
-    flips); `flip=False` turns both off, `flip=True` flips an eval loader too."""
+    flips); `flip=False` turns both off, `flip=True` flips an eval loader too. `with_scores`: batches carry the scores of every sample's
+    shown window (Batch.scores; saliency selections only), for re-selection after mixing."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -506,7 +533,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     plan = ReadPlan(selection, tuple(info.image_size), train, float(hflip) if flips else 0.0, int(seed),
                     skip_bad_samples, info.external_images, recycle_buffers,
                     (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
-                    float(vflip) if flips else 0.0)
+                    float(vflip) if flips else 0.0, bool(with_scores))
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 

@@ -37,7 +37,9 @@ def check_recipe(cfg: TrainConfig) -> None:
             raise ConfigError(f"--drop-path {cfg.drop_path} contradicts --model-kwargs drop_path_rate={given}",
                               "--drop-path")
     from .augment import check_augment
+    from .mixing import check_mixing
     check_augment(cfg)
+    check_mixing(cfg)
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
@@ -121,4 +123,30 @@ def optimizer_steps(cfg: TrainConfig, loader_steps: int) -> int:
     return steps
 
 
-__all__ = ["ModelEma", "check_recipe", "make_ema", "model_kwargs", "optimizer_steps", "param_groups"]
+# --- description (dynatrain report) -------------------------------------------------------------
+
+RECIPE_DEFAULTS = {"hflip": 0.5, "vflip": 0.0, "color_jitter": None, "reprob": 0.0, "model_ema_decay": None,
+                   "layer_decay": None, "accum_steps": 1, "drop_path": None, "mixup": 0.0, "cutmix": 0.0}
+
+
+def describe(config: dict) -> str:
+    """The recipe options a run's config.json sets away from their defaults, e.g.
+    "hflip 0 · ema 0.9998 · cutmix 1"; "default" for none (runs before these options:
+    hflip 0.5, no other)."""
+    names = {"model_ema_decay": "ema", "color_jitter": "jitter", "accum_steps": "accum", "drop_path": "drop-path",
+             "layer_decay": "layer-decay"}
+    parts = []
+    for key, default in RECIPE_DEFAULTS.items():
+        value = config.get(key, default)
+        if value != default:
+            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+            parts.append(f"{names.get(key, key)} {shown}")
+    if config.get("reprob", 0.0) and config.get("remode", "pixel") != "pixel":
+        parts.append(f"remode {config['remode']}")
+    if config.get("mixup", 0.0) or config.get("cutmix", 0.0):
+        parts += [f"{k.replace('_', '-')} {config[k]:g}" for k, d in (("mixup_prob", 1.0), ("mixup_switch_prob", 0.5))
+                  if config.get(k, d) != d]
+    return " · ".join(parts) or "default"
+
+
+__all__ = ["ModelEma", "check_recipe", "describe", "make_ema", "model_kwargs", "optimizer_steps", "param_groups"]

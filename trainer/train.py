@@ -38,6 +38,7 @@ from dynavit.manifests import write_json_atomic
 
 from . import recipe
 from .augment import Augment, train_inputs
+from .mixing import Mixer
 from .config import Checked, ConfigError, TrainConfig, check_config
 from .data import DataError, Loader, build_loader
 from .model import SparseViT, budget_record, build_model, make_heads, method_forward, training_loss
@@ -77,7 +78,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     budget = budget or budget_record(vit, cfg.method, budget_k, heads)
     param, described = budget["param"], budget["described"]
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
-    train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
+    mixer = Mixer.from_config(cfg, len(info.classes), info.patch_size, None if sel.dense else sel.k)
+    train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel, with_scores=mixer is not None)
     opt_steps = recipe.optimizer_steps(cfg, train_loader.steps)  # per epoch, with --accum-steps
     optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps)
     ema = recipe.make_ema(vit, heads, cfg)
@@ -100,7 +102,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
-                                ema=ema, aug=aug, raw=(vit, heads))
+                                ema=ema, aug=aug, raw=(vit, heads), mixer=mixer)
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
@@ -160,12 +162,13 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: Dist) -> nn.Module:
     return model
 
 
-def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -> tuple[Loader, Loader]:
+def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
+                 with_scores: bool = False) -> tuple[Loader, Loader]:
     def loader(split: str, selection, is_train: bool) -> Loader:
         return build_loader(cfg.shards, split, selection=selection, scorer=cfg.scorer, batch_size=cfg.batch_size,
                             workers=cfg.workers, train=is_train, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
-                            hflip=cfg.hflip, vflip=cfg.vflip,
+                            hflip=cfg.hflip, vflip=cfg.vflip, with_scores=with_scores and is_train,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
                             images_root=cfg.images_root)
     try:
@@ -299,7 +302,8 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
-                    amp_dtype, epoch: int, ema=None, aug: Augment | None = None, raw=(None, None)) -> dict[str, Any]:
+                    amp_dtype, epoch: int, ema=None, aug: Augment | None = None, raw=(None, None),
+                    mixer: Mixer | None = None) -> dict[str, Any]:
     """One epoch. --accum-steps A: the loss of each loader batch is divided by A and the
     gradients of A batches add up before one optimizer step (the mean over A·B samples, as
     one batch of A·B); the schedule and the EMA advance once per optimizer step."""
@@ -317,6 +321,8 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     try:
         for batch in batches:
             images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
+            if mixer is not None:  # labels become soft targets [B, C]
+                images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
             last = (steps + 1) % accum == 0
             # DDP all-reduces gradients on the last micro-batch of an accumulation only.
             sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
