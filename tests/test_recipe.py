@@ -196,3 +196,17 @@ def test_every_recipe_option_is_recorded_restored_and_worker_independent(ds, tmp
     from dynavit.trainer.report import load_run, run_row
     assert run_row(load_run(straight))["recipe"] == ("hflip 0.3 · vflip 0.4 · jitter 0.4,0.3,0.3,0.1 · reprob 0.5 · "
                                                      "ema 0.9 · layer-decay 0.8 · accum 2 · drop-path 0.1")
+
+
+@pytest.mark.parametrize("option,value", [("--hflip", "nan"), ("--vflip", "1.5"), ("--color-jitter", "0.4,0.4"),
+                                          ("--color-jitter", "nan"), ("--color-jitter", "0.4,0.4,0.4,0.7"),
+                                          ("--model-ema-decay", "1"), ("--layer-decay", "nan"),
+                                          ("--accum-steps", "0"), ("--drop-path", "inf"), ("--mixup", "nan"),
+                                          ("--cutmix", "-1"), ("--reprob", "-0.1"), ("--mixup-prob", "nan")])
+def test_bad_recipe_values_exit_2_with_one_line_and_write_nothing(ds, tmp_path, capsys, option, value):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert run_cli(["--shards", ds, "--k", 50, "--out", run, *BASE, option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error:") and option in err, err
+    assert not run.exists()
