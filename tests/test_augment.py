@@ -121,3 +121,58 @@ def test_no_augmentation_is_bit_identical_to_normalize():
     b = batch()
     x, _, _ = train_inputs(b, "cpu", MEAN, STD, None, epoch=0)
     assert torch.equal(x, normalize(b.images, MEAN, STD))
+
+
+# --- TrivialAugment, colour ops only ---------------------------------------------------------
+
+def test_trivial_draws_use_torchvisions_magnitude_table_and_every_colour_op():
+    from torchvision.transforms.v2 import TrivialAugmentWide
+    from dynavit.trainer.augment import TRIVIAL_OPS, trivial_draw
+    space = TrivialAugmentWide._AUGMENTATION_SPACE
+    names = {"autocontrast": "AutoContrast", "equalize": "Equalize", "posterize": "Posterize",
+             "solarize": "Solarize", "color": "Color", "contrast": "Contrast", "brightness": "Brightness",
+             "identity": "Identity"}
+    seen = set()
+    for i in range(400):
+        op, v = trivial_draw(5, 0, f"{i:010d}")
+        seen.add(op)
+        table, signed = space[names[op]]
+        mags = table(31, 32, 32)
+        if op in ("color", "contrast", "brightness"):
+            assert any(v == pytest.approx(1 + s * float(m), abs=0) for m in mags for s in (1, -1))
+        elif op == "posterize":
+            assert int(v) in mags.tolist()
+        elif op == "solarize":
+            assert any(v == 255.0 * float(m) for m in mags)
+    assert seen == set(TRIVIAL_OPS)
+    assert "sharpness" not in seen and "rotate" not in seen
+
+
+@pytest.mark.parametrize("op,v", [("autocontrast", 0), ("equalize", 0), ("posterize", 3), ("solarize", 200.6),
+                                  ("brightness", 1.3), ("color", 0.4), ("contrast", 1.5)])
+def test_trivial_ops_equal_pil(op, v):
+    from PIL import Image, ImageEnhance, ImageOps
+    from dynavit.trainer.augment import trivial_color
+    b = batch(n=1, seed=9)
+    img = b.images[0].clone()
+    img[0] //= 2  # a channel that does not span 0..255, so autocontrast has work to do
+    got = trivial_color(img[None], [(op, v)])[0].permute(1, 2, 0).numpy().astype(int)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    want = {"autocontrast": lambda: ImageOps.autocontrast(pil), "equalize": lambda: ImageOps.equalize(pil),
+            "posterize": lambda: ImageOps.posterize(pil, int(v)), "solarize": lambda: ImageOps.solarize(pil, 201),
+            "brightness": lambda: ImageEnhance.Brightness(pil).enhance(v),
+            "color": lambda: ImageEnhance.Color(pil).enhance(v),
+            "contrast": lambda: ImageEnhance.Contrast(pil).enhance(v)}[op]()
+    diff = np.abs(got - np.asarray(want).astype(int))
+    assert diff.max() <= (0 if op in ("posterize", "solarize", "equalize") else 2), (op, diff.max())
+
+
+def test_trivial_color_moves_no_pixel():
+    b = batch(n=24, seed=6)
+    aug = Augment(seed=3, trivial=True, patch=4)
+    x, keep, _ = train_inputs(b, "cpu", MEAN, STD, aug, epoch=0)
+    perm = torch.from_numpy(np.random.default_rng(2).permutation(32 * 32))
+    shuffled = b.images.flatten(2)[:, :, perm].view_as(b.images)
+    xs, _, _ = train_inputs(Batch(shuffled, b.keep_idx, b.labels, b.keys), "cpu", MEAN, STD, aug, epoch=0)
+    torch.testing.assert_close(xs.flatten(2), x.flatten(2)[:, :, perm], atol=1e-5, rtol=0)
+    assert torch.equal(keep, b.keep_idx)

@@ -172,7 +172,7 @@ def test_drop_path_is_timms_drop_path_rate_and_a_contradiction_is_refused(ds, tm
     assert "--drop-path" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-ALL = ["--hflip", 0.3, "--vflip", 0.4, "--color-jitter", "0.4,0.3,0.3,0.1", "--reprob", 0.5, "--remode", "pixel",
+ALL = ["--hflip", 0.3, "--vflip", 0.4, "--trivial-color", "--color-jitter", "0.4,0.3,0.3,0.1", "--reprob", 0.5, "--remode", "pixel",
        "--model-ema-decay", 0.9, "--layer-decay", 0.8, "--accum-steps", 2, "--drop-path", 0.1,
        "--mixup", 0.8, "--cutmix", 1.0, "--mixup-prob", 0.9]
 
@@ -187,7 +187,7 @@ def test_every_recipe_option_is_recorded_restored_and_worker_independent(ds, tmp
                                    "layer_decay", "accum_steps", "drop_path")} == {
         "hflip": 0.3, "vflip": 0.4, "color_jitter": [0.4, 0.3, 0.3, 0.1], "reprob": 0.5, "remode": "pixel",
         "model_ema_decay": 0.9, "layer_decay": 0.8, "accum_steps": 2, "drop_path": 0.1}
-    assert (config["mixup"], config["cutmix"], config["mixup_prob"]) == (0.8, 1.0, 0.9)
+    assert (config["mixup"], config["cutmix"], config["mixup_prob"], config["trivial_color"]) == (0.8, 1.0, 0.9, True)
     assert run_cli([*common, "--out", resumed, "--epochs", 1]) == 0
     assert run_cli(["--resume", resumed, "--epochs", 2]) == 0  # every option from config.json
     two_workers = ["--shards", ds, "--k", 50, "--batch-size", 8, *BASE[:-1], "2", *ALL]
@@ -196,7 +196,7 @@ def test_every_recipe_option_is_recorded_restored_and_worker_independent(ds, tmp
         assert_same(weights(resumed, name), weights(straight, name), atol=1e-6)
         assert_same(weights(workers, name), weights(straight, name), atol=1e-6)
     from dynavit.trainer.report import load_run, run_row
-    assert run_row(load_run(straight))["recipe"] == ("hflip 0.3 · vflip 0.4 · jitter 0.4,0.3,0.3,0.1 · reprob 0.5 · "
+    assert run_row(load_run(straight))["recipe"] == ("hflip 0.3 · vflip 0.4 · trivial-color · jitter 0.4,0.3,0.3,0.1 · reprob 0.5 · "
                                                      "ema 0.9 · layer-decay 0.8 · accum 2 · drop-path 0.1 · mixup 0.8 · cutmix 1 · "
                                                      "mixup-prob 0.9")
 

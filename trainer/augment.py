@@ -1,5 +1,6 @@
 """Training augmentations that move no pixel, so the stored kept-patch indices stay valid:
-colour jitter and random erasing inside the kept patches.
+the colour-only ops of TrivialAugment (wide), colour jitter, and random erasing inside the
+kept patches.
 
 Why no geometric ops (rotation, shear, translation, scale, RandomResizedCrop): they move
 pixels between patches, so the stored top-K indices would name patches whose content is
@@ -20,12 +21,19 @@ import torch
 
 from .data import Batch, _sample_bits, normalize
 
-_JITTER, _ERASE = 5, 6  # purposes beside data.py's _CROP, _SELECT, _FLIP, _VFLIP (1..4)
+_JITTER, _ERASE, _TRIVIAL = 5, 6, 8  # purposes beside data.py's (1..4) and mixing.py's (7)
+
+# TrivialAugmentWide's ops that move no pixel (Müller & Hutter 2021; torchvision's op table
+# and 31 magnitude bins). Left out: ShearX/Y, TranslateX/Y, Rotate (they move content between
+# patches) and Sharpness (a 3x3 filter: it blends pixels across patch borders).
+TRIVIAL_OPS = ("identity", "autocontrast", "equalize", "posterize", "solarize", "color", "contrast", "brightness")
+BINS = 31
 
 ERASE_MODES = ("const", "pixel")
-HELP = ("Colour augmentations (move no pixel; geometric ops such as rotation, shear or random-resized crop would "
-        "move content between patches and break the stored kept-patch indices, so they are not offered: flips and "
-        "the patch-aligned --input-size crop are the geometric ops, with exact index maps).")
+HELP = ("Colour augmentations (--trivial-color, --color-jitter, --reprob) move no pixel; geometric ops such as "
+        "rotation, shear or random-resized crop would move content between patches and break the stored kept-patch "
+        "indices, so they are not offered: flips and the patch-aligned --input-size crop are the geometric ops, with "
+        "exact index maps.")
 
 
 def parse_jitter(value) -> list[float] | None:
@@ -61,13 +69,15 @@ class Augment:
     reprob: float = 0.0
     remode: str = "pixel"
     patch: int = 16
+    trivial: bool = False  # TrivialAugmentWide's colour-only ops
 
     @classmethod
     def from_config(cls, cfg, patch: int) -> "Augment | None":
         jitter = None if cfg.color_jitter is None else tuple((list(cfg.color_jitter) + [0.0])[:4])
-        if (jitter is None or not any(jitter)) and cfg.reprob == 0:
+        if (jitter is None or not any(jitter)) and cfg.reprob == 0 and not cfg.trivial_color:
             return None
-        return cls(int(cfg.seed), jitter if jitter and any(jitter) else None, float(cfg.reprob), cfg.remode, patch)
+        return cls(int(cfg.seed), jitter if jitter and any(jitter) else None, float(cfg.reprob), cfg.remode, patch,
+                   bool(cfg.trivial_color))
 
 
 def train_inputs(batch: Batch, device, mean, std, aug: Augment | None, epoch: int):
@@ -78,6 +88,8 @@ def train_inputs(batch: Batch, device, mean, std, aug: Augment | None, epoch: in
     labels = batch.labels.to(device, non_blocking=True)
     if aug is None:
         return normalize(images, mean, std), keep_idx, labels
+    if aug.trivial:
+        images = trivial_color(images, [trivial_draw(aug.seed, epoch, key) for key in batch.keys])
     x = images.to(torch.float32) / 255.0
     if aug.jitter is not None:
         x = color_jitter(x, jitter_factors(aug, batch.keys, epoch, device))
@@ -87,6 +99,34 @@ def train_inputs(batch: Batch, device, mean, std, aug: Augment | None, epoch: in
     if aug.reprob > 0:
         x = erase_kept(x, batch.keep_idx, erase_boxes(aug, batch.keys, epoch, x.shape[-2:]), aug)
     return x, keep_idx, labels
+
+
+# --- TrivialAugment, colour ops only -------------------------------------------------------
+
+def trivial_draw(seed: int, epoch: int, key: str) -> tuple[str, float]:
+    """(op, magnitude) of one sample: an op uniformly, a bin uniformly, a random sign for the
+    signed ops; magnitudes as torchvision's TrivialAugmentWide."""
+    bits = _sample_bits(seed, epoch, key, _TRIVIAL)
+    op, m, negative = TRIVIAL_OPS[bits % len(TRIVIAL_OPS)], (bits >> 8) % BINS, (bits >> 16) & 1
+    # float32 tables as torchvision's, so that a threshold lands where its own would
+    if op in ("color", "contrast", "brightness"):
+        v = float(torch.linspace(0.0, 0.99, BINS)[m])
+        return op, 1.0 - v if negative else 1.0 + v
+    if op == "posterize":
+        return op, float(8 - round(m / ((BINS - 1) / 6)))
+    if op == "solarize":
+        return op, 255.0 * float(torch.linspace(1.0, 0.0, BINS)[m])
+    return op, 0.0
+
+
+def trivial_color(images: torch.Tensor, draws: list[tuple[str, float]]) -> torch.Tensor:
+    """uint8 [B,3,H,W]: each sample through its drawn op (torchvision's tensor ops)."""
+    import torchvision.transforms.v2.functional as TF
+    ops = {"identity": lambda x, v: x, "autocontrast": lambda x, v: TF.autocontrast(x),
+           "equalize": lambda x, v: TF.equalize(x), "posterize": lambda x, v: TF.posterize(x, int(v)),
+           "solarize": lambda x, v: TF.solarize(x, v), "color": TF.adjust_saturation,
+           "contrast": TF.adjust_contrast, "brightness": TF.adjust_brightness}
+    return torch.stack([ops[op](images[i], v) for i, (op, v) in enumerate(draws)])
 
 
 # --- colour jitter --------------------------------------------------------------------------
@@ -216,5 +256,5 @@ def erase_kept(x: torch.Tensor, keep_idx, boxes, aug: Augment) -> torch.Tensor:
     return x
 
 
-__all__ = ["Augment", "ERASE_MODES", "HELP", "check_augment", "color_jitter", "erase_boxes", "erase_kept",
+__all__ = ["Augment", "ERASE_MODES", "HELP", "TRIVIAL_OPS", "trivial_color", "trivial_draw", "check_augment", "color_jitter", "erase_boxes", "erase_kept",
            "jitter_factors", "kept_pixel_mask", "parse_jitter", "train_inputs"]

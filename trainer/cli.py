@@ -58,6 +58,7 @@ def recipe_options(f):
     for option in reversed([
         click.option("--hflip", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of a horizontal flip per training sample; 0 turns flips off (digits, text, charts, scans with a fixed orientation). The kept-patch indices are mirrored with the pixels."),
         click.option("--vflip", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability of a vertical flip per training sample (indices mapped alike)."),
+        click.option("--trivial-color/--no-trivial-color", default=False, show_default=True, help="TrivialAugment (wide) with its colour-only ops: per sample one of identity, autocontrast, equalize, posterize, solarize, color, contrast, brightness at a random magnitude. Its shear, translate, rotate and sharpness ops are left out: they move or blend pixels across patches."),
         click.option("--color-jitter", callback=_jitter, metavar="B[,C,S[,H]]", help="Colour jitter: brightness, contrast, saturation factors in [1-v, 1+v] (one value for all three) and a hue shift in [-h, h]. " + AUGMENT_HELP + " [default: off]"),
         click.option("--reprob", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Random erasing probability (timm's box draw); only pixels inside kept patches are erased."),
         click.option("--remode", type=click.Choice(ERASE_MODES), default="pixel", show_default=True, help="Random erasing fill: pixel (normal noise per pixel) or const (the dataset mean)."),

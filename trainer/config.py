@@ -76,6 +76,7 @@ class TrainConfig:
     hflip: float = 0.5                   # per-sample probability of a horizontal flip (train)
     vflip: float = 0.0                   # ... of a vertical flip
     color_jitter: list | None = None     # brightness, contrast, saturation[, hue]
+    trivial_color: bool = False          # TrivialAugmentWide's colour-only ops
     reprob: float = 0.0                  # random erasing probability (inside kept patches)
     remode: str = "pixel"                # random erasing fill: pixel (N(0,1) noise) | const (the mean)
     model_ema_decay: float | None = None # EMA of the weights, evaluated and saved beside them

@@ -125,7 +125,7 @@ def optimizer_steps(cfg: TrainConfig, loader_steps: int) -> int:
 
 # --- description (dynatrain report) -------------------------------------------------------------
 
-RECIPE_DEFAULTS = {"hflip": 0.5, "vflip": 0.0, "color_jitter": None, "reprob": 0.0, "model_ema_decay": None,
+RECIPE_DEFAULTS = {"hflip": 0.5, "vflip": 0.0, "trivial_color": False, "color_jitter": None, "reprob": 0.0, "model_ema_decay": None,
                    "layer_decay": None, "accum_steps": 1, "drop_path": None, "mixup": 0.0, "cutmix": 0.0}
 
 
@@ -139,6 +139,9 @@ def describe(config: dict) -> str:
     for key, default in RECIPE_DEFAULTS.items():
         value = config.get(key, default)
         if value != default:
+            if isinstance(value, bool):
+                parts.append(key.replace("_", "-"))
+                continue
             shown = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
             parts.append(f"{names.get(key, key)} {shown}")
     if config.get("reprob", 0.0) and config.get("remode", "pixel") != "pixel":
