@@ -131,7 +131,9 @@ def train_command(ctx, **options):
     Each epoch trains on the `train` split and evaluates top-1 / top-5 on the validation
     split; metrics.jsonl gets one line per epoch (epoch, train_loss, val_loss, acc1, acc5 in
     percent, epoch_seconds, images_per_s, seq_len S = prefix tokens + kept patches, k, eval_k,
-    lr, skipped). Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.
+    lr, skipped; ema_acc1 with --model-ema-decay). Under `torchrun --nproc-per-node N` it trains
+    with DistributedDataParallel. Recipe options (flips, colour ops, mixing, EMA, layer decay,
+    accumulation) keep the kept-patch indices exact: docs/RECIPES.md.
     """
     try:
         if options["resume"]:
