@@ -152,4 +152,19 @@ def describe(config: dict) -> str:
     return " · ".join(parts) or "default"
 
 
-__all__ = ["ModelEma", "check_recipe", "describe", "make_ema", "model_kwargs", "optimizer_steps", "param_groups"]
+def epoch_batches(loader, count: int):
+    """The loader's batches of one epoch, only the first `count` (< loader.steps with
+    --accum-steps): then the loader is closed after them, which stops its workers at once.
+    All of them: the loader itself, so that its end-of-epoch checks run."""
+    if count >= loader.steps:
+        yield from loader
+        return
+    batches = iter(loader)
+    try:
+        for _ in range(count):
+            yield next(batches)
+    finally:
+        batches.close()
+
+
+__all__ = ["ModelEma", "check_recipe", "epoch_batches", "describe", "make_ema", "model_kwargs", "optimizer_steps", "param_groups"]

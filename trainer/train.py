@@ -317,43 +317,36 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     bar = tqdm(total=micro_total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
     start = time.perf_counter()
-    batches = iter(loader)
-    try:
-        for batch in batches:
-            images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
-            if mixer is not None:  # labels become soft targets [B, C]
-                images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
-            last = (steps + 1) % accum == 0
-            # DDP all-reduces gradients on the last micro-batch of an accumulation only.
-            sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast(device, amp_dtype):
-                    # Index checks cost a device sync (and a graph break under --compile); the loader
-                    # has checked the stored indices, so one eager check per epoch is enough.
-                    loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
-                if steps % accum == 0:
-                    optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss / accum if accum > 1 else loss).backward()
-            if last:
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                lr = max(g["lr"] for g in optimizer.param_groups)  # this step's peak rate, before the schedule moves
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(*raw)
+    for batch in recipe.epoch_batches(loader, micro_total):
+        images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
+        if mixer is not None:  # labels become soft targets [B, C]
+            images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
+        last = (steps + 1) % accum == 0
+        # DDP all-reduces gradients on the last micro-batch of an accumulation only.
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp_dtype):
+                # Index checks cost a device sync (and a graph break under --compile); the loader
+                # has checked the stored indices, so one eager check per epoch is enough.
+                loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+            if steps % accum == 0:
+                optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accum if accum > 1 else loss).backward()
+        if last:
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            lr = max(g["lr"] for g in optimizer.param_groups)  # this step's peak rate, before the schedule moves
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(*raw)
 
-            loss_sum += loss.detach().double() * labels.shape[0]
-            seen, skipped, steps = seen + labels.shape[0], skipped + batch.skipped, steps + 1
-            if not bar.disable:
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * ctx.world_size / (time.perf_counter() - start):.0f}")
-                bar.update()
-            if steps == micro_total < loader.steps:  # a tail of fewer than --accum-steps batches is not read
-                break
-    finally:
-        batches.close()  # shuts the loader's workers down now
+        loss_sum += loss.detach().double() * labels.shape[0]
+        seen, skipped, steps = seen + labels.shape[0], skipped + batch.skipped, steps + 1
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * ctx.world_size / (time.perf_counter() - start):.0f}")
+            bar.update()
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
