@@ -151,3 +151,28 @@ def test_cutmix_with_random_selection_is_refused(ds, tmp_path, capsys):
                                json.dumps({"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1,
                                            "num_heads": 2})]])
     assert exc.value.code == 2 and "--select" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_scores_follow_the_crop_window_and_both_flips(tmp_path):
+    """What mixing re-selects from: each sample's scores.npy cut to its window and flipped as
+    its pixels (found by searching the stored image), read back with webdataset."""
+    out = tmp_path / "large"
+    make_tiny_dataset(out, splits=(("train", 16), ("val", 4)), image_size=48)  # 12x12 grid
+    want = stored(out)
+    loader = build_loader(out, "train", k=30, batch_size=4, input_size=32, seed=5, hflip=0.5, vflip=0.5,
+                          with_scores=True)
+    seen = set()
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        for b in loader:
+            for i, key in enumerate(b.keys):
+                image, ref = b.images[i].permute(1, 2, 0).numpy(), want[key]
+                found = [(r, c, h, v) for r in range(5) for c in range(5) for h in (0, 1) for v in (0, 1)
+                         if np.array_equal(image, ref["image"][::-1 if v else 1, ::-1 if h else 1]
+                                           [r * 4:r * 4 + 32, c * 4:c * 4 + 32])]
+                assert len(found) == 1
+                r, c, h, v = found[0]
+                seen.add((h, v))
+                expect = ref["scores"][::-1 if v else 1, ::-1 if h else 1][r:r + 8, c:c + 8]
+                np.testing.assert_array_equal(b.scores[i].numpy(), expect)
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
