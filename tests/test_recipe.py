@@ -213,3 +213,14 @@ def test_bad_recipe_values_exit_2_with_one_line_and_write_nothing(ds, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("Error:") and option in err, err
     assert not run.exists()
+
+
+def test_resume_with_another_layer_decay_is_one_line_exit_2(ds, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["--shards", ds, "--k", 50, "--batch-size", 32, *BASE, "--out", run, "--epochs", 1]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    capsys.readouterr()
+    assert run_cli(["--resume", run, "--epochs", 2, "--layer-decay", 0.7]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error:") and "--layer-decay" in err[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # nothing rewritten

@@ -226,7 +226,11 @@ def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist, ema=N
         heads.load_state_dict(ckpt.method_state)
     if ema is not None:  # a run that had no EMA yet starts it from the resumed weights
         ema.load(ckpt.model_ema or ckpt.model, ckpt.method_ema or ckpt.method_state)
-    optimizer.load_state_dict(ckpt.optimizer)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except ValueError as e:  # other parameter groups: e.g. --layer-decay turned on or off
+        raise ConfigError(f"{out / 'last.pt'}: its optimizer state does not fit these options' parameter groups "
+                          f"({e}); resume with the run's own --layer-decay", "--resume") from None
     scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
