@@ -22,6 +22,8 @@ from dynavit.trainer import cli_tools
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
+from dynavit.trainer.augment import ERASE_MODES, parse_jitter
+from dynavit.trainer.augment import HELP as AUGMENT_HELP
 from dynavit.trainer.train import NonFiniteLoss, RunWriteError, train
 
 
@@ -48,6 +50,35 @@ class DefaultGroup(click.Group):
         sub_ctx = command.make_context(ctx.info_name, [], resilient_parsing=True)
         command.format_help(sub_ctx, formatter)
         self.format_commands(ctx, formatter)
+
+
+def _jitter(ctx, param, value):
+    try:
+        return parse_jitter(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give B, B,C,S or B,C,S,H (numbers)") from None
+
+
+def recipe_options(f):
+    """Recipe options (trainer/recipe.py, trainer/augment.py), timm's train.py names."""
+    for option in reversed([
+        click.option("--hflip", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of a horizontal flip per training sample; 0 turns flips off (digits, text, charts, scans with a fixed orientation). The kept-patch indices are mirrored with the pixels."),
+        click.option("--vflip", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability of a vertical flip per training sample (indices mapped alike)."),
+        click.option("--trivial-color/--no-trivial-color", default=False, show_default=True, help="TrivialAugment (wide) with its colour-only ops: per sample one of identity, autocontrast, equalize, posterize, solarize, color, contrast, brightness at a random magnitude. Its shear, translate, rotate and sharpness ops are left out: they move or blend pixels across patches."),
+        click.option("--color-jitter", callback=_jitter, metavar="B[,C,S[,H]]", help="Colour jitter: brightness, contrast, saturation factors in [1-v, 1+v] (one value for all three) and a hue shift in [-h, h]. " + AUGMENT_HELP + " [default: off]"),
+        click.option("--reprob", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Random erasing probability (timm's box draw); only pixels inside kept patches are erased."),
+        click.option("--remode", type=click.Choice(ERASE_MODES), default="pixel", show_default=True, help="Random erasing fill: pixel (normal noise per pixel) or const (the dataset mean)."),
+        click.option("--model-ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Keep an EMA of the weights (e.g. 0.9998), updated every optimizer step, evaluated every epoch (ema_acc1 in metrics.jsonl) and saved in last.pt/best.pt as model_ema. [default: off]"),
+        click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), help="Layer-wise LR decay for fine-tuning (timm's param_groups_layer_decay): block i of D trains at lr x decay^(D-i), embeddings at decay^(D+1), head at lr. [default: off]"),
+        click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Loader batches per optimizer step (gradient accumulation): equal to --batch-size x this in one step; a tail of fewer batches per epoch is not read."),
+        click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="Mixup alpha (timm's, batch mode); the kept set is the top-K of the two images' scores blended with the pixels' weight. 0 = off."),
+        click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha: a patch-aligned box of the partner image; the kept set is re-selected to exactly K from both images' stored scores, and the label weight is each image's share of the kept tokens. 0 = off."),
+        click.option("--mixup-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Probability of mixing a batch (with --mixup or --cutmix)."),
+        click.option("--mixup-switch-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of CutMix rather than Mixup when both are on."),
+        click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth rate (timm's drop_path_rate; a shortcut for --model-kwargs). [default: the model's]"),
+    ]):
+        f = option(f)
+    return f
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -94,6 +125,7 @@ def cli():
 @click.option(TRUST_OPTION, "trust_dataset_urls", is_flag=True, help="Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. Without it a dataset folder may only name local paths under itself or its images root (a downloaded folder could otherwise run commands); --images-root may always be a URL.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
+@recipe_options
 @click.pass_context
 def train_command(ctx, **options):
     """Train a timm ViT on the top-K saliency patches of a dynaprep dataset.
@@ -106,7 +138,9 @@ def train_command(ctx, **options):
     Each epoch trains on the `train` split and evaluates top-1 / top-5 on the validation
     split; metrics.jsonl gets one line per epoch (epoch, train_loss, val_loss, acc1, acc5 in
     percent, epoch_seconds, images_per_s, seq_len S = prefix tokens + kept patches, k, eval_k,
-    lr, skipped). Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.
+    lr, skipped; ema_acc1 with --model-ema-decay). Under `torchrun --nproc-per-node N` it trains
+    with DistributedDataParallel. Recipe options (flips, colour ops, mixing, EMA, layer decay,
+    accumulation) keep the kept-patch indices exact: docs/RECIPES.md.
     """
     try:
         if options["resume"]:

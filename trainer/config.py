@@ -80,6 +80,21 @@ class TrainConfig:
     trust_dataset_urls: bool = False     # dataset.json / shards.parquet may name URLs and pipe: commands
     resume: str | None = None
     overwrite: bool = False
+    # Recipe (recipe.py, augment.py): none of them invalidates the stored kept-patch indices.
+    hflip: float = 0.5                   # per-sample probability of a horizontal flip (train)
+    vflip: float = 0.0                   # ... of a vertical flip
+    color_jitter: list | None = None     # brightness, contrast, saturation[, hue]
+    trivial_color: bool = False          # TrivialAugmentWide's colour-only ops
+    reprob: float = 0.0                  # random erasing probability (inside kept patches)
+    remode: str = "pixel"                # random erasing fill: pixel (N(0,1) noise) | const (the mean)
+    model_ema_decay: float | None = None # EMA of the weights, evaluated and saved beside them
+    layer_decay: float | None = None     # layer-wise LR decay (timm's param_groups_layer_decay)
+    accum_steps: int = 1                 # loader batches per optimizer step
+    drop_path: float | None = None       # = --model-kwargs drop_path_rate
+    mixup: float = 0.0                   # Mixup alpha (mixing.py: kept set = top-K of the blended scores)
+    cutmix: float = 0.0                  # CutMix alpha (patch-aligned box; kept set re-selected)
+    mixup_prob: float = 1.0              # probability of mixing a batch
+    mixup_switch_prob: float = 0.5       # probability of CutMix when both are on
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +167,8 @@ def check_config(cfg: TrainConfig) -> Checked:
     info = _check_dataset(cfg)
     val_split = _check_splits(cfg, info)
     _check_numbers(cfg)
+    from .recipe import check_recipe  # recipe.py imports this module
+    check_recipe(cfg)
     _check_runtime(cfg)
     _check_out(cfg)
     return _selections(cfg, info, val_split)

@@ -55,7 +55,7 @@ from .selection import Selection, SelectionError, resolve_selection
 log = logging.getLogger(__name__)
 
 # Independent per-sample random streams, so that e.g. enabling crops does not change flips.
-_CROP, _SELECT, _FLIP = 1, 2, 3
+_CROP, _SELECT, _FLIP, _VFLIP = 1, 2, 3, 4
 
 
 class DataError(Exception):
@@ -81,6 +81,7 @@ class Batch:
     labels: torch.Tensor  # int64 [B]; -1 for unlabeled samples
     keys: list[str]
     skipped: int = 0  # bad samples of this batch left out (with skip_bad_samples)
+    scores: torch.Tensor | None = None  # float32 [B,Gh,Gw] of the shown window (with_scores: Mixup/CutMix)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -94,7 +95,8 @@ class Batch:
 
     def _map(self, f) -> "Batch":
         keep = None if self.keep_idx is None else f(self.keep_idx)
-        return dataclasses.replace(self, images=f(self.images), keep_idx=keep, labels=f(self.labels))
+        scores = None if self.scores is None else f(self.scores)
+        return dataclasses.replace(self, images=f(self.images), keep_idx=keep, labels=f(self.labels), scores=scores)
 
 
 def normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -113,6 +115,21 @@ def hflip_indices(indices: np.ndarray, grid_w: int) -> np.ndarray:
     idx = np.asarray(indices, dtype=np.int64)
     r, c = np.divmod(idx, grid_w)
     return np.sort(r * grid_w + (grid_w - 1 - c), axis=-1)
+
+
+def vflip_indices(indices: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """Raster indices of the same patches after a vertical flip: r·Gw + c → (Gh−1−r)·Gw + c,
+    re-sorted so the kept set stays in raster order."""
+    idx = np.asarray(indices, dtype=np.int64)
+    r, c = np.divmod(idx, grid_w)
+    return np.sort((grid_h - 1 - r) * grid_w + c, axis=-1)
+
+
+def draw(bits: int, p: float) -> bool:
+    """True with probability `p` for uniform 64-bit `bits`: bits ≥ 2⁶⁴·(1−p), in integers.
+    At p = 0.5 this is the top bit, the draw every flip was before --hflip existed, so the
+    default keeps every earlier run's flips."""
+    return p > 0 and bits >= (1 << 64) - int(p * 2.0 ** 64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,12 +165,14 @@ class ReadPlan:
     selection: Selection
     image_size: tuple[int, int]
     train: bool
-    flip: bool
+    hflip: float  # probability of a horizontal flip per sample (train only)
     seed: int
     skip_bad: bool
     external_images: bool  # images are the user's own WebDataset (not written by dynaprep)
     recycle: bool = False  # workers reuse a ring of shared buffers (see _shared_buffer)
     resize: tuple = ("center-crop", 0.875)  # external images: dataset.json's resize, as dynaprep applied it
+    vflip: float = 0.0  # probability of a vertical flip per sample (train only)
+    scores: bool = False  # also deliver each sample's scores.npy window, flipped as its pixels
 
 
 class BatchReader:
@@ -189,10 +208,10 @@ class BatchReader:
         self._fds.clear()
 
     def __call__(self, samples: np.ndarray, epoch: int) -> Batch:
-        images, keeps, labels, keys, skipped = [], [], [], [], 0
+        images, keeps, labels, keys, skipped, scores = [], [], [], [], 0, []
         for i in samples:
             try:
-                image, keep = self.sample(int(i), epoch)
+                image, keep, score = self.sample(int(i), epoch)
             except DataError as e:
                 if not self.plan.skip_bad:
                     raise
@@ -201,16 +220,22 @@ class BatchReader:
                 continue
             images.append(image)
             keeps.append(keep)
+            scores.append(score)
             labels.append(self.table.label[i])
             keys.append(self.table.keys[i])
-        return collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
+        batch = collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
+        if images and scores[0] is not None:
+            batch.scores = torch.from_numpy(np.stack(scores))
+        return batch
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(image HWC, kept indices or None, the window's scores if plan.scores else None)."""
         t, p, sel = self.table, self.plan, self.plan.selection
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
             data = os.pread(self._fd(shard.images), int(t.size[i]), int(t.offset[i]))
-            flip = p.flip and _sample_bits(p.seed, epoch, key, _FLIP) >> 63 == 1  # probability 1/2
+            flip = draw(_sample_bits(p.seed, epoch, key, _FLIP), p.hflip)
+            vflip = draw(_sample_bits(p.seed, epoch, key, _VFLIP), p.vflip)
             if p.external_images:
                 # A user's WebDataset image has any size, EXIF orientation or mode: dynaprep's
                 # own decoder with the recorded resize gives exactly the pixels that were scored.
@@ -222,9 +247,12 @@ class BatchReader:
             raise
         except Exception as e:  # any undecodable sample is that sample's problem, not the run's
             raise DataError(f"{shard.images}: sample {key!r}: {e}") from None
+        if vflip:  # a copy: stacking negatively-strided views into a batch is slow
+            image = np.ascontiguousarray(image[::-1])
 
         # The image may be mirrored already; the window and the kept set are chosen in the
-        # stored (unflipped) frame, then mapped: column c of the window is column Ww-1-c.
+        # stored (unflipped) frame, then mapped: column c of the window is column Ww-1-c
+        # (row r is row Wh-1-r after a vertical flip).
         r0 = c0 = 0
         if sel.cropped:  # random window in train, centred in eval
             (gh, gw), (wh, ww) = sel.grid, sel.window
@@ -234,7 +262,8 @@ class BatchReader:
             else:
                 r0, c0 = (gh - wh) // 2, (gw - ww) // 2
             fc0 = gw - ww - c0 if flip else c0  # the same window in the mirrored image
-            image = image[r0 * sel.patch:(r0 + wh) * sel.patch, fc0 * sel.patch:(fc0 + ww) * sel.patch]
+            fr0 = gh - wh - r0 if vflip else r0
+            image = image[fr0 * sel.patch:(fr0 + wh) * sel.patch, fc0 * sel.patch:(fc0 + ww) * sel.patch]
 
         if sel.dense:
             keep = None
@@ -247,7 +276,27 @@ class BatchReader:
 
         if flip and keep is not None:
             keep = hflip_indices(keep, sel.window[1])
-        return image, keep
+        if vflip and keep is not None:
+            keep = vflip_indices(keep, *sel.window)
+        scores = None
+        if p.scores and keep is not None:  # the scores of what is shown: same window, same flips
+            scores = self._scores(i, shard, key)[r0:r0 + sel.window[0], c0:c0 + sel.window[1]]
+            scores = np.ascontiguousarray(scores[::-1 if vflip else 1, ::-1 if flip else 1], dtype=np.float32)
+        return image, keep, scores
+
+    def _scores(self, i: int, shard: Shard, key: str) -> np.ndarray:
+        """The sample's scores.npy [Gh, Gw]."""
+        t, sel = self.table, self.plan.selection
+        try:
+            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, SCORES_EXT))
+            if arr.shape != tuple(sel.grid):
+                raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
+            return arr
+        except MismatchError as e:
+            raise DataError(f"{shard.images} and {shard.index}: keys differ at sample {e.pos}: index shard has "
+                            f"{e.got!r}, image shard has {key!r}") from None
+        except Exception as e:
+            raise DataError(f"{shard.index}: sample {key!r}: {e}") from None
 
     def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
         """The stored k{K}.npy; with a crop, top-K re-selected from the window of scores.npy
@@ -390,8 +439,12 @@ class Loader:
         batches = self.batches(self.epoch)
         pin = self.pin_memory and torch.cuda.is_available()
         if self.workers > 0:
+            # A generator of its own: DataLoader otherwise draws its workers' base seed from the
+            # global torch RNG, and the model's dropout / drop-path masks would then depend on
+            # --workers (every draw of ours is hashed from the sample; the workers' seeds are unused).
             it = iter(torch.utils.data.DataLoader(_EpochBatches(self.reader, batches, self.epoch), batch_size=None,
-                                                  num_workers=self.workers, pin_memory=pin))
+                                                  num_workers=self.workers, pin_memory=pin,
+                                                  generator=torch.Generator()))
         else:
             it = (self.reader(idx, self.epoch) for idx in batches)
         counts = {"done": 0}
@@ -448,14 +501,19 @@ def _worker_message(e: DataError) -> str:
 def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2", select: str = "saliency",
                  batch_size: int, workers: int = 0, train: bool = True, seed: int = 42,
                  rank: int = 0, world_size: int = 1, input_size: int | None = None,
-                 flip: bool | None = None, skip_bad_samples: bool = False, pin_memory: bool = False,
+                 flip: bool | None = None, hflip: float = 0.5, vflip: float = 0.0, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
-                 images_root: str | None = None, trust_urls: bool = False) -> Loader:
+                 images_root: str | None = None, trust_urls: bool = False,
+                 with_scores: bool = False) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
     `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved (the
     user's own: it may be a URL); `trust_urls`: dataset.json / shards.parquet may name URLs
-    and commands too (--trust-dataset-urls)."""
+    and commands too (--trust-dataset-urls).
+    `hflip`/`vflip`: per-sample flip probabilities of a train loader (an eval loader never
+    flips); `flip=False` turns both off, `flip=True` flips an eval loader too. `with_scores`:
+    batches carry the scores of every sample's shown window (Batch.scores; saliency
+    selections only), for re-selection after mixing."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -481,12 +539,16 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     if train and len(table) < world_size * batch_size:
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
-    plan = ReadPlan(selection, tuple(info.image_size), train, train if flip is None else bool(flip), int(seed),
+    if not (0 <= hflip <= 1 and 0 <= vflip <= 1):
+        raise DataError(f"flip probabilities must be in [0, 1], got hflip={hflip}, vflip={vflip}")
+    flips = train if flip is None else bool(flip)
+    plan = ReadPlan(selection, tuple(info.image_size), train, float(hflip) if flips else 0.0, int(seed),
                     skip_bad_samples, info.external_images, recycle_buffers,
-                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))))
+                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
+                    float(vflip) if flips else 0.0, bool(with_scores))
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 
 
 __all__ = ["Batch", "DataError", "Loader", "SELECT_MODES", "UNLABELED", "build_loader", "center_indices",
-           "hflip_indices", "normalize", "open_dataset"]
+           "hflip_indices", "normalize", "open_dataset", "vflip_indices"]

@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from .config import ConfigError, TrainConfig
+from .recipe import model_kwargs
 from .rundir import load_error
 from .selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from .sparse import check_model, sparse_forward
@@ -181,7 +182,7 @@ def check_model_size(name: str, num_classes: int, kwargs: dict) -> None:
 
 
 def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:
-    kwargs = {"img_size": input_hw, **cfg.model_kwargs}
+    kwargs = {"img_size": input_hw, **model_kwargs(cfg)}  # --drop-path merged in
     if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):
         raise ConfigError(f"--model-kwargs img_size={kwargs['img_size']} differs from the input size "
                           f"{tuple(input_hw)} (set by the dataset or --input-size)", "--model-kwargs")

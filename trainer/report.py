@@ -36,7 +36,7 @@ from dynavit.pipeline.show import MissingExtra, require_matplotlib  # one matplo
 
 TABLE_FIELDS = ("run", "k", "eval_k", "seq_len", "eval_seq_len", "best_acc1", "acc5_at_best", "best_epoch",
                 "epochs", "sec_per_epoch", "images_per_s", "speedup", "final_acc1", "model", "scorer", "select",
-                "eval_split", "cm_acc1", "macro_f1", "path")
+                "eval_split", "cm_acc1", "macro_f1", "recipe", "path")
 PER_CLASS_FIELDS = ("class_index", "class_name", "precision", "recall", "f1", "support", "predicted")
 
 
@@ -120,6 +120,7 @@ def run_row(run: Run) -> dict[str, Any]:
         k = 100
     eval_k = ms[-1].get("eval_k", cfg.get("eval_k") if cfg.get("eval_k") is not None else k)
     run_meta = run.meta.get("run", {}) if isinstance(run.meta.get("run"), dict) else {}
+    from .recipe import describe  # imports torch and timm: only when a row is built
     return {
         "run": run.name,
         "k": k,
@@ -140,6 +141,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "eval_split": run_meta.get("val_split") or cfg.get("val_split"),
         "cm_acc1": None,
         "macro_f1": None,
+        "recipe": describe(cfg),  # flips, EMA, mixing, ... away from their defaults
         "path": str(run.path.resolve()),
     }
 
@@ -282,6 +284,9 @@ def sweep_markdown(rows: list[dict]) -> str:
                      f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['speedup'], 2, '×')} | {r['run']} |")
     details = sorted({(r["model"], r["scorer"], r["select"]) for r in rows}, key=str)
     lines += ["", "Runs: " + "; ".join(f"{m} · scorer {s} · select {sel}" for m, s, sel in details)]
+    if any(r.get("recipe", "default") != "default" for r in rows):
+        lines += ["", "Recipe (options away from their defaults): " + "; ".join(
+            f"{r['run']}: {r['recipe']}" for r in rows)]
     if any(r["cm_acc1"] is not None for r in rows):
         lines += ["", "| run | split | top-1 of best.pt re-evaluated (%) | macro F1 |", "|:---|:---|---:|---:|"]
         for r in rows:

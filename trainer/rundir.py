@@ -93,6 +93,7 @@ class EpochRecord:
     val_images: int
     method: str = "dynavit"   # where tokens are reduced (K is the MAC budget of tome / evit)
     method_param: str = ""    # e.g. "K=70", "r=10 (-1.5% MACs vs K=70)"
+    ema_acc1: float | None = None  # --model-ema-decay: top-1 of the EMA weights
 
     def line(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"
@@ -152,6 +153,8 @@ class Checkpoint:
     scaler: dict | None = None
     rng: list[dict] = field(default_factory=list)  # one per rank
     method_state: dict | None = None               # a learned method's own heads (DynamicViT, TNT, Cropr)
+    model_ema: dict | None = None                  # --model-ema-decay: the EMA weights (a timm state_dict)
+    method_ema: dict | None = None                 # ... and the EMA of a learned method's heads
     format: str = CHECKPOINT_FORMAT
     version: int = CHECKPOINT_VERSION
 

@@ -21,6 +21,7 @@ import math
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from dynavit.manifests import write_json_atomic
 
+from . import recipe
+from .augment import Augment, train_inputs
+from .mixing import Mixer
 from .config import Checked, ConfigError, TrainConfig, check_config
 from .data import DataError, Loader, build_loader
 from .model import SparseViT, budget_record, build_model, make_heads, method_forward, training_loss
@@ -75,14 +78,18 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     budget = budget or budget_record(vit, cfg.method, budget_k, heads)
     param, described = budget["param"], budget["described"]
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
-    train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
-    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, train_loader.steps)
+    mixer = Mixer.from_config(cfg, len(info.classes), info.patch_size, None if sel.dense else sel.k)
+    train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel, with_scores=mixer is not None)
+    opt_steps = recipe.optimizer_steps(cfg, train_loader.steps)  # per epoch, with --accum-steps
+    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps)
+    ema = recipe.make_ema(vit, heads, cfg)
+    aug = Augment.from_config(cfg, info.patch_size)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loss_fn = partial(training_loss, cfg.method, param, criterion=criterion)
 
     start_epoch, best_acc1, best_epoch, history = 0, -1.0, 0, []
     if cfg.resume:
-        start_epoch, best_acc1, best_epoch, history = resume(out, vit, heads, optimizer, scheduler, scaler, ctx)
+        start_epoch, best_acc1, best_epoch, history = resume(out, vit, heads, optimizer, scheduler, scaler, ctx, ema)
         log(f"resuming {out} after epoch {start_epoch} (best acc1 {best_acc1:.2f}% at epoch {best_epoch})")
     ctx.barrier()  # every rank has checked --out before rank 0 writes into it
     if ctx.main:
@@ -94,8 +101,11 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
+                                ema=ema, aug=aug, raw=(vit, heads), mixer=mixer)
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
+        ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
+                                                    cfg.method, param, ema.heads)
         record = EpochRecord(
             epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
             acc5=val["acc5"], epoch_seconds=time.perf_counter() - epoch_start, images_per_s=stats["images_per_s"],
@@ -103,7 +113,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
             eval_k=eval_sel.k if cfg.method == "dynavit" else budget_k, lr=stats["lr"],
             skipped=stats["skipped"], val_skipped=val["val_skipped"], steps=stats["steps"],
             steps_per_rank=stats["steps_per_rank"], train_images=stats["train_images"],
-            val_images=val["val_images"], method=cfg.method, method_param=described)
+            val_images=val["val_images"], method=cfg.method, method_param=described,
+            ema_acc1=None if ema_val is None else ema_val["acc1"])
         history.append(record)
         is_best = record.acc1 > best_acc1
         if is_best:
@@ -112,13 +123,14 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         if ctx.main:
             try:
                 _save_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler,
-                            rngs, heads, is_best)
+                            rngs, heads, is_best, ema)
             except OSError as e:  # disk full, quota, a removed folder: one line, exit 1
                 raise RunWriteError(f"cannot write the checkpoint of epoch {epoch + 1} in {out}: "
                                     f"{e.strerror or e}; last.pt holds the last epoch written, so free space and "
                                     f"--resume {out}") from None
             log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record.train_loss:.4f}  val_loss "
                 f"{record.val_loss:.4f}  acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  "
+                + ("" if ema_val is None else f"ema_acc1 {ema_val['acc1']:.2f}%  ") +
                 f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
 
     if not val:  # resumed a run that had already finished: report its last evaluation
@@ -147,11 +159,13 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: Dist) -> nn.Module:
     return model
 
 
-def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -> tuple[Loader, Loader]:
+def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
+                 with_scores: bool = False) -> tuple[Loader, Loader]:
     def loader(split: str, selection, is_train: bool) -> Loader:
         return build_loader(cfg.shards, split, selection=selection, scorer=cfg.scorer, batch_size=cfg.batch_size,
                             workers=cfg.workers, train=is_train, seed=cfg.seed, rank=ctx.rank,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
+                            hflip=cfg.hflip, vflip=cfg.vflip, with_scores=with_scores and is_train,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
                             images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
     try:
@@ -165,9 +179,7 @@ def make_optimizer(cfg: TrainConfig, vit: nn.Module, heads: nn.Module | None, am
     """AdamW with timm's grouping (no weight decay on biases, norms, pos_embed and the cls/reg
     tokens; a learned method's heads grouped alike), the per-step LR schedule, and a GradScaler
     that only fp16 enables."""
-    params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
-    if heads is not None:
-        params += param_groups_weight_decay(heads, cfg.weight_decay)
+    params = recipe.param_groups(vit, heads, cfg)  # with --layer-decay, each group's lr scaled
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -203,13 +215,19 @@ def load_resume_checkpoint(out: Path) -> Checkpoint:
         raise ConfigError(str(e), "--resume") from None
 
 
-def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist) -> tuple[int, float, int, list]:
+def resume(out: Path, vit, heads, optimizer, scheduler, scaler, ctx: Dist, ema=None) -> tuple[int, float, int, list]:
     """Load last.pt into the model and optimizer state; (epoch, best acc1, best epoch, history)."""
     ckpt = load_resume_checkpoint(out)
     vit.load_state_dict(ckpt.model)
     if heads is not None:
         heads.load_state_dict(ckpt.method_state)
-    optimizer.load_state_dict(ckpt.optimizer)
+    if ema is not None:  # a run that had no EMA yet starts it from the resumed weights
+        ema.load(ckpt.model_ema or ckpt.model, ckpt.method_ema or ckpt.method_state)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except ValueError as e:  # other parameter groups: e.g. --layer-decay turned on or off
+        raise ConfigError(f"{out / 'last.pt'}: its optimizer state does not fit these options' parameter groups "
+                          f"({e}); resume with the run's own --layer-decay", "--resume") from None
     scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.scaler:
         scaler.load_state_dict(ckpt.scaler)
@@ -237,15 +255,18 @@ class RunWriteError(RuntimeError):
 
 
 def _save_epoch(out: Path, record: EpochRecord, epoch: int, best_acc1: float, best_epoch: int, cfg: TrainConfig,
-                info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool) -> None:
-    """metrics.jsonl's line of the epoch, then its checkpoints (rank 0)."""
+                info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool, ema=None) -> None:
+    """metrics.jsonl's line of the epoch, then its checkpoints (rank 0); the EMA weights, if
+    any, beside the raw ones."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(record.line())
     ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
                       model_name=cfg.model, config=cfg.to_dict(), classes=list(info.classes),
                       model=vit.state_dict(), optimizer=optimizer.state_dict(),
                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                      method_state=None if heads is None else heads.state_dict())
+                      method_state=None if heads is None else heads.state_dict(),
+                      model_ema=None if ema is None else ema.state()[0],
+                      method_ema=None if ema is None else ema.state()[1])
     write_checkpoints(out, ckpt, is_best)
 
 
@@ -309,40 +330,55 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
-                    amp_dtype, epoch: int) -> dict[str, Any]:
+                    amp_dtype, epoch: int, ema=None, aug: Augment | None = None, raw=(None, None),
+                    mixer: Mixer | None = None) -> dict[str, Any]:
+    """One epoch. --accum-steps A: the loss of each loader batch is divided by A and the
+    gradients of A batches add up before one optimizer step (the mean over A·B samples, as
+    one batch of A·B); the schedule and the EMA advance once per optimizer step."""
     model.train()
     loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
     device, mean, std = ctx.device, loader.info.mean, loader.info.std
+    accum = cfg.accum_steps
+    micro_total = recipe.optimizer_steps(cfg, loader.steps) * accum
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen, skipped, steps, lr = 0, 0, 0, optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=loader.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+    seen, skipped, steps, lr = 0, 0, 0, max(g["lr"] for g in optimizer.param_groups)
+    bar = tqdm(total=micro_total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
     start = time.perf_counter()
     # Non-finite losses are counted on the device and looked at every NONFINITE_CHECK steps
     # (a host sync per step would cost the GPU its lead); all ranks look at the same step.
     nonfinite = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in loader:
-        images, keep_idx, labels = to_device(batch, device, mean, std)
-        with autocast(device, amp_dtype):
-            # Index checks cost a device sync (and a graph break under --compile); the loader
-            # has checked the stored indices, so one eager check per epoch is enough.
-            loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
-        nonfinite += (~torch.isfinite(loss.detach())).double()
-        if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == loader.steps:
-            if ctx.all_reduce(nonfinite.clone()).item() > 0:
-                bar.close()
-                raise NonFiniteLoss(f"the training loss is not finite (NaN or inf) in epoch {epoch + 1}, by step "
-                                    f"{steps + 1}; training stopped, and last.pt / best.pt are those of the last "
-                                    f"finite epoch ({epoch}). Lower --lr, or set --clip-grad")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+    for batch in recipe.epoch_batches(loader, micro_total):
+        images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
+        if mixer is not None:  # labels become soft targets [B, C]
+            images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
+        last = (steps + 1) % accum == 0
+        # DDP all-reduces gradients on the last micro-batch of an accumulation only.
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp_dtype):
+                # Index checks cost a device sync (and a graph break under --compile); the loader
+                # has checked the stored indices, so one eager check per epoch is enough.
+                loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+            nonfinite += (~torch.isfinite(loss.detach())).double()
+            if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == micro_total:
+                if ctx.all_reduce(nonfinite.clone()).item() > 0:
+                    bar.close()
+                    raise NonFiniteLoss(f"the training loss is not finite (NaN or inf) in epoch {epoch + 1}, by step "
+                                        f"{steps + 1}; training stopped, and last.pt / best.pt are those of the last "
+                                        f"finite epoch ({epoch}). Lower --lr, or set --clip-grad")
+            if steps % accum == 0:
+                optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accum if accum > 1 else loss).backward()
+        if last:
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            lr = max(g["lr"] for g in optimizer.param_groups)  # this step's peak rate, before the schedule moves
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(*raw)
 
         loss_sum += loss.detach().double() * labels.shape[0]
         seen, skipped, steps = seen + labels.shape[0], skipped + batch.skipped, steps + 1
