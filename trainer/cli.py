@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+import math
+
 import click
 from click.core import ParameterSource
 
@@ -53,29 +55,35 @@ class DefaultGroup(click.Group):
 
 
 def _jitter(ctx, param, value):
+    """--color-jitter parsed and range-checked while parsing (one line, exit 2)."""
     try:
-        return parse_jitter(value)
+        parts = parse_jitter(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give B, B,C,S or B,C,S,H (numbers)") from None
+        parts = []
+    ok = value is None or (parts is not None and len(parts) in (3, 4) and all(math.isfinite(v) and v >= 0 for v in parts)
+                           and (len(parts) < 4 or parts[3] <= 0.5))
+    if not ok:
+        raise click.BadParameter(f"{value!r}: give B, B,C,S or B,C,S,H (numbers >= 0, hue <= 0.5)")
+    return parts
 
 
 def recipe_options(f):
     """Recipe options (trainer/recipe.py, trainer/augment.py), timm's train.py names."""
     for option in reversed([
-        click.option("--hflip", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of a horizontal flip per training sample; 0 turns flips off (digits, text, charts, scans with a fixed orientation). The kept-patch indices are mirrored with the pixels."),
-        click.option("--vflip", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability of a vertical flip per training sample (indices mapped alike)."),
+        click.option("--hflip", type=FiniteFloat(0, 1), default=0.5, show_default=True, help="Probability of a horizontal flip per training sample; 0 turns flips off (digits, text, charts, scans with a fixed orientation). The kept-patch indices are mirrored with the pixels."),
+        click.option("--vflip", type=FiniteFloat(0, 1), default=0.0, show_default=True, help="Probability of a vertical flip per training sample (indices mapped alike)."),
         click.option("--trivial-color/--no-trivial-color", default=False, show_default=True, help="TrivialAugment (wide) with its colour-only ops: per sample one of identity, autocontrast, equalize, posterize, solarize, color, contrast, brightness at a random magnitude. Its shear, translate, rotate and sharpness ops are left out: they move or blend pixels across patches."),
         click.option("--color-jitter", callback=_jitter, metavar="B[,C,S[,H]]", help="Colour jitter: brightness, contrast, saturation factors in [1-v, 1+v] (one value for all three) and a hue shift in [-h, h]. " + AUGMENT_HELP + " [default: off]"),
-        click.option("--reprob", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Random erasing probability (timm's box draw); only pixels inside kept patches are erased."),
+        click.option("--reprob", type=FiniteFloat(0, 1), default=0.0, show_default=True, help="Random erasing probability (timm's box draw); only pixels inside kept patches are erased."),
         click.option("--remode", type=click.Choice(ERASE_MODES), default="pixel", show_default=True, help="Random erasing fill: pixel (normal noise per pixel) or const (the dataset mean)."),
-        click.option("--model-ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Keep an EMA of the weights (e.g. 0.9998), updated every optimizer step, evaluated every epoch (ema_acc1 in metrics.jsonl) and saved in last.pt/best.pt as model_ema. [default: off]"),
-        click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), help="Layer-wise LR decay for fine-tuning (timm's param_groups_layer_decay): block i of D trains at lr x decay^(D-i), embeddings at decay^(D+1), head at lr. [default: off]"),
+        click.option("--model-ema-decay", type=FiniteFloat(0, 1, min_open=True, max_open=True), help="Keep an EMA of the weights (e.g. 0.9998), updated every optimizer step, evaluated every epoch (ema_acc1 in metrics.jsonl) and saved in last.pt/best.pt as model_ema. [default: off]"),
+        click.option("--layer-decay", type=FiniteFloat(0, 1, min_open=True), help="Layer-wise LR decay for fine-tuning (timm's param_groups_layer_decay): block i of D trains at lr x decay^(D-i), embeddings at decay^(D+1), head at lr. [default: off]"),
         click.option("--accum-steps", type=click.IntRange(1), default=1, show_default=True, help="Loader batches per optimizer step (gradient accumulation): equal to --batch-size x this in one step; a tail of fewer batches per epoch is not read."),
-        click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="Mixup alpha (timm's, batch mode); the kept set is the top-K of the two images' scores blended with the pixels' weight. 0 = off."),
-        click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha: a patch-aligned box of the partner image; the kept set is re-selected to exactly K from both images' stored scores, and the label weight is each image's share of the kept tokens. 0 = off."),
-        click.option("--mixup-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Probability of mixing a batch (with --mixup or --cutmix)."),
-        click.option("--mixup-switch-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of CutMix rather than Mixup when both are on."),
-        click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth rate (timm's drop_path_rate; a shortcut for --model-kwargs). [default: the model's]"),
+        click.option("--mixup", type=FiniteFloat(0), default=0.0, show_default=True, help="Mixup alpha (timm's, batch mode); the kept set is the top-K of the two images' scores blended with the pixels' weight. 0 = off."),
+        click.option("--cutmix", type=FiniteFloat(0), default=0.0, show_default=True, help="CutMix alpha: a patch-aligned box of the partner image; the kept set is re-selected to exactly K from both images' stored scores, and the label weight is each image's share of the kept tokens. 0 = off."),
+        click.option("--mixup-prob", type=FiniteFloat(0, 1), default=1.0, show_default=True, help="Probability of mixing a batch (with --mixup or --cutmix)."),
+        click.option("--mixup-switch-prob", type=FiniteFloat(0, 1), default=0.5, show_default=True, help="Probability of CutMix rather than Mixup when both are on."),
+        click.option("--drop-path", type=FiniteFloat(0, 1, max_open=True), help="Stochastic depth rate (timm's drop_path_rate; a shortcut for --model-kwargs). [default: the model's]"),
     ]):
         f = option(f)
     return f
