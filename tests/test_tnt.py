@@ -4,6 +4,7 @@ import math
 
 import pytest
 import timm
+from timm.models.vision_transformer import VisionTransformer
 import torch
 
 from dynavit.trainer.budget import count_dynavit_macs
@@ -261,3 +262,33 @@ def test_vit_base_budget_matched_within_5_percent_of_dynavit_k70():
     assert abs(res["macs"] - target) <= 0.05 * target
     assert 0 < res["keep"] < 1 and res["layers"] == [3, 4, 5] and res["s"] == 40
     assert count_tnt_macs(m, TNTHeads.for_model(m), res["keep"]) == res["macs"]
+
+
+# ---- golden: the authors' own forward (tests/golden/make_golden.py tnt) ----------------------
+
+@pytest.mark.parametrize("name", ["tnt_single", "tnt_multi"])
+def test_matches_authors_tnt_golden(name):
+    """Logits and per-block token counts of mx-ethan-rao/tnt d095619 (models.py
+    VisionTransformerWithTNT, main.py's --eval settings of its README: --pru_loc 2
+    --keep_rate 0.6 --sim_pru 25, and --pru_loc 2,3,4 --keep_rate 0.8,0.8,0.8 --sim_pru 40)
+    on a seeded 6-block ViT with 196 patches, recorded by tests/golden/make_golden.py; their
+    global RNG seeded as our generator, so the random split is the same. Also the training
+    forward (alpha_norm + 0.02 noise after blocks 1-5) with the same noise draws."""
+    from golden.common import count_tokens, images as g_images, load, seeded_
+
+    g = load(name)
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    heads = TNTHeads(cfg["embed_dim"], g["layers"], noise_blocks=5)
+    seeded_(heads.heads, g["heads_seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        ours = tnt_forward(m, heads, x, g["keep"], g["s"],
+                           generator=torch.Generator().manual_seed(g["split_seed"]))
+        remove()
+        train = tnt_forward(m, heads, x, g["keep"], g["s"], training=True,
+                            generator=torch.Generator().manual_seed(g["noise_seed"]))
+    assert counts == g["counts"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)
+    assert torch.allclose(train, torch.tensor(g["train_logits"]), atol=1e-4, rtol=0)

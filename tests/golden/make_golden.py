@@ -61,5 +61,51 @@ def tome(root):
                f"make_golden.py tome <checkout>  # {name}: r={r}", cfg, logits, counts, r=r)
 
 
+def tnt_heads_(heads: torch.nn.ModuleList) -> torch.nn.ModuleList:
+    """The relevance heads after blocks 1..5, drawn from seed SEED + 1 (names "0.weight", ...)."""
+    return seeded_(heads, SEED + 1)
+
+
+def tnt(root):
+    sys.path.insert(0, root)
+    from functools import partial
+    import torch.nn as nn
+    from models import VisionTransformerWithTNT  # the authors' models.py
+
+    img = 56  # 14 x 14 = 196 patches, so the README's s (25, 40) apply as they are
+    cfg = {"depth": 6, **BASE, "img_size": img}
+    dense = timm_vit(6, img_size=img)
+    # README: single layer --pru_loc 2 --keep_rate 0.6 --sim_pru 25;
+    #         multi-layer --pru_loc 2,3,4 --keep_rate 0.8,0.8,0.8 --sim_pru 40
+    for name, locs, rate, s in (("tnt_single", [2], 0.6, 25), ("tnt_multi", [2, 3, 4], 0.8, 40)):
+        m = VisionTransformerWithTNT(**{**cfg, "norm_layer": partial(nn.LayerNorm, eps=1e-6)})
+        missing, unexpected = m.load_state_dict(dense.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("alpha_") for k in missing), missing
+        tnt_heads_(m.alpha_heads[:5])
+        # main.py --eval: info_pru per block, pru_stat, single_l
+        info_pru = [1.0] * cfg["depth"]
+        for loc in locs:
+            info_pru[loc] = rate
+        m.pru_stat = {"sim_pru": s, "info_pru": info_pru,
+                      "after_sim_pru": m.patch_embed.num_patches - s}
+        m.single_l = len(locs) == 1
+        m.eval()
+        x = images(IMG_SEED, BATCH, img)
+        counts, remove = count_tokens(m.blocks)
+        torch.manual_seed(SEED + 2)   # their random split (and importance) use the global RNG
+        with torch.no_grad():
+            logits = m(x)
+        remove()
+        m.train()                     # training forward: noise after blocks 1..5
+        torch.manual_seed(SEED + 3)
+        with torch.no_grad():
+            train_logits = m(x)
+        record(name, "mx-ethan-rao/tnt d095619 (models.py VisionTransformerWithTNT, main.py --eval pru_stat)",
+               f"make_golden.py tnt <checkout>  # {name}: --pru_loc {','.join(map(str, locs))} "
+               f"--keep_rate {rate} --sim_pru {s}", cfg, logits, counts,
+               layers=[l + 1 for l in locs], keep=rate, s=s, heads_seed=SEED + 1,
+               split_seed=SEED + 2, noise_seed=SEED + 3, train_logits=train_logits.tolist())
+
+
 if __name__ == "__main__":
-    {"tome": tome}[sys.argv[1]](sys.argv[2])
+    {"tome": tome, "tnt": tnt}[sys.argv[1]](sys.argv[2])
