@@ -64,6 +64,8 @@ class TrainConfig:
     amp: str = "auto"
     clip_grad: float | None = None
     label_smoothing: float = 0.0
+    teacher: str = "auto"                # auto (the method's recipe) | none | a weights file or run dir
+    backbone_lr_scale: float | None = None  # × lr for the backbone (default: the method's recipe)
     seed: int = 42
     compile: bool = False
     device: str = "auto"
@@ -110,6 +112,14 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     cfg = dataclasses.replace(saved, **overrides)
     cfg.resume, cfg.out = str(run), str(run)
     return cfg, changed
+
+
+def teacher_weights(teacher: str) -> Path | None:
+    """The weights file a --teacher path names (a run directory means its best.pt)."""
+    path = Path(teacher)
+    if path.is_dir():
+        path = path / "best.pt"
+    return path if path.is_file() else None
 
 
 def pick_val_split(cfg: TrainConfig, info: DatasetInfo) -> str:
@@ -195,6 +205,11 @@ def _check_numbers(cfg: TrainConfig) -> None:
                             ("--label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1)):
         if not ok:
             raise ConfigError(f"{name} {value} is out of range", name)
+    if cfg.backbone_lr_scale is not None and not cfg.backbone_lr_scale >= 0:
+        raise ConfigError(f"--backbone-lr-scale {cfg.backbone_lr_scale} is out of range", "--backbone-lr-scale")
+    if cfg.teacher not in ("auto", "none") and teacher_weights(cfg.teacher) is None:
+        raise ConfigError(f"--teacher {cfg.teacher}: not a weights file or a run directory with best.pt",
+                          "--teacher")
     if cfg.sched not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.sched!r}; choose from {', '.join(SCHEDULES)}", "--sched")
     if cfg.select not in SELECTS:

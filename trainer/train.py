@@ -16,6 +16,7 @@ same batches as an uninterrupted one and ends on the same weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import platform
@@ -36,9 +37,11 @@ from tqdm import tqdm
 
 from dynavit.manifests import write_json_atomic
 
-from .config import Checked, ConfigError, TrainConfig, check_config
+from .config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
 from .data import DataError, Loader, build_loader
-from .model import SparseViT, build_model, make_heads, match_method, method_forward, training_loss
+from .model import (SparseViT, build_model, load_weights, make_heads, match_method, method_forward, teacher_outputs,
+                    training_loss)
+from .recipes import FROM_SCRATCH, Recipe, recipe_for
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -63,7 +66,10 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
 
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
-    vit = build_model(cfg, info, checked.train.input_size, log).to(device)
+    fresh: list[str] = []  # classifier keys --checkpoint could not load
+    vit = build_model(cfg, info, checked.train.input_size, log, fresh).to(device)
+    recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
+    teacher = make_teacher(cfg, vit, recipe, fresh, log)  # before resume: the start weights
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
     budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # in-encoder methods read every patch, at K's MACs
@@ -72,7 +78,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     param, described = match_method(vit, cfg.method, budget_k, heads)
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel)
-    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, train_loader.steps)
+    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, train_loader.steps,
+                                                  recipe, fresh)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loss_fn = partial(training_loss, cfg.method, param, criterion=criterion)
 
@@ -89,7 +96,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
+                                teacher)
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         record = EpochRecord(
             epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
@@ -156,16 +164,69 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel) -
         raise ConfigError(str(e)) from None
 
 
+def make_teacher(cfg: TrainConfig, vit: nn.Module, recipe: Recipe, fresh: list[str],
+                 log: Callable[[str], None]) -> nn.Module | None:
+    """The frozen dense teacher: --teacher PATH (same model, same classes), or with
+    --teacher auto the start weights when the method's recipe distils and the classifier was
+    loaded (a fresh classifier would teach noise). None otherwise."""
+    if cfg.teacher == "none" or (cfg.teacher == "auto" and not recipe.teacher):
+        return None
+    teacher = copy.deepcopy(vit)
+    if cfg.teacher == "auto":
+        if fresh:
+            log(f"note: {cfg.method}: no distillation (the start weights' classifier is fresh); "
+                f"pass --teacher RUN|CKPT for a teacher trained on these classes")
+            return None
+    else:
+        try:
+            lost = load_weights(teacher, str(teacher_weights(cfg.teacher)), log)
+        except ConfigError as e:
+            raise ConfigError(str(e), "--teacher") from None
+        if lost:
+            raise ConfigError(f"--teacher {cfg.teacher}: its classifier does not fit this dataset's "
+                              f"{len(vit.head.weight) if hasattr(vit.head, 'weight') else '?'} classes", "--teacher")
+    return teacher.eval().requires_grad_(False)
+
+
 def make_optimizer(cfg: TrainConfig, vit: nn.Module, heads: nn.Module | None, amp_dtype, device: torch.device,
-                   steps_per_epoch: int):
+                   steps_per_epoch: int, recipe: Recipe = FROM_SCRATCH, fresh: list[str] | tuple = ()):
     """AdamW with timm's grouping (no weight decay on biases, norms, pos_embed and the cls/reg
     tokens; a learned method's heads grouped alike), the per-step LR schedule, and a GradScaler
-    that only fp16 enables."""
-    params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
-    if heads is not None:
-        params += param_groups_weight_decay(heads, cfg.weight_decay)
+    that only fp16 enables. The method's recipe (recipes.py) may scale the backbone's rate
+    (0: frozen), hold it during warm-up and leave parameters out; a fresh classifier always
+    trains at --lr."""
+    scale = recipe.backbone_lr_scale if cfg.backbone_lr_scale is None else cfg.backbone_lr_scale
+    factor = lr_factor(cfg, steps_per_epoch)
+    if scale == 1.0 and not recipe.untrained and not recipe.backbone_frozen_in_warmup:
+        params = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=vit.no_weight_decay())
+        if heads is not None:
+            params += param_groups_weight_decay(heads, cfg.weight_decay)
+        lambdas = factor
+    else:
+        params = param_groups_weight_decay(heads, cfg.weight_decay) if heads is not None else []
+        for g in params:
+            g["backbone"] = False
+        nwd = vit.no_weight_decay()
+        groups: dict[tuple[bool, bool], dict] = {}
+        for name, p in vit.named_parameters():
+            is_fresh = any(name.startswith(k.rsplit(".", 1)[0] + ".") or name == k for k in fresh)
+            if name in recipe.untrained or (scale == 0 and not is_fresh):
+                p.requires_grad_(False)  # no weight gradients to compute
+                continue
+            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in nwd)
+            g = groups.setdefault((is_fresh, decay), {
+                "params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr": cfg.lr * (1.0 if is_fresh else scale), "backbone": not is_fresh})
+            g["params"].append(p)
+        params += list(groups.values())
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if recipe.backbone_frozen_in_warmup else 0
+
+        def held(step: int) -> float:  # the backbone stays fixed during warm-up (DynamicViT's fix_step)
+            return 0.0 if step < warmup else factor(step)
+
+        lambdas = [held if g["backbone"] else factor for g in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -266,7 +327,7 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
-                    amp_dtype, epoch: int) -> dict[str, Any]:
+                    amp_dtype, epoch: int, teacher: nn.Module | None = None) -> dict[str, Any]:
     model.train()
     loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
     device, mean, std = ctx.device, loader.info.mean, loader.info.std
@@ -280,7 +341,8 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
         with autocast(device, amp_dtype):
             # Index checks cost a device sync (and a graph break under --compile); the loader
             # has checked the stored indices, so one eager check per epoch is enough.
-            loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+            out = model(images, keep_idx, validate=steps == 0 and not cfg.compile)
+            loss = loss_fn(out, labels, teacher=teacher_outputs(teacher, images))  # the teacher sees every patch
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad:
