@@ -9,7 +9,8 @@ fixture, extract the repository at the pinned commit and point the script at it:
 Methods, repositories and commits:
     tome        facebookresearch/ToMe      af95e4b   tome/patch/timm.py apply_patch, model.r
     tnt         mx-ethan-rao/tnt           d095619   models.py VisionTransformerWithTNT
-    dynamicvit  raoyongming/DynamicViT     1322e62   models/dyvit.py, losses.py
+    dynamicvit  raoyongming/DynamicViT     1322e62   models/dyvit.py, losses.py (inference,
+                                                     training forward and its loss)
 
 The model is timm's VisionTransformer (the timm of this venv; the authors pinned older
 ones) with the weights of ``common.seeded_``; where an author's code builds its own modules,
@@ -107,5 +108,55 @@ def tnt(root):
                split_seed=SEED + 2, noise_seed=SEED + 3, train_logits=train_logits.tolist())
 
 
+def dynamicvit(root):
+    sys.path.insert(0, root)
+    import math
+    # Their utils.py imports torch._six (gone from torch 2) and tensorboardX (not needed for a
+    # forward): stub both so that models/dyvit.py can import its batch_index_select.
+    sys.modules.setdefault("torch._six", types.SimpleNamespace(inf=math.inf))
+    sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=None))
+    import torch.nn as nn
+    from losses import DistillDiffPruningLoss_dynamic
+    from models.dyvit import VisionTransformerDiffPruning, VisionTransformerTeacher
+
+    img, depth, base_rate = 56, 4, 0.7  # their forward hard-codes init_n = 14 * 14 patches
+    cfg = {"depth": depth, **BASE, "img_size": img}
+    dense = timm_vit(depth, img_size=img)
+    # main.py deit-s: KEEP_RATE = [r, r**2, r**3] (README --base_rate 0.7); pruning_loc scaled
+    # to 4 blocks: before 0-based blocks 1, 2, 3 (= after 1-based blocks 1, 2, 3)
+    keep = [base_rate, base_rate ** 2, base_rate ** 3]
+    arch = dict(img_size=img, patch_size=PATCH, embed_dim=96, depth=depth, num_heads=3,
+                num_classes=10, qkv_bias=True, mlp_ratio=4)
+    m = VisionTransformerDiffPruning(**arch, pruning_loc=[1, 2, 3], token_ratio=keep, distill=True)
+    missing, unexpected = m.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("score_predictor") for k in missing), missing
+    seeded_(m.score_predictor, SEED + 1)
+    teacher = VisionTransformerTeacher(**arch)
+    teacher.load_state_dict(dense.state_dict())
+    teacher.eval()
+    x = images(IMG_SEED, BATCH, img)
+    m.eval()
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        logits = m(x)
+    remove()
+    # the training path and main.py's loss for deit (clf 1, ratio 2, distill 0.5, mse_token)
+    m.train()
+    crit = DistillDiffPruningLoss_dynamic(teacher, nn.CrossEntropyLoss(), clf_weight=1.0,
+                                          keep_ratio=keep, mse_token=True, ratio_weight=2.0,
+                                          distill_weight=0.5, print_mode=False)
+    labels = torch.tensor([3, 7])
+    torch.manual_seed(SEED + 2)  # their Gumbel noise comes from the global RNG
+    with torch.no_grad():
+        out = m(x)
+        loss, _ = crit(x, out, labels)
+    record("dynamicvit", "raoyongming/DynamicViT 1322e62 (models/dyvit.py VisionTransformerDiffPruning, "
+           "losses.py DistillDiffPruningLoss_dynamic as main.py builds it for deit)",
+           "make_golden.py dynamicvit <checkout>  # base_rate 0.7, pruning_loc [1, 2, 3]", cfg, logits,
+           counts, layers=[1, 2, 3], rho=base_rate, heads_seed=SEED + 1, gumbel_seed=SEED + 2,
+           labels=labels.tolist(), train_logits=out[0].tolist(), train_loss=loss.item(),
+           train_kept=[d.sum(1).tolist() for d in out[3]])
+
+
 if __name__ == "__main__":
-    {"tome": tome, "tnt": tnt}[sys.argv[1]](sys.argv[2])
+    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit}[sys.argv[1]](sys.argv[2])
