@@ -113,3 +113,45 @@ def test_cli_rejects_a_missing_teacher_and_a_negative_scale(dataset, tmp_path, c
             main(base + ["--out", str(out)] + extra)
         assert exc.value.code == 2 and word in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_evit_keep_rate_warmup_from_scratch_follows_adjust_keep_rate():
+    """youweiliang/evit 5ca95a7 helpers.py adjust_keep_rate with run_code.sh's 10 + 100 of 300
+    epochs, as fractions of this run: 1 before, a half cosine from 1 to the final rate, then
+    the final rate; the fine-tune recipe (finetune.sh) has none."""
+    from dynavit.trainer.recipes import keep_rate_at
+
+    assert keep_rate_at(recipe_for("evit", True), 0.5, 300, 10) is None
+    rate = keep_rate_at(recipe_for("evit", False), 0.5, 300, 10)
+    assert [rate(s) for s in (0, 99)] == [1.0, 1.0]             # epochs 0..9
+    assert rate(100) == pytest.approx(1.0)                       # cos(0): still 1
+    assert rate(100 + 500) == pytest.approx(0.75)                # half way: (1 + 0.5) / 2
+    assert rate(100 + 250) == pytest.approx(0.5 + 0.5 * (2 ** -0.5 + 1) / 2)
+    assert rate(1100) == rate(2999) == 0.5                       # epoch >= 110
+    seq = [rate(s) for s in range(0, 1200, 7)]
+    assert all(a >= b for a, b in zip(seq, seq[1:]))
+
+
+def test_dynatrain_evit_from_scratch_trains_through_the_schedule(dataset, tmp_path, monkeypatch):
+    import dynavit.trainer.evit as evit
+
+    seen = []
+    real = evit.evit_forward
+
+    def spy(model, images, keep_rate, *a, **kw):
+        if model.training:
+            seen.append(keep_rate)
+        return real(model, images, keep_rate, *a, **kw)
+
+    monkeypatch.setattr(evit, "evit_forward", spy)
+    kw = {k: v for k, v in KW.items() if k != "num_classes"}
+    with pytest.raises(SystemExit) as exc:
+        main(["--shards", str(dataset), "--k", "50", "--method", "evit", "--model", "vit_tiny_patch16_224",
+              "--model-kwargs", json.dumps(kw), "--workers", "0", "--batch-size", "4", "--epochs", "3",
+              "--out", str(tmp_path / "run")])
+    assert exc.value.code == 0
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["method_param"]
+    final = float(final.split("=")[1].split()[0])
+    assert len(seen) == 12 and seen[0] == 1.0 and seen[-1] < 1.0
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+    assert min(seen) >= final

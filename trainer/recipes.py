@@ -21,9 +21,12 @@ Sources (read at the pinned commits):
   0.5·MSE(kept tokens, teacher tokens), teacher = the pretrained dense model.
 - TNT (mx-ethan-rao/tnt d095619): main.py freezes the whole ViT and trains the alpha heads;
   the training forward adds the noise (trainer/tnt.py).
-- EViT (youweiliang/evit 5ca95a7): fine-tunes the whole model at the run's rate; its keep-rate
-  warm-up (engine.py ``adjust_keep_rate``) is not implemented here (dynatrain trains at the
-  final keep rate from the first step).
+- EViT (youweiliang/evit 5ca95a7): finetune.sh fine-tunes the whole model at the final keep
+  rate from the first step (``--shrink_start_epoch 0 --shrink_epochs 0``). From scratch
+  (run_code.sh: 300 epochs, ``--shrink_start_epoch 10 --shrink_epochs 100``) the keep rate is
+  1 for the first 10 epochs, then goes from 1 to the final rate along a half cosine over 100
+  epochs (helpers.py ``adjust_keep_rate``, per iteration); here the same fractions of the
+  run's epochs (``keep_rate_at``).
 - ToMe (facebookresearch/ToMe af95e4b): no recipe of its own (off the shelf, or trained like
   the model); prop_attn as its timm patch.
 - Token Cropr (benbergner/cropr 2f8b624): the whole model with its routers' auxiliary losses
@@ -32,6 +35,7 @@ Sources (read at the pinned commits):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -41,6 +45,7 @@ class Recipe:
     backbone_frozen_in_warmup: bool = False
     untrained: tuple[str, ...] = ()
     teacher: bool = False
+    keep_warmup: tuple[float, float] | None = None  # EViT: (start, length) as fractions of the epochs
     source: str = ""
 
 
@@ -49,7 +54,7 @@ FROM_SCRATCH = Recipe(source="from scratch: the whole model, task loss")
 RECIPES = {
     "dynavit": Recipe(source="Dyna-ViT: the whole model on the kept patches"),
     "tome": Recipe(source="ToMe af95e4b: no recipe of its own, trained like the model"),
-    "evit": Recipe(source="EViT 5ca95a7: the whole model (keep-rate warm-up not implemented)"),
+    "evit": Recipe(source="EViT 5ca95a7 finetune.sh: the whole model at the final keep rate"),
     "dynamicvit": Recipe(backbone_lr_scale=0.01, backbone_frozen_in_warmup=True,
                          untrained=("cls_token", "pos_embed"), teacher=True,
                          source="DynamicViT 1322e62: backbone lr x0.01, fixed in warm-up, "
@@ -61,6 +66,33 @@ RECIPES = {
 }
 
 
+EVIT_FROM_SCRATCH = Recipe(keep_warmup=(10 / 300, 100 / 300),
+                           source="EViT 5ca95a7 run_code.sh: keep rate 1 for 10/300 of the epochs, "
+                                  "then a half cosine to the final rate over 100/300")
+
+
 def recipe_for(method: str, fine_tune: bool) -> Recipe:
-    """The method's recipe when the run fine-tunes, else ``FROM_SCRATCH``."""
-    return RECIPES[method] if fine_tune else FROM_SCRATCH
+    """The method's recipe when the run fine-tunes, else ``FROM_SCRATCH`` (EViT: with its
+    keep-rate warm-up)."""
+    if fine_tune:
+        return RECIPES[method]
+    return EVIT_FROM_SCRATCH if method == "evit" else FROM_SCRATCH
+
+
+def keep_rate_at(recipe: Recipe, final: float, epochs: int, steps_per_epoch: int):
+    """EViT's ``adjust_keep_rate`` over this run: a function of the global step (None when
+    the recipe has no keep-rate warm-up). 1 before the start, ``final`` after the end, in
+    between final + (1 − final)·(cos(π·t) + 1)/2 with t the share of the shrinking done."""
+    if recipe.keep_warmup is None:
+        return None
+    start = recipe.keep_warmup[0] * epochs * steps_per_epoch
+    length = recipe.keep_warmup[1] * epochs * steps_per_epoch
+
+    def rate(step: int) -> float:
+        if step < start:
+            return 1.0
+        if step >= start + length:
+            return final
+        return final + (1.0 - final) * (math.cos((step - start) / length * math.pi) + 1.0) * 0.5
+
+    return rate

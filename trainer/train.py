@@ -41,7 +41,7 @@ from .config import Checked, ConfigError, TrainConfig, check_config, teacher_wei
 from .data import DataError, Loader, build_loader
 from .model import (SparseViT, build_model, load_weights, make_heads, match_method, method_forward, teacher_outputs,
                     training_loss)
-from .recipes import FROM_SCRATCH, Recipe, recipe_for
+from .recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -97,7 +97,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
-                                teacher)
+                                teacher, keep_rate_at(recipe, param, cfg.epochs, train_loader.steps))
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         record = EpochRecord(
             epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
@@ -327,7 +327,10 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
 # --- one epoch of training, one evaluation ------------------------------------------------------
 
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
-                    amp_dtype, epoch: int, teacher: nn.Module | None = None) -> dict[str, Any]:
+                    amp_dtype, epoch: int, teacher: nn.Module | None = None,
+                    param_at: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """One epoch of training; ``param_at(global step)``, if given, sets the method's parameter
+    for each step (EViT's keep-rate warm-up); evaluation always uses the final one."""
     model.train()
     loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
     device, mean, std = ctx.device, loader.info.mean, loader.info.std
@@ -336,8 +339,12 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     bar = tqdm(total=loader.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
     start = time.perf_counter()
+    method_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    method_model = getattr(method_model, "_orig_mod", method_model)  # under --compile
     for batch in loader:
         images, keep_idx, labels = to_device(batch, device, mean, std)
+        if param_at is not None:
+            method_model.param = param_at(epoch * loader.steps + steps)
         with autocast(device, amp_dtype):
             # Index checks cost a device sync (and a graph break under --compile); the loader
             # has checked the stored indices, so one eager check per epoch is enough.
