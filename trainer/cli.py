@@ -61,7 +61,11 @@ def cli():
               help="Token reduction: dynavit (the K%% saliency patches, before the encoder), or inside the encoder "
                    "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
                    "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
-                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k.")
+                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
+                   "code does and, when fine-tuning (--checkpoint/--pretrained), with their recipe: dynamicvit "
+                   "backbone lr x0.01 held in warm-up + distillation from the start weights, tnt frozen backbone, "
+                   "evit/tome/cropr/dynavit the whole model (evit from scratch: its keep-rate warm-up). Sources and "
+                   "details: docs/BASELINES.md.")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
 @click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
