@@ -9,6 +9,7 @@ fixture, extract the repository at the pinned commit and point the script at it:
 Methods, repositories and commits:
     tome        facebookresearch/ToMe      af95e4b   tome/patch/timm.py apply_patch, model.r
     tnt         mx-ethan-rao/tnt           d095619   models.py VisionTransformerWithTNT
+    evit        youweiliang/evit           5ca95a7   evit.py EViT (fused and not)
     dynamicvit  raoyongming/DynamicViT     1322e62   models/dyvit.py, losses.py (inference,
                                                      training forward and its loss)
 
@@ -158,5 +159,32 @@ def dynamicvit(root):
            train_kept=[d.sum(1).tolist() for d in out[3]])
 
 
+def evit(root):
+    sys.path.insert(0, root)
+    # helpers.py imports torchprofile for its speed test only: stub it.
+    sys.modules.setdefault("torchprofile", types.SimpleNamespace(profile_macs=None))
+    from evit import EViT  # the authors' evit.py
+
+    depth, base_keep_rate, drop_loc = 6, 0.7, (1, 2, 4)  # README --base_keep_rate 0.7; (3, 6, 9) of 12 scaled
+    cfg = {"depth": depth, **BASE}
+    dense = timm_vit(depth)
+    for name, fuse in (("evit_fuse", True), ("evit_nofuse", False)):
+        keep = [1] * depth
+        for loc in drop_loc:  # as deit_small_patch16_shrink_base builds it
+            keep[loc] = base_keep_rate
+        m = EViT(img_size=IMG, patch_size=PATCH, embed_dim=96, depth=depth, num_heads=3, num_classes=10,
+                 qkv_bias=True, keep_rate=keep, fuse_token=fuse)
+        m.load_state_dict(dense.state_dict())
+        m.eval()
+        counts, remove = count_tokens(m.blocks)
+        with torch.no_grad():
+            logits = m(images(IMG_SEED, BATCH, IMG))
+        remove()
+        record(name, "youweiliang/evit 5ca95a7 (evit.py EViT as deit_small_patch16_shrink_base builds it)",
+               f"make_golden.py evit <checkout>  # {name}: --base_keep_rate 0.7 drop_loc {drop_loc}"
+               f"{' --fuse_token' if fuse else ''}", cfg, logits, counts, keep_rate=base_keep_rate,
+               layers=[l + 1 for l in drop_loc], fuse=fuse)
+
+
 if __name__ == "__main__":
-    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit}[sys.argv[1]](sys.argv[2])
+    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit, "evit": evit}[sys.argv[1]](sys.argv[2])
