@@ -10,6 +10,7 @@ Methods, repositories and commits:
     tome        facebookresearch/ToMe      af95e4b   tome/patch/timm.py apply_patch, model.r
     tnt         mx-ethan-rao/tnt           d095619   models.py VisionTransformerWithTNT
     evit        youweiliang/evit           5ca95a7   evit.py EViT (fused and not)
+    cropr       benbergner/cropr           2f8b624   cls/vision_transformer.py (with and without LLF)
     dynamicvit  raoyongming/DynamicViT     1322e62   models/dyvit.py, losses.py (inference,
                                                      training forward and its loss)
 
@@ -186,5 +187,53 @@ def evit(root):
                layers=[l + 1 for l in drop_loc], fuse=fuse)
 
 
+# our CroprRouter parameter names -> the authors' Cropr module's (cls/cropr.py)
+CROPR_NAMES = {"queries": "cross_attn.queries", "mlp_norm.weight": "cross_attn.mlp_norm.weight",
+               "mlp_norm.bias": "cross_attn.mlp_norm.bias", "mlp.fc1.weight": "cross_attn.mlp.fc1.weight",
+               "mlp.fc1.bias": "cross_attn.mlp.fc1.bias", "mlp.fc2.weight": "cross_attn.mlp.fc2.weight",
+               "mlp.fc2.bias": "cross_attn.mlp.fc2.bias", "head_norm.weight": "head.norm.weight",
+               "head_norm.bias": "head.norm.bias", "head.weight": "head.head.weight",
+               "head.bias": "head.head.bias"}
+
+
+def cropr_names(n_routers: int) -> dict:
+    return {f"{i}.{ours}": f"{i}.{theirs}" for i in range(n_routers) for ours, theirs in CROPR_NAMES.items()}
+
+
+def cropr(root):
+    sys.path.insert(0, root + "/cls")
+    from vision_transformer import VisionTransformer as CroprViT  # the authors' cls/vision_transformer.py
+
+    depth, r = 4, 8
+    cfg = {"depth": depth, **BASE}
+    dense = timm_vit(depth)
+    for name, llf in (("cropr_llf", True), ("cropr", False)):
+        # main.py's cropr_cfg with its argparse defaults (README: --cropr_pruning_rate 8
+        # --cropr_llf true); logs/cls_cropr_llf.txt shows pre_attn_norm False
+        cropr_cfg = {"use_cropr": True, "pruning_rate": r, "llf": llf, "num_queries": 1, "num_heads": 1,
+                     "pre_attn_norm": False, "q_proj": False, "k_proj": False, "v_proj": False,
+                     "mlp": True, "mlp_ratio": 4, "training": True}
+        m = CroprViT(cropr_cfg, num_classes=10, img_size=IMG, patch_size=PATCH, global_pool="token",
+                     embed_dim=96, num_heads=3, depth=depth, mlp_ratio=4.0, drop_path_rate=0.0,
+                     class_token=True)
+        missing, unexpected = m.load_state_dict(dense.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("cropr.") for k in missing), missing
+        n = len(m.cropr)
+        seeded_(m.cropr, SEED + 1, cropr_names(n))
+        m.eval()
+        x = images(IMG_SEED, BATCH, IMG)
+        counts, remove = count_tokens(m.blocks)
+        with torch.no_grad():
+            logits = m(x)
+        remove()
+        m.train()  # training forward: every router's aux head on the detached tokens
+        with torch.no_grad():
+            out = m(x)
+        record(name, "benbergner/cropr 2f8b624 (cls/vision_transformer.py + cls/cropr.py, main.py's cropr_cfg)",
+               f"make_golden.py cropr <checkout>  # {name}: --cropr_pruning_rate {r} --cropr_llf {str(llf).lower()}",
+               cfg, logits, counts, r=r, llf=llf, routers_seed=SEED + 1, train_logits=out[0].tolist(),
+               train_aux=[a.tolist() for a in out[1:]])
+
+
 if __name__ == "__main__":
-    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit, "evit": evit}[sys.argv[1]](sys.argv[2])
+    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit, "evit": evit, "cropr": cropr}[sys.argv[1]](sys.argv[2])
