@@ -80,7 +80,7 @@ def randomize(routers):
                                     (False, dict(reg_tokens=2, global_pool="avg"))])
 def test_inference_equals_handwritten_reference(llf, kw):
     m = tiny(**kw)
-    routers = randomize(CroprRouters.for_model(m, llf=llf))
+    routers = randomize(CroprRouters.for_model(m, llf=llf, pre_norm=True))  # the LayerNorm variant
     x = images()
     with torch.no_grad():
         got = cropr_forward(m, routers, x, 6)
@@ -177,3 +177,34 @@ def test_vit_base_budget_matched_within_5_percent_of_dynavit_k70():
     assert res["dynavit"]["macs"] == target
     assert abs(res["macs"] - target) <= 0.05 * target
     assert 0 < res["r"] < 196 and len(res["token_counts"]) == 11
+
+
+# ---- golden: the authors' own forward (tests/golden/make_golden.py cropr) --------------------
+
+@pytest.mark.parametrize("name", ["cropr_llf", "cropr"])
+def test_matches_authors_cropr_golden(name):
+    """Logits, aux-head logits and per-block token counts of benbergner/cropr 2f8b624
+    (cls/vision_transformer.py with cls/cropr.py, main.py's router defaults, pruning rate 8,
+    with and without last-layer fusion) on a seeded 4-block ViT, recorded by
+    tests/golden/make_golden.py (routers seeded under our names, copied to theirs)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from golden.common import count_tokens, images as g_images, load, seeded_
+
+    g = load(name)
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    routers = CroprRouters.for_model(m, num_classes=cfg["num_classes"], llf=g["llf"])
+    seeded_(routers.routers, g["routers_seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        ours = cropr_forward(m, routers, x, g["r"])
+        remove()
+        logits, aux = cropr_forward(m, routers, x, g["r"], training=True)
+    assert counts == g["counts"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)
+    assert torch.allclose(logits, torch.tensor(g["train_logits"]), atol=1e-4, rtol=0)
+    assert len(aux) == len(g["train_aux"])
+    for a, ref in zip(aux, g["train_aux"]):
+        assert torch.allclose(a, torch.tensor(ref), atol=1e-4, rtol=0)

@@ -239,3 +239,43 @@ def test_vit_base_budget_matched_within_5_percent_of_dynavit_k70():
     assert 0 < res["rho"] < 1 and res["layers"] == [3, 6, 9]
     heads = DynamicViTHeads.for_model(m)
     assert count_dynamicvit_macs(m, heads, res["rho"]) == res["macs"]
+
+
+# ---- golden: the authors' own forward and loss (tests/golden/make_golden.py dynamicvit) -------
+
+def test_matches_authors_dynamicvit_golden():
+    """raoyongming/DynamicViT 1322e62 on a seeded 4-block ViT with 196 patches (their forward
+    hard-codes 14 x 14), base_rate 0.7 (README), stages after blocks 1, 2, 3: inference logits
+    and per-block counts; the training path under the same Gumbel draws (global RNG seeded as
+    theirs was), its kept counts, and main.py's deit loss (CE + 2 ratio + 0.5 KL + 0.5 token
+    MSE to the dense teacher), recorded by tests/golden/make_golden.py."""
+    import copy
+
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
+
+    from golden.common import count_tokens, images as g_images, load, seeded_
+    from dynavit.trainer.model import teacher_outputs, training_loss
+
+    g = load("dynamicvit")
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    teacher = copy.deepcopy(m)
+    heads = DynamicViTHeads(cfg["embed_dim"], g["layers"])
+    seeded_(heads.predictors, g["heads_seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        ours = dynamicvit_forward(m, heads, x, g["rho"])
+    remove()
+    assert counts == g["counts"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)
+    m.train()
+    torch.manual_seed(g["gumbel_seed"])
+    with torch.no_grad():
+        logits, aux = dynamicvit_forward(m, heads, x, g["rho"], training=True)
+        loss = training_loss("dynamicvit", g["rho"], (logits, aux), torch.tensor(g["labels"]),
+                             F.cross_entropy, teacher=teacher_outputs(teacher, x))
+    assert [d.sum(1).tolist() for d in aux["decisions"]] == g["train_kept"]
+    assert torch.allclose(logits, torch.tensor(g["train_logits"]), atol=1e-4, rtol=0)
+    assert loss.item() == pytest.approx(g["train_loss"], abs=1e-4)

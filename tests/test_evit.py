@@ -148,3 +148,25 @@ def test_training_backward():
     m.train()
     evit_forward(m, x, 0.5, layers=(1,)).sum().backward()
     assert m.blocks[0].attn.qkv.weight.grad is not None
+
+
+# ---- golden: the authors' own forward (tests/golden/make_golden.py evit) ---------------------
+
+@pytest.mark.parametrize("name", ["evit_fuse", "evit_nofuse"])
+def test_matches_authors_evit_golden(name):
+    """Logits and per-block token counts of youweiliang/evit 5ca95a7 (evit.py ``EViT`` as
+    deit_small_patch16_shrink_base builds it, base keep rate 0.7, with and without
+    --fuse_token) on a seeded 6-block ViT, keep blocks 2, 3, 5 (their 0-based drop_loc 1, 2, 4),
+    recorded by tests/golden/make_golden.py."""
+    from golden.common import count_tokens, images as g_images, load, seeded_
+
+    g = load(name)
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        ours = evit_forward(m, x, g["keep_rate"], layers=g["layers"], fuse=g["fuse"])
+    remove()
+    assert counts == g["counts"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)

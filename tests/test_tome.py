@@ -240,3 +240,24 @@ def test_gated_and_scale_norm_attention():
         for blk in m.blocks:
             blk.attn.fused_attn = False
         assert torch.allclose(fused, tome_forward(m, x, 3), atol=1e-5, rtol=1e-5)
+
+
+# ---- golden: the authors' own forward (tests/golden/make_golden.py tome) ---------------------
+
+@pytest.mark.parametrize("name", ["tome_cls", "tome_nocls"])
+def test_matches_authors_tome_golden(name):
+    """Logits and per-block token counts of facebookresearch/ToMe af95e4b (its timm patch,
+    ``model.r = 8``) on a seeded 4-block ViT, recorded by tests/golden/make_golden.py. The
+    no-CLS case pins ToMe's unsorted unmerged tokens (merge.py lines 67-68)."""
+    from golden.common import count_tokens, images as g_images, load, seeded_
+
+    g = load(name)
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    counts, remove = count_tokens(m.blocks)
+    with torch.no_grad():
+        ours = tome_forward(m, x, g["r"])
+    remove()
+    assert counts == g["counts"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)

@@ -106,7 +106,11 @@ def cli():
               help="Token reduction: dynavit (the K%% saliency patches, before the encoder), or inside the encoder "
                    "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
                    "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
-                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k.")
+                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
+                   "code does and, when fine-tuning (--checkpoint/--pretrained), with their recipe: dynamicvit "
+                   "backbone lr x0.01 held in warm-up + distillation from the start weights, tnt frozen backbone, "
+                   "evit/tome/cropr/dynavit the whole model (evit from scratch: its keep-rate warm-up). Sources and "
+                   "details: docs/BASELINES.md.")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
 @click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
@@ -124,6 +128,8 @@ def cli():
 @click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True, help="Mixed precision: bf16, fp16 (CUDA only, with loss scaling), off; auto = bf16 on CUDA GPUs that support it, off on CPU.")
 @click.option("--clip-grad", type=FiniteFloat(0, min_open=True), help="Clip the global gradient norm to this value. [default: no clipping]")
 @click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
+@click.option("--teacher", default="auto", show_default=True, metavar="auto|none|RUN|CKPT", help="Distil from a dense teacher: a weights file or a run directory (its best.pt), same model, same classes. DynamicViT then adds its KL + token distillation (weights 0.5, 0.5), any other method 0.5 x KL of the logits. auto: the method's recipe (DynamicViT distils from its own start weights when fine-tuning and the classifier was loaded; the others none). See docs/BASELINES.md.")
+@click.option("--backbone-lr-scale", type=FiniteFloat(0), help="The timm backbone's learning rate is --lr x this (0 = frozen); the method's own modules and a fresh classifier train at --lr. [default: the method's recipe when fine-tuning (--checkpoint/--pretrained): dynamicvit 0.01 and fixed during --warmup-epochs, tnt 0, others 1; 1 from scratch]")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds Python, NumPy, torch and the data order (reseeded per epoch from seed and epoch).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the training forward.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")

@@ -71,6 +71,8 @@ class TrainConfig:
     amp: str = "auto"
     clip_grad: float | None = None
     label_smoothing: float = 0.0
+    teacher: str = "auto"                # auto (the method's recipe) | none | a weights file or run dir
+    backbone_lr_scale: float | None = None  # × lr for the backbone (default: the method's recipe)
     seed: int = 42
     compile: bool = False
     device: str = "auto"
@@ -142,6 +144,14 @@ def resume_config(run: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Tr
     cfg = dataclasses.replace(saved, **overrides)
     cfg.resume, cfg.out = str(run), str(run)
     return cfg, changed
+
+
+def teacher_weights(teacher: str) -> Path | None:
+    """The weights file a --teacher path names (a run directory means its best.pt)."""
+    path = Path(teacher)
+    if path.is_dir():
+        path = path / "best.pt"
+    return path if path.is_file() else None
 
 
 def pick_val_split(cfg: TrainConfig, info: DatasetInfo) -> str:
@@ -239,10 +249,15 @@ def _check_numbers(cfg: TrainConfig) -> None:
               ("--gamma", cfg.gamma, False, lambda v: v > 0),
               ("--warmup-epochs", cfg.warmup_epochs, False, lambda v: 0 <= v <= 1_000_000),
               ("--label-smoothing", cfg.label_smoothing, False, lambda v: 0 <= v < 1),
-              ("--clip-grad", 1.0 if cfg.clip_grad is None else cfg.clip_grad, False, lambda v: v > 0))
+              ("--clip-grad", 1.0 if cfg.clip_grad is None else cfg.clip_grad, False, lambda v: v > 0),
+              ("--backbone-lr-scale", 1.0 if cfg.backbone_lr_scale is None else cfg.backbone_lr_scale, False,
+               lambda v: v >= 0))
     for name, value, integer, ok in checks:
         if not _number(value, integer) or not ok(value):
             raise ConfigError(f"{name} {value!r} is out of range", name)
+    if cfg.teacher not in ("auto", "none") and teacher_weights(cfg.teacher) is None:
+        raise ConfigError(f"--teacher {cfg.teacher}: not a weights file or a run directory with best.pt",
+                          "--teacher")
     if cfg.sched not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.sched!r}; choose from {', '.join(SCHEDULES)}", "--sched")
     if cfg.select not in SELECTS:

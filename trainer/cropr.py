@@ -19,9 +19,11 @@ learnable queries on a LayerNorm-ed, *detached* copy of the tokens:
   and the head see every token.
 
 Decisions:
-- Router defaults follow Cropr's classification code: one query, one head, no q/k/v
-  projection, a residual MLP (ratio 4) before the aux head; the pre-attention LayerNorm is on
-  (the issue's "LayerNorm-ed input"; Cropr's flag ``pre_attn_norm``).
+- Router defaults follow Cropr's classification code (cls/main.py's argparse defaults): one
+  query, one head, no q/k/v projection, a residual MLP (ratio 4) before the aux head, and no
+  pre-attention LayerNorm (``--cropr_pre_attn_norm`` defaults to false, and the authors'
+  logged ImageNet run, logs/cls_cropr_llf.txt, has ``pre_attn_norm: False``);
+  ``pre_norm=True`` turns it on. Pinned by golden tests (tests/golden/cropr*.json).
 - ``r`` as an int is Cropr's schedule: the first router prunes r + 1, every other r (197 →
   188 → 180 … on ViT-B/16 with r = 8); a sequence gives each router its own count. Each count
   is clipped so that at least one non-prefix token remains.
@@ -74,7 +76,7 @@ class CroprRouter(nn.Module):
     cross-attention pooling and an auxiliary classification head."""
 
     def __init__(self, dim: int, num_classes: int, *, num_queries: int = 1, num_heads: int = 1,
-                 pre_norm: bool = True, q_proj: bool = False, k_proj: bool = False,
+                 pre_norm: bool = False, q_proj: bool = False, k_proj: bool = False,
                  v_proj: bool = False, mlp: bool = True, mlp_ratio: float = 4.0):
         super().__init__()
         if dim % num_heads:

@@ -34,8 +34,11 @@ Decisions:
 - The backbone is only read (see ``_vit_tokens``); blocks before the first stage run as timm's
   own ``Block.forward``, so the inference path at rho=1 is ``model(x)`` bit for bit.
   Gradient checkpointing is not applied by this forward.
-- DynamicViT fine-tunes the backbone together with the predictors (``dynamicvit_trainable``);
-  the teacher for ``distill_loss`` is the dense backbone before fine-tuning.
+- DynamicViT fine-tunes the backbone together with the predictors (``dynamicvit_trainable``),
+  the backbone at 0.01 x the predictors' rate and fixed during warm-up, and distils from the
+  dense model it starts from (``dynamicvit_loss`` with teacher outputs); dynatrain wires that
+  recipe (trainer/method_recipes.py). The predictors start as DynamicViT's do (trunc-normal 0.02
+  weights, zero biases: every keep probability near 1/2).
 """
 
 from __future__ import annotations
@@ -94,6 +97,10 @@ class PredictorLG(nn.Module):
             nn.Linear(dim, dim // 2), nn.GELU(),
             nn.Linear(dim // 2, dim // 4), nn.GELU(),
             nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+        for mod in self.modules():  # DynamicViT's _init_weights (applied to the whole model there)
+            if isinstance(mod, nn.Linear):
+                nn.init.trunc_normal_(mod.weight, std=0.02)
+                nn.init.zeros_(mod.bias)
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.in_conv(x)

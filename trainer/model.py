@@ -58,18 +58,41 @@ def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str =
     return sparse_forward(vit, images, keep_idx, validate=validate)
 
 
-def training_loss(method: str, param, out, labels: torch.Tensor, criterion) -> torch.Tensor:
+DISTILL_WEIGHT = 0.5  # DynamicViT's distill_weight (losses.py), used for every method's KL
+
+
+def teacher_outputs(teacher: nn.Module | None, images: torch.Tensor):
+    """(logits, final normed patch tokens) of the frozen dense teacher, or None."""
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        feats = teacher.forward_features(images)
+        return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+
+
+def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teacher=None) -> torch.Tensor:
     """The method's training objective on the forward's output: the task loss, plus
-    DynamicViT's keep-ratio loss (weight 2, as its paper) or Token Cropr's auxiliary-head
-    losses. TNT's training forward adds its noise and needs nothing more."""
+    DynamicViT's keep-ratio loss (weight 2, as its code) or Token Cropr's auxiliary-head
+    losses. TNT's training forward adds its noise and needs nothing more. ``teacher``:
+    (logits, tokens) of a dense teacher (``teacher_outputs``): DynamicViT adds its
+    distillation (KL of the logits + MSE of the kept tokens, 0.5 each, losses.py), the other
+    methods 0.5 x KL of the logits."""
     if method == "dynamicvit":
-        from .dynamicvit import ratio_loss
+        from .dynamicvit import dynamicvit_loss
         logits, aux = out
-        return criterion(logits, labels) + 2.0 * ratio_loss(aux, param)
+        t_logits, t_tokens = teacher if teacher is not None else (None, None)
+        return dynamicvit_loss(logits, aux, labels, param, teacher_logits=t_logits,
+                               teacher_tokens=t_tokens, criterion=criterion)
     if method == "cropr":
         logits, aux_logits = out
-        return criterion(logits, labels) + sum(criterion(a, labels) for a in aux_logits)
-    return criterion(out, labels)
+        loss = criterion(logits, labels) + sum(criterion(a, labels) for a in aux_logits)
+    else:
+        logits = out
+        loss = criterion(out, labels)
+    if teacher is not None:
+        from .dynamicvit import distill_loss
+        loss = loss + DISTILL_WEIGHT * distill_loss(logits, teacher[0])
+    return loss
 
 
 def make_heads(vit: nn.Module, method: str, num_classes: int) -> nn.Module | None:
@@ -181,7 +204,10 @@ def check_model_size(name: str, num_classes: int, kwargs: dict) -> None:
                              "tool builds; check --model-kwargs")
 
 
-def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None]) -> nn.Module:
+def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable[[str], None],
+                dropped: list | None = None) -> nn.Module:
+    """The run's timm ViT with its start weights; ``dropped`` (a list) receives the
+    classifier keys that --checkpoint could not load (a fresh classifier)."""
     kwargs = {"img_size": input_hw, **model_kwargs(cfg)}  # --drop-path merged in
     if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):
         raise ConfigError(f"--model-kwargs img_size={kwargs['img_size']} differs from the input size "
@@ -203,14 +229,19 @@ def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable
                           f"{info.patch_size}; pick a matching model or pass "
                           f"--model-kwargs '{{\"patch_size\": {info.patch_size}}}'", "--model")
     if cfg.checkpoint:
-        load_weights(vit, cfg.checkpoint, log)
+        lost = load_weights(vit, cfg.checkpoint, log)
+        if dropped is not None:
+            dropped.extend(lost)
+    elif cfg.pretrained and dropped is not None and vit.pretrained_cfg.get("num_classes") != len(info.classes):
+        dropped.append(vit.pretrained_cfg.get("classifier", "head"))  # timm re-initialised it
     return vit
 
 
-def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> None:
+def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> list[str]:
     """Load a timm/torch state_dict or a dynatrain checkpoint into `vit`. A classifier of a
-    different shape (other class count) is dropped and left freshly initialised; a
-    positional table of another grid is resampled the way timm does for pretrained weights."""
+    different shape (other class count) is dropped and left freshly initialised (its keys
+    are returned); a positional table of another grid is resampled the way timm does for
+    pretrained weights."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, not a torch file, non-tensor payloads
@@ -244,3 +275,4 @@ def load_weights(vit: nn.Module, path: str, log: Callable[[str], None]) -> None:
     if missing or unexpected:
         raise ConfigError(f"{path}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})",
                           "--checkpoint")
+    return dropped

@@ -18,7 +18,10 @@ Decisions:
 - Prefix tokens (CLS, reg tokens) are never merged and stay in front, in order. The patch
   tokens alternate A/B keeping the parity of their position in the sequence, so for a
   CLS model the sets, the matching and the output order are exactly ToMe's
-  (``[cls, unmerged A in order, B]``).
+  (``[cls, unmerged A in order, B]``). Without a class token ToMe does not sort the
+  unmerged A tokens (``[unmerged A by descending edge score, B]``, merge.py lines 67-68), and
+  neither does this: the order feeds the next block's A/B alternation, so sorting them
+  changes which tokens merge later (golden test against facebookresearch/ToMe af95e4b).
 - r is clipped per layer to half the mergeable (non-prefix) tokens, as in ToMe.
 - The merge metric is the mean over heads of the keys after ``k_norm`` (the keys the
   attention used; with qk-norm off it is ToMe's metric).
@@ -151,7 +154,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 1) -
         scores = a @ b.transpose(-1, -2)                      # [B, Na, Nb]
         node_max, node_idx = scores.max(dim=-1)               # best B for every A
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[:, r:].sort(dim=1)[0]              # unmerged A, original order
+        unm_idx = edge_idx[:, r:]                             # unmerged A, by edge score
+        if num_prefix:
+            # ToMe sorts the unmerged A tokens back to sequence order only when there is a
+            # class token (tome/merge.py, ``if class_token``); without one they stay in
+            # edge-score order, which changes the next block's A/B split: follow it.
+            unm_idx = unm_idx.sort(dim=1)[0]
         src_idx = edge_idx[:, :r]
         dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
     return Matching(num_prefix, a_start, b_start, unm_idx, src_idx, dst_idx)

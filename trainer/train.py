@@ -16,6 +16,7 @@ same batches as an uninterrupted one and ends on the same weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import platform
@@ -38,10 +39,12 @@ from dynavit.manifests import write_json_atomic
 
 from . import recipe
 from .augment import Augment, train_inputs
-from .mixing import Mixer
-from .config import Checked, ConfigError, TrainConfig, check_config
+from .config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
 from .data import DataError, Loader, build_loader
-from .model import SparseViT, budget_record, build_model, make_heads, method_forward, training_loss
+from .mixing import Mixer
+from .model import (SparseViT, budget_record, build_model, load_weights, make_heads, method_forward, teacher_outputs,
+                    training_loss)
+from .method_recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -66,7 +69,10 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
 
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     seed_everything(cfg.seed)
-    vit = build_model(cfg, info, checked.train.input_size, log).to(device)
+    fresh: list[str] = []  # classifier keys --checkpoint could not load
+    vit = build_model(cfg, info, checked.train.input_size, log, fresh).to(device)
+    method_recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
+    teacher = make_teacher(cfg, vit, method_recipe, fresh, log)  # before resume: the start weights
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
     budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # in-encoder methods read every patch, at K's MACs
@@ -81,7 +87,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     mixer = Mixer.from_config(cfg, len(info.classes), info.patch_size, None if sel.dense else sel.k)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel, with_scores=mixer is not None)
     opt_steps = recipe.optimizer_steps(cfg, train_loader.steps)  # per epoch, with --accum-steps
-    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps)
+    optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps,
+                                                  method_recipe, fresh)
     ema = recipe.make_ema(vit, heads, cfg)
     aug = Augment.from_config(cfg, info.patch_size)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -102,7 +109,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
-                                ema=ema, aug=aug, raw=(vit, heads), mixer=mixer)
+                                ema=ema, aug=aug, raw=(vit, heads), mixer=mixer, teacher=teacher,
+                                param_at=keep_rate_at(method_recipe, param, cfg.epochs, train_loader.steps))
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
@@ -174,14 +182,71 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
         raise ConfigError(str(e)) from None
 
 
+def make_teacher(cfg: TrainConfig, vit: nn.Module, method_recipe: Recipe, fresh: list[str],
+                 log: Callable[[str], None]) -> nn.Module | None:
+    """The frozen dense teacher: --teacher PATH (same model, same classes), or with
+    --teacher auto the start weights when the method's recipe distils and the classifier was
+    loaded (a fresh classifier would teach noise). None otherwise."""
+    if cfg.teacher == "none" or (cfg.teacher == "auto" and not method_recipe.teacher):
+        return None
+    teacher = copy.deepcopy(vit)
+    if cfg.teacher == "auto":
+        if fresh:
+            log(f"note: {cfg.method}: no distillation (the start weights' classifier is fresh); "
+                f"pass --teacher RUN|CKPT for a teacher trained on these classes")
+            return None
+    else:
+        try:
+            lost = load_weights(teacher, str(teacher_weights(cfg.teacher)), log)
+        except ConfigError as e:
+            raise ConfigError(str(e), "--teacher") from None
+        if lost:
+            raise ConfigError(f"--teacher {cfg.teacher}: its classifier does not fit this dataset's "
+                              f"{len(vit.head.weight) if hasattr(vit.head, 'weight') else '?'} classes", "--teacher")
+    return teacher.eval().requires_grad_(False)
+
+
 def make_optimizer(cfg: TrainConfig, vit: nn.Module, heads: nn.Module | None, amp_dtype, device: torch.device,
-                   steps_per_epoch: int):
+                   steps_per_epoch: int, method_recipe: Recipe = FROM_SCRATCH, fresh: list[str] | tuple = ()):
     """AdamW with timm's grouping (no weight decay on biases, norms, pos_embed and the cls/reg
     tokens; a learned method's heads grouped alike), the per-step LR schedule, and a GradScaler
-    that only fp16 enables."""
-    params = recipe.param_groups(vit, heads, cfg)  # with --layer-decay, each group's lr scaled
+    that only fp16 enables. The method's recipe (method_recipes.py) may scale the backbone's rate
+    (0: frozen), hold it during warm-up and leave parameters out; a fresh classifier always
+    trains at --lr."""
+    scale = method_recipe.backbone_lr_scale if cfg.backbone_lr_scale is None else cfg.backbone_lr_scale
+    factor = lr_factor(cfg, steps_per_epoch)
+    if scale == 1.0 and not method_recipe.untrained and not method_recipe.backbone_frozen_in_warmup:
+        params = recipe.param_groups(vit, heads, cfg)  # with --layer-decay, each group's lr scaled
+        lambdas = factor
+    elif cfg.layer_decay is not None:
+        raise ConfigError(f"--layer-decay and {cfg.method}'s fine-tuning recipe (backbone at {scale} x --lr"
+                          f"{', fixed in warm-up' if method_recipe.backbone_frozen_in_warmup else ''}) both set the "
+                          f"backbone's rates; pass --backbone-lr-scale 1 to use --layer-decay", "--layer-decay")
+    else:
+        params = param_groups_weight_decay(heads, cfg.weight_decay) if heads is not None else []
+        for g in params:
+            g["backbone"] = False
+        nwd = vit.no_weight_decay()
+        groups: dict[tuple[bool, bool], dict] = {}
+        for name, p in vit.named_parameters():
+            is_fresh = any(name.startswith(k.rsplit(".", 1)[0] + ".") or name == k for k in fresh)
+            if name in method_recipe.untrained or (scale == 0 and not is_fresh):
+                p.requires_grad_(False)  # no weight gradients to compute
+                continue
+            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in nwd)
+            g = groups.setdefault((is_fresh, decay), {
+                "params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr": cfg.lr * (1.0 if is_fresh else scale), "backbone": not is_fresh})
+            g["params"].append(p)
+        params += list(groups.values())
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) if method_recipe.backbone_frozen_in_warmup else 0
+
+        def held(step: int) -> float:  # the backbone stays fixed during warm-up (DynamicViT's fix_step)
+            return 0.0 if step < warmup else factor(step)
+
+        lambdas = [held if g["backbone"] else factor for g in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -331,10 +396,14 @@ class NonFiniteLoss(RuntimeError):
 
 def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
                     amp_dtype, epoch: int, ema=None, aug: Augment | None = None, raw=(None, None),
-                    mixer: Mixer | None = None) -> dict[str, Any]:
+                    mixer: Mixer | None = None, teacher: nn.Module | None = None,
+                    param_at: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """One epoch. --accum-steps A: the loss of each loader batch is divided by A and the
     gradients of A batches add up before one optimizer step (the mean over A·B samples, as
-    one batch of A·B); the schedule and the EMA advance once per optimizer step."""
+    one batch of A·B); the schedule and the EMA advance once per optimizer step.
+    ``param_at(global step)``, if given, sets the method's parameter for each step (EViT's
+    keep-rate warm-up); evaluation always uses the final one. ``teacher``: a frozen dense
+    model whose outputs the method's loss distils from."""
     model.train()
     loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
     device, mean, std = ctx.device, loader.info.mean, loader.info.std
@@ -348,17 +417,22 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
     # Non-finite losses are counted on the device and looked at every NONFINITE_CHECK steps
     # (a host sync per step would cost the GPU its lead); all ranks look at the same step.
     nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+    method_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    method_model = getattr(method_model, "_orig_mod", method_model)  # under --compile
     for batch in recipe.epoch_batches(loader, micro_total):
         images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
         if mixer is not None:  # labels become soft targets [B, C]
             images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
+        if param_at is not None:
+            method_model.param = param_at(epoch * loader.steps + steps)
         last = (steps + 1) % accum == 0
         # DDP all-reduces gradients on the last micro-batch of an accumulation only.
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(device, amp_dtype):
                 # Index checks cost a device sync (and a graph break under --compile); the loader
                 # has checked the stored indices, so one eager check per epoch is enough.
-                loss = loss_fn(model(images, keep_idx, validate=steps == 0 and not cfg.compile), labels)
+                out = model(images, keep_idx, validate=steps == 0 and not cfg.compile)
+                loss = loss_fn(out, labels, teacher=teacher_outputs(teacher, images))  # the teacher sees every patch
             nonfinite += (~torch.isfinite(loss.detach())).double()
             if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == micro_total:
                 if ctx.all_reduce(nonfinite.clone()).item() > 0:
@@ -379,6 +453,7 @@ def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn
             scheduler.step()
             if ema is not None:
                 ema.update(*raw)
+
 
         loss_sum += loss.detach().double() * labels.shape[0]
         seen, skipped, steps = seen + labels.shape[0], skipped + batch.skipped, steps + 1
