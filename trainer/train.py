@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 import timm
+from timm.optim import param_groups_weight_decay
 import torch
 import torch.distributed as dist
 import torch.nn as nn
