@@ -214,6 +214,44 @@ def write_section(out: Path, lines: list[str]) -> None:
     os.replace(tmp, out)
 
 
+def plot(results: dict, path) -> Path:
+    """Grouped bars (mean ± std over seeds) of val top-1 per selection, one group per set and
+    K, the dense run as a dashed line per set: the README's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sets = sorted({d for d, _, _ in results}, key=["digits", "photos"].index)
+    sels = [s for s in ("random", "l2", "sobel", "entropy", "contrast", "distinct")
+            if any(r[1] == s for r in results)]
+    groups = [(d, k) for d in sets for k in KS]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    width = 0.8 / len(sels)
+    for j, sel in enumerate(sels):
+        accs = [results.get((d, sel, k), [np.nan]) for d, k in groups]
+        ax.bar(np.arange(len(groups)) + (j - (len(sels) - 1) / 2) * width, [np.mean(a) for a in accs], width,
+               yerr=[np.std(a) for a in accs], label=sel, capsize=2,
+               color="0.6" if sel == "random" else None)
+    for g, (d, k) in enumerate(groups):
+        dense = results.get((d, "dense", 100))
+        if dense:
+            ax.hlines(np.mean(dense), g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=1,
+                      label="dense (all patches)" if g == 0 else None)
+    ax.set_xticks(range(len(groups)), [f"{d} K={k}" for d, k in groups])
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(ncol=7, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dynavit.trainer.bench_scorers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +261,17 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default=None, help="where data and indices are made (kept for re-runs)")
     ap.add_argument("--out", default=None, help="Markdown file whose bench_scorers section is (re)written")
     ap.add_argument("--json", default=None, help="also write every accuracy here")
+    ap.add_argument("--plot", default=None, help="also draw the figure (PNG) here")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only draw --plot from a --json file of an earlier run (no training)")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot")
+        raw = json.loads(Path(args.replot).read_text())
+        loaded = {(d, s, int(k)): v for key, v in raw.items() for d, s, k in [key.split("/")]}
+        print(plot(loaded, args.plot))
+        return
     if args.seeds < 1 or args.epochs < 1:
         ap.error("--seeds and --epochs must be >= 1")
     sets = [s for s in args.sets.split(",") if s]
@@ -257,6 +305,8 @@ def main(argv=None) -> None:
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({f"{d}/{s}/{k}": v for (d, s, k), v in results.items()}, indent=2))
+    if args.plot:
+        plot(results, args.plot)
     if args.out:
         cmd = f"python -m dynavit.trainer.bench_scorers --seeds {args.seeds} --epochs {args.epochs}"
         intro = ["## Scorers on real data (issue 29)", "",
