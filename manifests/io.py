@@ -142,12 +142,13 @@ def npy_load(data: bytes) -> np.ndarray:
 
 # --- tar shards ---------------------------------------------------------------------------
 
-def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path, where: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group the members of a tar by key the way webdataset does (key = name up to the
     first dot of the basename), in file order, with `tarfile` itself. Independent of the
     trainer's reader (manifests.tar.scan_members) on purpose: the validator must not trust
-    the reader it is checking for."""
-    current_key, current = None, {}
+    the reader it is checking for. `where`, when given, gets key -> {ext: (data offset,
+    size)} as tarfile found them (the first copy of a repeated key)."""
+    current_key, current, first = None, {}, False
     with os.fdopen(open_regular(path), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -161,6 +162,11 @@ def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if current_key is not None:
                     yield current_key, current
                 current_key, current = key, {}
+                first = where is not None and key not in where
+                if first:
+                    where[key] = {}
             current[ext] = tar.extractfile(member).read()
+            if first:
+                where[key].setdefault(ext, (member.offset_data, member.size))
     if current_key is not None:
         yield current_key, current

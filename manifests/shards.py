@@ -369,14 +369,21 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
                        cat["offset"].astype(np.int64), cat["size"].astype(np.int64), labels[take], problems)
 
 
+_noticed: set = set()
+
+
 def _notice_scan(dataset_dir, split: str, scanned: list) -> None:
-    """One line per loader that had to scan: why, and how to stop it."""
+    """One line, once per dataset and reason in a process (a run builds several loaders):
+    why the loader scanned, and how to stop it."""
     old = sum(1 for _, missing in scanned if missing)
     if old:
         why = (f"manifest.parquet records no image offsets for {old} shard(s) (written by an older dynaprep, "
                f"or a compressed tar); re-index to start without the scan")
     else:
         why = f"the image shard changed since indexing ({scanned[0][0]}); `dynaprep verify` checks it"
+    if (str(dataset_dir), split if not old else None, bool(old)) in _noticed:
+        return
+    _noticed.add((str(dataset_dir), split if not old else None, bool(old)))
     log.warning("notice: %s split %r: scanned %d image shard(s) for offsets: %s", dataset_dir, split,
                 len(scanned), why)
 
