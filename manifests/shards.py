@@ -4,8 +4,10 @@ An image shard holds `{key}.jpg|png` (+ `{key}.cls`) per sample; each index shar
 `{key}.scores.npy` and one `{key}.k{K}.npy` per K, same keys, same order.
 
 Reading is random access by byte offset, never a stream through the tar:
-- an image shard (ours or a user's WebDataset) is scanned once, headers only, into
-  key → (offset, size) of the image member (`scan_image_shard`);
+- an image member's (offset, size) is manifest.parquet's (`image_offset`, `image_bytes`),
+  recorded by the writer (ours) or the indexer (a user's WebDataset); a shard without them
+  (an older dataset) or changed since indexing is scanned, headers only (`scan_image_shard`);
+  every read checks the header before the data (`read_member`);
 - an index shard needs no scan at all: every sample has the same members of the same sizes,
   so sample i starts at i · record (`IndexShard`); each read checks the member's name, so
   a shard whose keys differ from its image shard is caught at the sample that differs.
