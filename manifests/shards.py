@@ -19,6 +19,7 @@ import functools
 import io
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .inputs import open_regular
 from .io import npy_bytes, read_manifest, read_shards, sha256_file
 from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
-from .tar import (BLOCK, TarError, TarWriter, _octal, _plain_header, group_by_keys, header_name, join_fragments,
+from .tar import (BLOCK, TarError, TarWriter, _octal, group_by_keys, header_name, join_fragments,
                   scan_members, split_name)
 
 
@@ -409,16 +410,26 @@ def _last_in_place(images: str, key: str, offset: int, size: int) -> bool:
 def member_problem(header: bytes, key: str, size: int) -> str | None:
     """What is wrong with the tar header found just before a recorded image offset, or None
     when it is the header of a member of sample `key` with `size` bytes. A name too long
-    for the header's field (GNU or pax long names) is checked as far as the field holds it."""
-    if len(header) < BLOCK or not _plain_header(header) or header[156:157] == b"5":
+    for the header's field (GNU or pax long names) is checked as far as the field holds it,
+    a non-ASCII one not at all (pax keeps it in the extension record before the header)."""
+    try:  # any tar dialect (v7, ustar, GNU, pax): the member's own header has a valid checksum
+        stored, found = _octal(header[148:156]), _octal(header[124:136])
+    except ValueError:
+        stored = found = None
+    signed = sum(struct.unpack("148b", header[:148]) + struct.unpack("356b", header[156:])) + 256 \
+        if len(header) == BLOCK else None
+    if len(header) < BLOCK or stored not in (sum(header[:148]) + 256 + sum(header[156:]), signed) \
+            or header[156:157] == b"5":
         return "no tar member header there"
-    if _octal(header[124:136]) != size:
-        return f"the member there is {_octal(header[124:136])} bytes, manifest.parquet says {size}"
+    if found != size:
+        return f"the member there is {found} bytes, manifest.parquet says {size}"
     name = header_name(header)
     if split_name(name)[0] == key:
         return None
     if header[99] != 0 and not header[345] and (f"{key}.".startswith(name) or name.startswith(f"{key}.")):
         return None  # a long name cut to the 100-byte field; the full name is in an extension header
+    if not key.isascii():
+        return None  # a pax tar writes such a name in its extension record, '?'s in the header
     return f"the member there is {name[:120]!r}"
 
 

@@ -238,3 +238,30 @@ def test_dynaprep_offsets_are_those_of_the_joined_tar(tmp_path):
     assert len(rows) == len(want) == 64 and rows[-1]["image_offset"] > os.path.getsize(
         tmp_path / "w2/train/images-000000.tar") // 2  # past the first piece
     assert {r["key"]: (r["image_offset"], r["image_bytes"]) for r in rows} == want
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_read_check_accepts_every_tar_dialect_and_catches_another_member(tmp_path, fmt):
+    """The header before each member's data (as tarfile places it: long and non-ASCII names
+    in GNU/pax extension records) passes for its own key and size, fails for another key
+    or size. A user's tar may be any dialect."""
+    long_name = ("d" * 60 + "/" + "k" * 60) if fmt == tarfile.USTAR_FORMAT else "k" * 150
+    names = ["a.jpg", f"{long_name}.jpg", "üüüüü.png", "x/y.png"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, __import__("io").BytesIO(b"abc"))
+    data = path.read_bytes()
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members] == names
+    for m in members:
+        key = m.name.rsplit(".", 1)[0]  # webdataset's key: no other dot in these names
+        header = data[m.offset_data - 512:m.offset_data]
+        assert mshards.member_problem(header, key, 3) is None, (fmt, m.name)
+        assert "bytes" in mshards.member_problem(header, key, 4)
+    a = data[members[0].offset_data - 512:members[0].offset_data]
+    assert "'a.jpg'" in mshards.member_problem(a, "b", 3)
+    assert mshards.member_problem(bytes(512), "a", 3) == "no tar member header there"
