@@ -24,6 +24,7 @@ from .schema import (
     DATASET_JSON,
     MANIFEST_PARQUET,
     MANIFEST_SCHEMA,
+    MANIFEST_SCHEMA_NO_OFFSETS,
     SHARDS_PARQUET,
     SHARDS_SCHEMA,
     DatasetInfo,
@@ -76,17 +77,35 @@ def write_shards(out_dir, rows) -> pa.Table:
     return write_table_atomic(Path(out_dir) / SHARDS_PARQUET, rows, SHARDS_SCHEMA)
 
 
-def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    if not path.exists():
-        raise FormatError(f"{path}: missing")
+def _read_table(path: Path, schema: pa.Schema, older: pa.Schema | None = None) -> pa.Table:
+    """The table at `path`, checked against `schema`. A table with the `older` schema (the
+    contract before its last columns were added) is returned with those columns null.
+
+    Read once per process while the file stays the same (same inode, size and mtime): a
+    training run asks for the manifest from its config check and from each loader, and
+    at 1.28 M rows every read costs a second and a copy of the table."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing") from None
+    return _read_table_cached(str(Path(path).absolute()), (st.st_ino, st.st_size, st.st_mtime_ns), schema, older)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table_cached(path: str, _stamp: tuple, schema: pa.Schema, older: pa.Schema | None) -> pa.Table:
     table = pq.read_table(path)
+    if older is not None and table.schema.equals(older, check_metadata=False):
+        for f in schema:
+            if f.name not in older.names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     if not table.schema.equals(schema, check_metadata=False):
         raise FormatError(f"{path}: schema differs from the contract:\n{table.schema}\nexpected:\n{schema}")
     return table
 
 
 def read_manifest(out_dir) -> pa.Table:
-    return _read_table(Path(out_dir) / MANIFEST_PARQUET, MANIFEST_SCHEMA)
+    """manifest.parquet; one written before the offset columns existed has them null."""
+    return _read_table(Path(out_dir) / MANIFEST_PARQUET, MANIFEST_SCHEMA, MANIFEST_SCHEMA_NO_OFFSETS)
 
 
 def read_shards(out_dir) -> pa.Table:
@@ -123,12 +142,13 @@ def npy_load(data: bytes) -> np.ndarray:
 
 # --- tar shards ---------------------------------------------------------------------------
 
-def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path, where: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group the members of a tar by key the way webdataset does (key = name up to the
     first dot of the basename), in file order, with `tarfile` itself. Independent of the
     trainer's reader (manifests.tar.scan_members) on purpose: the validator must not trust
-    the reader it is checking for."""
-    current_key, current = None, {}
+    the reader it is checking for. `where`, when given, gets key -> {ext: (data offset,
+    size)} as tarfile found them (the first copy of a repeated key)."""
+    current_key, current, first = None, {}, False
     with os.fdopen(open_regular(path), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -142,6 +162,11 @@ def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if current_key is not None:
                     yield current_key, current
                 current_key, current = key, {}
+                first = where is not None and key not in where
+                if first:
+                    where[key] = {}
             current[ext] = tar.extractfile(member).read()
+            if first:
+                where[key].setdefault(ext, (member.offset_data, member.size))
     if current_key is not None:
         yield current_key, current

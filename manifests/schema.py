@@ -56,8 +56,19 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("sha256", pa.string()),
+        # Where the sample's image member lies in its image shard (ours, or the user's tar
+        # indexed in place): byte offset of the member's data (its 512-byte tar header sits
+        # just before it) and its length. The trainer reads by these instead of scanning the
+        # tar's headers. Null on failed rows, on a compressed user tar (not readable by
+        # offset), and in datasets written before the columns existed (the reader then scans).
+        pa.field("image_offset", pa.int64()),
+        pa.field("image_bytes", pa.int64()),
     ]
 )
+# The offset columns are the last ones, so a manifest without them (written by an older
+# dynaprep) is this schema minus those fields; manifests.io reads it with them null.
+OFFSET_COLUMNS = ("image_offset", "image_bytes")
+MANIFEST_SCHEMA_NO_OFFSETS = pa.schema([f for f in MANIFEST_SCHEMA if f.name not in OFFSET_COLUMNS])
 
 INDEX_FILE_TYPE = pa.struct(
     [

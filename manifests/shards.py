@@ -4,8 +4,10 @@ An image shard holds `{key}.jpg|png` (+ `{key}.cls`) per sample; each index shar
 `{key}.scores.npy` and one `{key}.k{K}.npy` per K, same keys, same order.
 
 Reading is random access by byte offset, never a stream through the tar:
-- an image shard (ours or a user's WebDataset) is scanned once, headers only, into
-  key → (offset, size) of the image member (`scan_image_shard`);
+- an image member's (offset, size) is manifest.parquet's (`image_offset`, `image_bytes`),
+  recorded by the writer (ours) or the indexer (a user's WebDataset); a shard without them
+  (an older dataset) or changed since indexing is scanned, headers only (`scan_image_shard`);
+  every read checks the header before the data (`read_member`);
 - an index shard needs no scan at all: every sample has the same members of the same sizes,
   so sample i starts at i · record (`IndexShard`); each read checks the member's name, so
   a shard whose keys differ from its image shard is caught at the sample that differs.
@@ -15,7 +17,9 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +30,12 @@ from .inputs import open_regular
 from .io import npy_bytes, read_manifest, read_shards, sha256_file
 from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
-from .tar import BLOCK, TarError, TarWriter, group_by_keys, header_name, join_fragments, scan_members, split_name
+from .tar import (BLOCK, TarError, TarWriter, _octal, group_by_keys, header_name, join_fragments,
+                  scan_members, split_name)
 
 
 UNLABELED = -1  # label of a sample of an unlabeled split
+log = logging.getLogger(__name__)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -64,18 +70,22 @@ class ShardPairWriter:
         self.count = 0
 
     def add(self, key: str, image: bytes | None, label: int | None,
-            scores: dict[str, np.ndarray], indices: dict[str, dict[int, np.ndarray]]) -> None:
+            scores: dict[str, np.ndarray], indices: dict[str, dict[int, np.ndarray]]) -> tuple[int, int] | None:
+        """Write one sample; returns (byte offset, size) of its image member in the image
+        tar (in the piece's fragment for a piece), None when the images are the user's."""
+        where = None
         if self._images is not None:
             members = {self.image_ext: image}
             if label is not None:
                 members[CLS_EXT] = str(int(label)).encode()
-            self._images.write(key, members)
+            where = (self._images.write(key, members)[self.image_ext], len(image))
         for scorer, writer in self._index.items():
             members = {SCORES_EXT: npy_bytes(np.asarray(scores[scorer], dtype=np.float16))}
             for k in self.ks:
                 members[k_ext(k)] = npy_bytes(np.asarray(indices[scorer][k], dtype=self.dtype))
             writer.write(key, members)
         self.count += 1
+        return where
 
     def commit(self) -> dict | int:
         """Close every tar (index shards first, images last) and describe them; a piece
@@ -283,8 +293,15 @@ def moved_hint(path: str, root: str | None) -> str:
 
 def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
                 images_root: str | None = None, trust_urls: bool = False) -> SampleTable:
-    """Join manifest.parquet (keys, labels, order) with one header-only scan per image shard.
-    `images_root` overrides where a user's WebDataset lies (see `image_shard_path`)."""
+    """Join manifest.parquet (keys, labels, order, image offsets) with shards.parquet.
+    `images_root` overrides where a user's WebDataset lies (see `image_shard_path`).
+
+    No per-sample read: the image offsets are manifest.parquet's. Per shard, one read of
+    the last sample's tar header checks that the shard is still the one indexed, and the
+    index shard's layout is read from its first sample. A shard without recorded offsets
+    (a dataset written before they existed, a compressed user tar) or whose last header is
+    not where they say (changed since indexing) is scanned, headers only, as before, with a
+    one-line notice."""
     try:
         rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
         manifest = read_manifest(dataset_dir)
@@ -293,17 +310,18 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
     import pyarrow.compute as pc  # here, not at the top: dynaprep's workers never need it (start-up time)
 
     manifest = manifest.filter(pc.and_(pc.equal(manifest["split"], split), pc.equal(manifest["status"], STATUS_OK)))
-    by_shard: dict[int, tuple[list, list]] = {}
-    for shard_no, key, label in zip(manifest["shard"].to_pylist(), manifest["key"].to_pylist(),
-                                    manifest["label"].to_pylist()):
-        keys, labels = by_shard.setdefault(shard_no, ([], []))
-        keys.append(key)
-        labels.append(UNLABELED if label is None else label)
+    all_keys = manifest["key"].to_pylist()
+    shard_of = manifest["shard"].to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    labels = manifest["label"].fill_null(UNLABELED).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = manifest["image_offset"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    sizes = manifest["image_bytes"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.argsort(shard_of, kind="stable")  # manifest order (file order) within a shard
+    numbers, starts, counts = np.unique(shard_of[order], return_index=True, return_counts=True)
+    rows_of = {int(n): order[a:a + c] for n, a, c in zip(numbers, starts, counts)}
 
     shards: list[Shard] = []
-    keys: list[str] = []
-    cols: dict[str, list] = {"shard": [], "pos": [], "offset": [], "size": [], "label": []}
-    problems = []
+    parts: dict[str, list] = {"rows": [], "shard": [], "offset": [], "size": []}
+    problems, scanned = [], []
     for row in sorted(rows, key=lambda r: r["shard"]):
         paths = {e["scorer"]: e["path"] for e in row["index"]}
         if scorer not in paths:
@@ -322,26 +340,97 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
         if info.external_images and not os.path.exists(images):
             problems.append((moved_hint(images, images_root or info.images_root), row["count"]))
             continue
-        want_keys, want_labels = by_shard.get(row["shard"], ([], []))
+        mine = rows_of.get(row["shard"], np.zeros(0, np.int64))
         try:
-            members = _image_members(images, index, want_keys, row["count"], info.external_images)
+            if len(mine) != row["count"]:
+                raise ShardError(f"{images} / {index}: manifest.parquet has {len(mine)} ok samples, shards.parquet "
+                                f"says {row['count']}")
+            off, size = offsets[mine], sizes[mine]
+            if (off < BLOCK).any() or (size < 0).any() or not _last_in_place(images, all_keys[mine[-1]],
+                                                                              int(off[-1]), int(size[-1])):
+                scanned.append((images, bool((off < 0).any())))
+                members = _image_members(images, index, [all_keys[j] for j in mine], row["count"],
+                                         info.external_images)
+                off = np.fromiter((members[all_keys[j]].offset for j in mine), np.int64, len(mine))
+                size = np.fromiter((members[all_keys[j]].size for j in mine), np.int64, len(mine))
             layout = IndexShard(index, row["count"])
         except (TarError, ShardError) as e:
             problems.append((str(e), row["count"]))
             continue
-        s = len(shards)
+        parts["rows"].append(mine)
+        parts["shard"].append(np.full(len(mine), len(shards), np.int32))
+        parts["offset"].append(off)
+        parts["size"].append(size)
         shards.append(Shard(images, index, layout))
-        for pos, (key, label) in enumerate(zip(want_keys, want_labels)):
-            member = members[key]
-            keys.append(key)
-            cols["shard"].append(s)
-            cols["pos"].append(pos)
-            cols["offset"].append(member.offset)
-            cols["size"].append(member.size)
-            cols["label"].append(label)
-    return SampleTable(shards, keys, np.asarray(cols["shard"], np.int32), np.asarray(cols["pos"], np.int32),
-                       np.asarray(cols["offset"], np.int64), np.asarray(cols["size"], np.int64),
-                       np.asarray(cols["label"], np.int64), problems)
+    if scanned:
+        _notice_scan(dataset_dir, split, scanned)
+    take = np.concatenate(parts["rows"]) if parts["rows"] else np.zeros(0, np.int64)
+    cat = {name: np.concatenate(v) if v else np.zeros(0, np.int64) for name, v in parts.items()}
+    pos = (np.arange(len(take)) - np.repeat(np.cumsum([0] + [len(r) for r in parts["rows"]])[:-1],
+                                             [len(r) for r in parts["rows"]])).astype(np.int32)
+    return SampleTable(shards, [all_keys[j] for j in take.tolist()], cat["shard"].astype(np.int32), pos,
+                       cat["offset"].astype(np.int64), cat["size"].astype(np.int64), labels[take], problems)
+
+
+_noticed: set = set()
+
+
+def _notice_scan(dataset_dir, split: str, scanned: list) -> None:
+    """One line, once per dataset and reason in a process (a run builds several loaders):
+    why the loader scanned, and how to stop it."""
+    old = sum(1 for _, missing in scanned if missing)
+    if old:
+        why = (f"manifest.parquet records no image offsets for {old} shard(s) (written by an older dynaprep, "
+               f"or a compressed tar); re-index to start without the scan")
+    else:
+        why = f"the image shard changed since indexing ({scanned[0][0]}); `dynaprep verify` checks it"
+    if (str(dataset_dir), split if not old else None, bool(old)) in _noticed:
+        return
+    _noticed.add((str(dataset_dir), split if not old else None, bool(old)))
+    log.warning("notice: %s split %r: scanned %d image shard(s) for offsets: %s", dataset_dir, split,
+                len(scanned), why)
+
+
+def _last_in_place(images: str, key: str, offset: int, size: int) -> bool:
+    """True when the tar header just before `offset` is the member of `key` with `size`
+    bytes: the shard's last sample is where manifest.parquet says (one read per shard;
+    a truncated or rewritten shard fails it)."""
+    try:
+        fd = open_regular(images)
+    except FileNotFoundError:
+        raise TarError(f"{images}: shard file missing") from None
+    except OSError as e:
+        raise TarError(f"{images}: unreadable ({e.strerror or e})") from None
+    try:
+        return member_problem(os.pread(fd, BLOCK, offset - BLOCK), key, size) is None
+    finally:
+        os.close(fd)
+
+
+def member_problem(header: bytes, key: str, size: int) -> str | None:
+    """What is wrong with the tar header found just before a recorded image offset, or None
+    when it is the header of a member of sample `key` with `size` bytes. A name too long
+    for the header's field (GNU or pax long names) is checked as far as the field holds it,
+    a non-ASCII one not at all (pax keeps it in the extension record before the header)."""
+    try:  # any tar dialect (v7, ustar, GNU, pax): the member's own header has a valid checksum
+        stored, found = _octal(header[148:156]), _octal(header[124:136])
+    except ValueError:
+        stored = found = None
+    signed = sum(struct.unpack("148b", header[:148]) + struct.unpack("356b", header[156:])) + 256 \
+        if len(header) == BLOCK else None
+    if len(header) < BLOCK or stored not in (sum(header[:148]) + 256 + sum(header[156:]), signed) \
+            or header[156:157] == b"5":
+        return "no tar member header there"
+    if found != size:
+        return f"the member there is {found} bytes, manifest.parquet says {size}"
+    name = header_name(header)
+    if split_name(name)[0] == key:
+        return None
+    if header[99] != 0 and not header[345] and (f"{key}.".startswith(name) or name.startswith(f"{key}.")):
+        return None  # a long name cut to the 100-byte field; the full name is in an extension header
+    if not key.isascii():
+        return None  # a pax tar writes such a name in its extension record, '?'s in the header
+    return f"the member there is {name[:120]!r}"
 
 
 def _image_members(images: str, index: str, keys: list[str], count: int, external: bool) -> dict:
@@ -379,8 +468,21 @@ class UnsafeRowError(ShardError):
 
 
 def read_member(fd_images: int, table: "SampleTable", i: int) -> bytes:
-    """The image bytes of sample i (fd_images: the opened image shard of its shard)."""
-    return os.pread(fd_images, int(table.size[i]), int(table.offset[i]))
+    """The image bytes of sample i (fd_images: the opened image shard of its shard), read
+    together with the tar header before them (one pread): the header must name sample i's
+    key and size, so a shard changed since indexing is caught at the sample that moved."""
+    size, offset = int(table.size[i]), int(table.offset[i])
+    raw = os.pread(fd_images, BLOCK + size, offset - BLOCK)
+    problem = member_problem(raw[:BLOCK], table.keys[i], size) if len(raw) == BLOCK + size else \
+        f"the shard ends before its {size} bytes at offset {offset}"
+    if problem:
+        raise MemberError(f"{problem}: not the member manifest.parquet records at offset {offset} "
+                          f"(shard changed since indexing? `dynaprep verify` checks it)")
+    return raw[BLOCK:]
+
+
+class MemberError(ValueError):
+    """The image member is not at its recorded offset (the shard changed since indexing)."""
 
 
 # --- .npy members -------------------------------------------------------------------------
@@ -419,5 +521,5 @@ def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
     return None
 
 
-__all__ = ["ShardPairWriter", "join_pieces", "describe_shard", "fragment_paths", "SampleTable", "Shard", "ShardError", "build_table", "image_shard_path", "index_shard_path", "UnsafeRowError", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy",
+__all__ = ["ShardPairWriter", "join_pieces", "describe_shard", "fragment_paths", "SampleTable", "Shard", "ShardError", "build_table", "image_shard_path", "index_shard_path", "UnsafeRowError", "UNLABELED", "ImageMember", "scan_image_shard", "IndexShard", "MismatchError", "read_npy", "read_member", "MemberError", "member_problem",
            "check_indices", "TarError", "CLS_EXT", "SCORES_EXT", "k_ext"]

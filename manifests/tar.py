@@ -88,16 +88,22 @@ class TarWriter:
         self.digest: tuple[str, int] | None = None
         self.count = 0
 
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        """Write one sample: `members` maps extension (e.g. "jpg", "k70.npy") to bytes."""
-        parts = []
+    def write(self, key: str, members: dict[str, bytes]) -> dict[str, int]:
+        """Write one sample: `members` maps extension (e.g. "jpg", "k70.npy") to bytes.
+        Returns ext -> byte offset of that member's data in this file (a fragment: in
+        the fragment; `join_fragments` shifts it by the fragments before it)."""
+        parts, offsets, at = [], {}, self._offset
         for ext, data in members.items():
-            parts += (ustar_header(f"{key}.{ext}", len(data)), data, _ZEROS[:-len(data) % BLOCK])
+            header = ustar_header(f"{key}.{ext}", len(data))
+            offsets[ext] = at + len(header)
+            parts += (header, data, _ZEROS[:-len(data) % BLOCK])
+            at += len(header) + len(data) + (-len(data) % BLOCK)
         sample = b"".join(parts)  # one write per sample: a call per field cost as much as the bytes
         self._file.write(sample)
         self._sha.update(sample)
         self._offset += len(sample)
         self.count += 1
+        return offsets
 
     def close(self, ok: bool = True) -> None:
         if self._file.closed:  # abort() after a failed commit() must not mask the first error

@@ -112,6 +112,7 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
                 f"{info.grid} gives {k_count(k.k, info.num_patches)} and {1 + k_count(k.k, info.num_patches)}")
     expected_keys: dict[tuple[str, int], list[str]] = defaultdict(list)
     labels: dict[tuple[str, str], int | None] | None = None  # (split, key) -> label of ok rows
+    recorded: dict[tuple[str, str], tuple[int, int]] = {}  # (split, key) -> image (offset, bytes) of ok rows
     if manifest is not None:
         _check_manifest(info, manifest, bad)
         labels = {}
@@ -119,6 +120,8 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
             if row["status"] == STATUS_OK:
                 expected_keys[(row["split"], row["shard"])].append(row["key"])
                 labels[(row["split"], row["key"])] = row["label"]
+                if row["image_offset"] is not None:
+                    recorded[(row["split"], row["key"])] = (row["image_offset"], row["image_bytes"])
     if shards is None:
         return found
 
@@ -132,7 +135,7 @@ def validate_dataset(out_dir, check_checksums: bool = True, images_root: str | N
         if ident in seen_shards:
             bad(SHARDS_PARQUET, f"shard {ident} listed twice")
         seen_shards.add(ident)
-        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels, images_root, trust_urls)
+        keys = _check_shard(out_dir, info, row, bad, check_checksums, labels, images_root, trust_urls, recorded)
         if keys is not None and manifest is not None:
             want = expected_keys.get(ident, [])
             if keys != want:
@@ -160,6 +163,10 @@ def _check_manifest(info: DatasetInfo, rows: list[dict], bad) -> None:
             bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: failed row without an error message")
         if "." in r["key"]:
             bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: key contains a dot")
+        if (r["image_offset"] is None) != (r["image_bytes"] is None) or (r["image_offset"] or 0) < 0 \
+                or (r["image_bytes"] or 0) < 0:
+            bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: image_offset {r['image_offset']} / image_bytes "
+                f"{r['image_bytes']}: both null or both non-negative")
         if r["label"] is not None and info.classes and not 0 <= r["label"] < len(info.classes):
             bad(MANIFEST_PARQUET, f"{r['split']}/{r['key']}: label {r['label']} outside 0..{len(info.classes) - 1}")
     for split in sorted(set(counts) | set(info.splits)):
@@ -190,11 +197,13 @@ def _check_file(path, rel: str, size: int, digest: str, bad, check_checksums: bo
 
 def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bool,
                  labels: dict | None = None, images_root: str | None = None,
-                 trust_urls: bool = False) -> list[str] | None:
+                 trust_urls: bool = False, recorded: dict | None = None) -> list[str] | None:
     """Check one shard pair; return the keys it holds in order (None if unreadable).
 
     `labels` ((split, key) -> the manifest's label) checks each sample's `.cls` member
     against manifest.parquet: a trainer reads the label from the tar, not the manifest.
+    `recorded` ((split, key) -> the manifest's image offset and size) checks them against
+    where tarfile finds the sample's image member: the trainer reads there.
 
     With external images (the user's WebDataset) the image tar may hold samples that failed
     at indexing, so the index keys must be an in-order subsequence of the image keys and
@@ -215,8 +224,8 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
     image_keys = None
     if images is not None:
         try:
-            image_keys, seen = [], set()
-            for key, members in iter_tar_samples(images):
+            image_keys, seen, where = [], set(), {}
+            for key, members in iter_tar_samples(images, where):
                 repeated = key in seen  # a user's tar: the first copy is the sample
                 seen.add(key)
                 image_keys.append(key)
@@ -228,6 +237,8 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
                 from_cls = not info.external_images or info.labels.get("from") in ("cls", "auto")
                 if labels is not None and from_cls and (row["split"], key) in labels:
                     _check_label(key, members.get("cls"), labels[(row["split"], key)], row["images"], bad)
+                if recorded and (row["split"], key) in recorded:
+                    _check_offset(key, where[key], recorded[(row["split"], key)], row["images"], bad)
         except Exception as e:  # a truncated tar raises tarfile/EOF errors of several kinds
             bad(row["images"], f"unreadable tar: {e}")
             image_keys = None
@@ -259,6 +270,17 @@ def _check_shard(out_dir, info: DatasetInfo, row: dict, bad, check_checksums: bo
         where = row["index"][0]["path"] if info.external_images else row["images"]
         bad(where, f"{len(held)} samples, shards.parquet says {row['count']}")
     return held
+
+
+def _check_offset(key: str, found: dict, want: tuple[int, int], rel: str, bad) -> None:
+    """The image member (the first of IMAGE_EXTS, as every reader picks it) must be at the
+    offset and of the size manifest.parquet records."""
+    by_ext = {ext.lower(): at for ext, at in reversed(list(found.items()))}
+    ext = next((e for e in IMAGE_EXTS if e in by_ext), None)
+    got = by_ext.get(ext)
+    if got != tuple(want):
+        bad(rel, f"sample {key!r}: manifest.parquet records its image at offset {want[0]}, {want[1]} bytes; "
+            f"the tar has it at {f'offset {got[0]}, {got[1]} bytes' if got else 'no image member'}")
 
 
 def _check_label(key: str, cls: bytes | None, want: int | None, rel: str, bad) -> None:

@@ -46,7 +46,7 @@ from dynavit.manifests import (
 from dynavit.manifests.atomic import remove_stale_temp_files
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES, set_max_file_bytes
 from dynavit.manifests.io import write_table_atomic
-from dynavit.manifests.shards import join_pieces
+from dynavit.manifests.shards import fragment_paths, join_pieces
 from dynavit.manifests.tar import TarError
 from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
 
@@ -359,7 +359,8 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
         for raw in source.read_unit(unit):
             row = {"split": unit.split, "key": raw.key, "shard": unit.index, "label": raw.label,
                    "class_name": raw.class_name, "source": raw.source, "orig_width": None,
-                   "orig_height": None, "status": STATUS_OK, "error": None, "sha256": None}
+                   "orig_height": None, "status": STATUS_OK, "error": None, "sha256": None,
+                   "image_offset": None, "image_bytes": None}
             rows.append(row)
             if raw.error is not None:
                 row.update(status=STATUS_FAILED, error=raw.error)
@@ -376,6 +377,8 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                     progress(1)
                 continue
             row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
+            if external is not None and raw.member is not None:  # where it is in the user's tar
+                row["image_offset"], row["image_bytes"] = raw.member
             box = _content_box(cfg, decoded, raw.meta, kept=external is not None) if cfg.pad_aware else None
             pending.append((row, decoded.rgb, box))
             if len(pending) == BATCH:
@@ -408,6 +411,8 @@ def join_unit(cfg: IndexConfig, source, pieces: list) -> None:
     tables = [pq.read_table(_piece_rows(cfg.out, p), schema=MANIFEST_SCHEMA) for p in pieces]
     counts = [pa.compute.sum(pa.compute.equal(t["status"], STATUS_OK)).as_py() or 0 for t in tables]
     external = source.image_shard(unit) if source.external_images else None
+    if external is None:  # a piece's offsets are in its fragment: shift by the fragments before it
+        tables = _shift_offsets(tables, [fragment_paths(_piece(cfg.out, p), cfg.scorers)["images"] for p in pieces])
     digest = source.image_digest(unit) if external is not None else None
     shard_row = join_pieces(cfg.out, unit.split, unit.index, cfg.scorers, [_piece(cfg.out, p) for p in pieces],
                             counts, external_images=external, images_digest=digest)
@@ -417,6 +422,20 @@ def join_unit(cfg: IndexConfig, source, pieces: list) -> None:
     write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
     for path in (_state(cfg.out) / "pieces").glob(f"{unit.split}-{unit.index:06d}.*"):
         path.unlink(missing_ok=True)
+
+
+def _shift_offsets(tables: list, fragments: list) -> list:
+    """Piece manifests with image offsets in the joined tar: piece i's plus the bytes of
+    fragments 0..i-1 (fragments are joined back to back, as `join_fragments` does)."""
+    out, base = [], 0
+    column = MANIFEST_SCHEMA.get_field_index("image_offset")
+    for table, fragment in zip(tables, fragments):
+        if base:
+            shifted = pa.compute.add(table["image_offset"], pa.scalar(base, pa.int64()))
+            table = table.set_column(column, MANIFEST_SCHEMA.field("image_offset"), shifted)
+        out.append(table)
+        base += os.path.getsize(fragment)
+    return out
 
 
 def _content_box(cfg: IndexConfig, decoded, meta, kept: bool):
@@ -470,9 +489,11 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, f
     external = writer.external_images is not None
     for i, (row, rgb, _) in enumerate(pending):
         image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
-        writer.add(row["key"], image, row["label"],
-                   {s: scores[s][i] for s in cfg.scorers},
-                   {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers})
+        where = writer.add(row["key"], image, row["label"],
+                           {s: scores[s][i] for s in cfg.scorers},
+                           {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers})
+        if where is not None:  # our image tar (a piece: in its fragment; join_unit shifts it)
+            row["image_offset"], row["image_bytes"] = where
     if progress is not None:
         progress(len(pending))
     pending.clear()

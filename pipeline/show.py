@@ -26,7 +26,7 @@ from dynavit.manifests import FormatError, atomic_path, read_dataset_info, read_
 from dynavit.manifests.inputs import open_regular
 from dynavit.manifests.options import ArgumentError, check_output_file
 from dynavit.manifests.schema import SCORES_EXT, k_ext
-from dynavit.manifests.shards import UNLABELED, MismatchError, ShardError, build_table, read_member
+from dynavit.manifests.shards import UNLABELED, MemberError, MismatchError, ShardError, build_table, read_member
 
 DIM = 0.25  # brightness factor of pruned patches in the "kept" panels
 PANEL_INCHES = 2.0
@@ -156,6 +156,8 @@ def load_samples(plan: ShowPlan) -> list[dict]:
         fd = open_regular(shard.images)
         try:
             data = read_member(fd, first, i)
+        except MemberError as e:  # the shard changed since indexing: one line, as other bad data
+            raise FormatError(f"{shard.images}: sample {key}: {e}") from None
         finally:
             os.close(fd)
         # The indexer's decoder: EXIF orientation and odd modes of a user's wds images

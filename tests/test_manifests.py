@@ -35,9 +35,11 @@ def dataset(tmp_path):
 def test_manifest_round_trip_through_pyarrow(tmp_path):
     rows = [
         {"split": "train", "key": "0000000000", "shard": 0, "label": 3, "class_name": "c3", "source": "a/b.jpg",
-         "orig_width": 500, "orig_height": 375, "status": "ok", "error": None, "sha256": "ab" * 32},
+         "orig_width": 500, "orig_height": 375, "status": "ok", "error": None, "sha256": "ab" * 32,
+         "image_offset": 512, "image_bytes": 1234},
         {"split": "train", "key": "0000000001", "shard": 0, "label": None, "class_name": None, "source": "a/c.jpg",
-         "orig_width": None, "orig_height": None, "status": "failed", "error": "empty file", "sha256": None},
+         "orig_width": None, "orig_height": None, "status": "failed", "error": "empty file", "sha256": None,
+         "image_offset": None, "image_bytes": None},
     ]
     write_manifest(tmp_path, rows)
     table = pq.read_table(tmp_path / "manifest.parquet")  # plain pyarrow, not our reader

@@ -10,6 +10,7 @@ import functools
 import http.server
 import json
 import shutil
+import tarfile
 import threading
 from pathlib import Path
 
@@ -166,6 +167,32 @@ def test_padding_patches_never_kept(crawl, tmp_path):
     assert plain > 0  # the test would see a regression: plain l2 keeps white padding
 
 
+def test_recorded_offsets_are_where_tarfile_and_webdataset_find_the_image(crawl, indexed):
+    """A user's tar indexed in place: each ok row's image_offset/image_bytes are the data
+    offset and size tarfile reports for the sample's image member (the first of webdataset's
+    image extensions), and the bytes there are webdataset's bytes for that key."""
+    out, _ = indexed
+    rows = [r for r in manifest(out) if r["status"] == "ok"]
+    assert rows and all(r["image_offset"] is not None for r in rows)
+    failed = [r for r in manifest(out) if r["status"] == "failed"]
+    assert failed and all(r["image_offset"] is None and r["image_bytes"] is None for r in failed)
+    by_source = {}
+    for tar in crawl.tars:
+        with tarfile.open(tar) as tf:
+            found = {}
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                found.setdefault(key, {}).setdefault(ext.lower(), (m.offset_data, m.size))
+        raw = {s["__key__"]: s for s in wds.WebDataset(str(tar), shardshuffle=False)}
+        by_source[Path(tar).name] = (found, raw, Path(tar).read_bytes())
+    for r in rows:
+        name, key = r["source"].split("#", 1)
+        found, raw, data = by_source[name]
+        ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in found[key])
+        assert (r["image_offset"], r["image_bytes"]) == found[key][ext], r["key"]
+        assert data[r["image_offset"]:r["image_offset"] + r["image_bytes"]] == raw[key][ext], r["key"]
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -195,8 +222,9 @@ def test_http_source_index_verify_train(crawl, indexed, http_root, tmp_path, mon
     local, _ = indexed
     for tar in sorted(local.rglob("topk-*.tar")):
         assert (out / tar.relative_to(local)).read_bytes() == tar.read_bytes(), tar.name
-    assert [(r["key"], r["status"], r["label"]) for r in manifest(out)] == \
-        [(r["key"], r["status"], r["label"]) for r in manifest(local)]
+    # offsets taken while streaming are those the local reader found by offset
+    assert [(r["key"], r["status"], r["label"], r["image_offset"], r["image_bytes"]) for r in manifest(out)] == \
+        [(r["key"], r["status"], r["label"], r["image_offset"], r["image_bytes"]) for r in manifest(local)]
     info = json.loads((out / "dataset.json").read_text())
     assert info["images_root"] == http_root
     # A URL the folder names is read only when the user vouches for it (issue 23):

@@ -22,6 +22,8 @@ from dynavit.manifests import (
     write_manifest,
     write_shards,
 )
+from dynavit.manifests.io import write_table_atomic
+from dynavit.manifests.schema import MANIFEST_PARQUET, MANIFEST_SCHEMA_NO_OFFSETS, OFFSET_COLUMNS
 
 
 def class_image(label: int, rng: np.random.Generator, size: int, n_classes: int) -> np.ndarray:
@@ -72,8 +74,9 @@ def topk_sets(scores: np.ndarray, ks) -> dict[int, np.ndarray]:
 
 def make_tiny_dataset(out, splits=(("train", 24), ("val", 12)), image_size=32, patch=4, ks=(50, 25),
                       scorers=("l2",), shard_size=10, n_classes=4, seed=0, class_sorted=False,
-                      image_fn=class_image) -> DatasetInfo:
-    """`class_sorted`: labels in blocks (all of class 0, then class 1, …), as ImageFolder,
+                      image_fn=class_image, offsets: bool = True) -> DatasetInfo:
+    """`offsets=False` writes manifest.parquet without the image offset columns (an older
+    dynaprep's). `class_sorted`: labels in blocks (all of class 0, then class 1, …), as ImageFolder,
     ImageNet and Tiny-ImageNet list their samples; otherwise labels cycle 0, 1, 2, …"""
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -95,15 +98,19 @@ def make_tiny_dataset(out, splits=(("train", 24), ("val", 12)), image_size=32, p
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
                 scores = patch_std_scores(img, patch)
-                writer.add(key_for(ordinal), buf.getvalue(), label,
-                           {s: scores for s in scorers}, {s: topk_sets(scores, ks) for s in scorers})
+                offset, size = writer.add(key_for(ordinal), buf.getvalue(), label,
+                                          {s: scores for s in scorers}, {s: topk_sets(scores, ks) for s in scorers})
                 manifest.append({"split": split, "key": key_for(ordinal), "shard": shard, "label": label,
                                  "class_name": info.classes[label], "source": f"synthetic:{split}:{ordinal}",
                                  "orig_width": image_size, "orig_height": image_size, "status": "ok",
-                                 "error": None, "sha256": None})
+                                 "error": None, "sha256": None, "image_offset": offset, "image_bytes": size})
             shards.append(writer.commit())
         info.splits[split] = SplitCounts(ok=count, failed=0, shards=n_shards)
-    write_manifest(out, manifest)
+    if offsets:
+        write_manifest(out, manifest)
+    else:  # as a dynaprep from before the offset columns wrote it
+        write_table_atomic(out / MANIFEST_PARQUET, [{k: v for k, v in r.items() if k not in OFFSET_COLUMNS}
+                                                    for r in manifest], MANIFEST_SCHEMA_NO_OFFSETS)
     write_shards(out, shards)
     write_dataset_info(out, info)
     return info

@@ -3,7 +3,7 @@
 Samples are read by byte offset, like a map-style dataset with torch's DistributedSampler,
 not streamed through the tars:
 
-    manifest.parquet + shards.parquet ─ scan image shards (headers only) ─ SampleTable
+    manifest.parquet (keys, labels, image offsets) + shards.parquet ─ SampleTable (no per-sample read)
     epoch plan: a seeded permutation of every sample (train) or file order (eval)
     batch j of rank r ─ read image + index member by offset ─ decode ─ crop ─ select ─ flip ─ collate
 
@@ -45,7 +45,7 @@ import torch
 from dynavit.manifests import DatasetInfo, FormatError, check_indices, read_dataset_info, read_npy
 from dynavit.manifests.schema import SCORES_EXT, k_ext
 from dynavit.manifests.inputs import open_regular
-from dynavit.manifests.shards import UNLABELED, MismatchError, SampleTable, Shard, ShardError, build_table
+from dynavit.manifests.shards import UNLABELED, MismatchError, SampleTable, Shard, ShardError, build_table, read_member
 from dynavit.pipeline.decode import decode_stored, load_image
 from dynavit.pipeline.topk import select_topk
 
@@ -233,7 +233,7 @@ class BatchReader:
         t, p, sel = self.table, self.plan, self.plan.selection
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
-            data = os.pread(self._fd(shard.images), int(t.size[i]), int(t.offset[i]))
+            data = read_member(self._fd(shard.images), t, i)  # checks the member's tar header too
             flip = draw(_sample_bits(p.seed, epoch, key, _FLIP), p.hflip)
             vflip = draw(_sample_bits(p.seed, epoch, key, _VFLIP), p.vflip)
             if p.external_images:

@@ -40,6 +40,9 @@ class RawSample:
     data: bytes | np.ndarray | None  # encoded bytes, or uint8 H×W×3 for array-native sources
     error: str | None = None  # set (and data None) when the raw input could not be read
     meta: dict | None = None  # the sample's own metadata (wds: its KEY.json), for padding-aware scoring
+    # wds: (byte offset, size) of the image member's data in the user's uncompressed tar,
+    # recorded in manifest.parquet so the trainer reads it without scanning; None otherwise
+    member: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:

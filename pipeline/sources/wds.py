@@ -244,7 +244,8 @@ class WdsSource(Source):
                 if big is not None:  # not read: a member's size is the tar's word, not a limit
                     yield self._sample(tar_name, key, {}, problem or _too_big(big.name, big.size))
                     continue
-                yield self._sample(tar_name, key, {ext: read_at(fd, m) for ext, m in group.items()}, problem)
+                yield self._sample(tar_name, key, {ext: read_at(fd, m) for ext, m in group.items()}, problem,
+                                   {ext: (m.offset, m.size) for ext, m in group.items()})
         finally:
             os.close(fd)
 
@@ -260,10 +261,13 @@ class WdsSource(Source):
                 stream = locations.open_stream(loc)
                 hashing = locations.HashingReader(stream)
                 with tarfile.open(fileobj=hashing, mode="r|*") as tf:
+                    # offsets in the stream are offsets in the file only when it is not compressed
+                    plain = getattr(tf.fileobj, "comptype", None) == "tar"
                     for info in tf:
                         if info.isreg():
-                            yield info.name, (tf.extractfile(info).read() if info.size <= max_file_bytes()
-                                              else TooBig(info.name, info.size))
+                            yield (info.name, (tf.extractfile(info).read() if info.size <= max_file_bytes()
+                                               else TooBig(info.name, info.size)),
+                                   (info.offset_data, info.size) if plain else None)
                         tf.members = []  # streaming: do not keep every TarInfo
                 self._digests[loc] = hashing.finish()
             except (OSError, tarfile.TarError, EOFError) as e:
@@ -281,10 +285,11 @@ class WdsSource(Source):
             if key in seen:
                 problem = DUPLICATE
             seen.add(key)
-            big = next((data for _, data in group.values() if isinstance(data, TooBig)), None)
+            big = next((data for _, data, _ in group.values() if isinstance(data, TooBig)), None)
             if big is not None:
                 return self._sample(tar_name, key, {}, problem or _too_big(big.name, big.size))
-            return self._sample(tar_name, key, {ext: data for ext, (_, data) in group.items()}, problem)
+            return self._sample(tar_name, key, {ext: data for ext, (_, data, _) in group.items()}, problem,
+                                {ext: where for ext, (_, _, where) in group.items() if where is not None})
 
         last = None
         for sample in group_by_keys(members()):  # webdataset's grouping rule, shared with the trainer
@@ -303,13 +308,16 @@ class WdsSource(Source):
             yield RawSample(f"{TAR_ERROR_KEY}{unit.index:06d}", f"{tar_name}#", None, None, None,
                             f"unreadable tar {loc}: {failure[0]}")
 
-    def _sample(self, tar_name: str, key: str, members: dict, err: str | None) -> RawSample:
+    def _sample(self, tar_name: str, key: str, members: dict, err: str | None,
+                where: dict | None = None) -> RawSample:
+        """`where`: ext -> (data offset, size) in the tar, for the members whose place is known."""
         source = f"{tar_name}#{key}"
         if err is None and unsafe_key(key):
             # The key names our index tars' members: `../x` or `/x` would be extracted outside
             # the folder by `tar x`. It is the user's data, so the sample fails, saying why.
             err = f"unsafe member name {key[:80]!r} (absolute, or with a '..' part)"
-        img = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
+        img_ext = next((s for s in IMAGE_SUFFIXES if s in members), None)  # the trainer's choice too (shards.py)
+        img = members[img_ext] if img_ext is not None else None
         if err is None and img is None:
             dotted = [s for s in members if "." in s and s.rsplit(".", 1)[1] in IMAGE_SUFFIXES]
             err = f"no image member (members: {', '.join(sorted(members)) or 'none'})"
@@ -322,7 +330,8 @@ class WdsSource(Source):
             label, name, err = self._label(members, meta)
         if err is not None:
             return RawSample(key, source, None, None, None, err)
-        return RawSample(key, source, label, name, img, None, meta if isinstance(meta, dict) else None)
+        return RawSample(key, source, label, name, img, None, meta if isinstance(meta, dict) else None,
+                         (where or {}).get(img_ext))
 
     def _label(self, members: dict, meta) -> tuple[int | None, str | None, str | None]:
         """(label, class name, error) of one sample under the `label` option."""
