@@ -86,6 +86,8 @@ bench-kernels: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/dynatrain bench-report --out docs/BENCHMARKS.md
+	@echo "loader start vs sample count (docs/BENCHMARKS.md, 'Loader start against sample count'):"
+	$(BIN)/python -m dynavit.trainer.bench_start
 
 clean:
 	rm -rf out .pytest_cache
