@@ -85,7 +85,9 @@ def test_methods_train_at_the_budget_and_compare_tabulates_them(runs, tmp_path):
         assert float(row["best_acc1"]) == max(m["acc1"] for m in metrics(runs / method))
         assert float(row["infer_img_s"]) > 0
     md = (out / "compare.md").read_text()
-    assert md.count("\n| ") == 3 and "as each run recorded it" in md and "†" not in md
+    # three grouped rows (one run each, so no std) and three per-run rows under their header
+    assert md.count("\n| ") == 3 + 1 + 3 and "as each run recorded it" in md and "†" not in md
+    assert md.count("n = 1, no std") == 3
     # one parameter per run, everywhere: the run's record, compare's table and `dynatrain flops`
     table = flops_all()
     for method in ("dynavit", "tome", "evit"):
@@ -98,6 +100,42 @@ def test_methods_train_at_the_budget_and_compare_tabulates_them(runs, tmp_path):
     assert table["budgets"][0]["evit"]["keep_rate"] == run_budget(runs / "evit")["param"] == keep
     assert table["budgets"][0]["evit"]["macs"] == run_budget(runs / "evit")["macs"]
     assert table["rows"][0]["macs"] == run_budget(runs / "dynavit")["macs"] == dyna
+
+
+def test_compare_groups_seeds_of_a_method_into_mean_and_std(runs, tmp_path):
+    """Runs of one method at one recorded parameter (different --seed) become one row: best top-1
+    mean ± sample std over the runs, checked against statistics.mean/stdev of their metrics.jsonl."""
+    import statistics
+
+    for seed in (1, 2):
+        assert run_cli(["--shards", runs / "ds", "--out", tmp_path / f"tome-s{seed}", "--method", "tome",
+                        "--seed", seed, *COMMON]) == 0
+    tome_runs = [runs / "tome", tmp_path / "tome-s1", tmp_path / "tome-s2"]
+    out = tmp_path / "table"
+    assert run_cli(["compare", *tome_runs, runs / "dynavit", "--out", out, "--batch", 2, "--steps", 1,
+                    "--repeats", 2]) == 0
+    per_run = list(csv.DictReader(open(out / "compare.csv")))
+    assert [r["run"] for r in per_run] == ["tome", "tome-s1", "tome-s2", "dynavit"]
+    assert [r["seed"] for r in per_run[1:3]] == ["1", "2"]
+    groups = list(csv.DictReader(open(out / "compare_groups.csv")))
+    assert [(g["method"], g["n"]) for g in groups] == [("tome", "3"), ("dynavit", "1")]
+    tome, dyna = groups
+    best = [max(m["acc1"] for m in metrics(r)) for r in tome_runs]
+    assert float(tome["acc1_mean"]) == pytest.approx(statistics.mean(best))
+    assert float(tome["acc1_std"]) == pytest.approx(statistics.stdev(best))
+    assert tome["parameter"] == run_budget(runs / "tome")["described"] == run_budget(tome_runs[1])["described"]
+    assert float(tome["gmacs"]) == pytest.approx(run_budget(runs / "tome")["macs"] / 1e9)
+    train = [statistics.mean(m["images_per_s"] for m in metrics(r)) for r in tome_runs]
+    assert float(tome["train_img_s"]) == pytest.approx(statistics.mean(train))
+    # the group's inference range spans its runs' ranges, its median lies inside
+    mins = [float(r["infer_img_s_min"]) for r in per_run[:3]]
+    maxs = [float(r["infer_img_s_max"]) for r in per_run[:3]]
+    assert float(tome["infer_img_s_min"]) == pytest.approx(min(mins))
+    assert float(tome["infer_img_s_max"]) == pytest.approx(max(maxs))
+    assert min(mins) <= float(tome["infer_img_s"]) <= max(maxs)
+    assert dyna["acc1_std"] == "" and float(dyna["acc1_mean"]) == max(m["acc1"] for m in metrics(runs / "dynavit"))
+    md = (out / "compare.md").read_text()
+    assert f"| tome | {tome['parameter']} | 3 (" in md and f"± {statistics.stdev(best):.1f} |" in md
 
 
 def test_compare_rematches_a_run_without_a_record_and_says_so(runs, tmp_path):

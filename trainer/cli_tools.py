@@ -575,7 +575,7 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 @click.command("compare", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
-              help="Folder for compare.md, compare.csv and acc_vs_gmacs.png (created).")
+              help="Folder for compare.md, compare.csv (per run), compare_groups.csv and acc_vs_gmacs.png (created).")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per timed forward.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Forwards per timing.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
@@ -584,7 +584,10 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 def compare_command(runs, out_dir, batch, steps, repeats, device):
     """The paper's Table 3 from finished runs (e.g. one per --method at the same --k): method,
     parameter, exact GMACs, train img/s, inference img/s measured side by side, best top-1.
-    Each run's parameter is the one it recorded when it started (not matched again)."""
+    Each run's parameter is the one it recorded when it started (not matched again). Runs of
+    one method at one parameter (several --seed) form one row: best top-1 mean ± std over
+    them, n and seeds, inference img/s median and range over their timing repeats; the
+    per-run rows follow (compare.csv)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available", param_hint="--device")
     try:

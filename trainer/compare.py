@@ -29,7 +29,10 @@ from .model import make_heads, match_method, method_forward, method_macs  # noqa
 from .report import load_run
 from .selection import DENSE_K
 
-FIELDS = ("run", "method", "parameter", "gmacs", "train_img_s", "infer_img_s", "best_acc1", "budget_source")
+FIELDS = ("run", "method", "parameter", "seed", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
+          "infer_img_s_max", "best_acc1", "budget_source")
+GROUP_FIELDS = ("method", "parameter", "n", "seeds", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
+                "infer_img_s_max", "acc1_mean", "acc1_std", "runs")
 
 
 def _model(cfg: TrainConfig, run_meta: dict, device: str = "cpu"):
@@ -55,7 +58,7 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
         rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
-                     else f"dynavit ({cfg.select})", "parameter": described, "gmacs": macs / 1e9,
+                     else f"dynavit ({cfg.select})", "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
                      "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source})
         model = _model(cfg, run.meta, device)
@@ -84,7 +87,34 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
                 times[i].append((time.perf_counter() - t0) / steps)
     for row, t in zip(rows, times):
         row["infer_img_s"] = batch / statistics.median(t)
+        row["infer_img_s_min"], row["infer_img_s_max"] = batch / max(t), batch / min(t)
+        row["_infer_repeats"] = [batch / x for x in t]
     return rows
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One row per (method, recorded parameter), in first-seen order: the paper's protocol runs
+    each method at one budget over several seeds, so a row is the mean ± sample std of best
+    top-1 over its runs (std None for a single run); inference img/s is the median and range
+    over every timing repeat of its runs; train img/s the mean of the runs' means."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["parameter"]), []).append(r)
+    out = []
+    for (method, parameter), rs in groups.items():
+        acc = [r["best_acc1"] for r in rs]
+        reps = [x for r in rs for x in r.get("_infer_repeats", [r["infer_img_s"]])]
+        out.append({"method": method, "parameter": parameter, "n": len(rs),
+                    "seeds": " ".join(str(r.get("seed")) for r in rs),
+                    "gmacs": statistics.mean(r["gmacs"] for r in rs),
+                    "train_img_s": statistics.mean(r["train_img_s"] for r in rs),
+                    "infer_img_s": statistics.median(reps), "infer_img_s_min": min(reps),
+                    "infer_img_s_max": max(reps), "acc1_mean": statistics.mean(acc),
+                    "acc1_std": statistics.stdev(acc) if len(acc) > 1 else None,
+                    "runs": " ".join(r["run"] for r in rs),
+                    "budget_source": "recorded" if all(r.get("budget_source", "recorded") == "recorded" for r in rs)
+                    else "re-matched"})
+    return out
 
 
 def run_budget(run, cfg: TrainConfig, k: int, meta_model, meta_heads) -> tuple[object, str, int, str]:
@@ -103,29 +133,47 @@ def run_budget(run, cfg: TrainConfig, k: int, meta_model, meta_heads) -> tuple[o
 
 
 def write_compare(rows: list[dict], out_dir) -> list[Path]:
-    """compare.md, compare.csv and (with matplotlib) acc_vs_gmacs.png in out_dir."""
+    """compare.md (one row per method and parameter, mean ± std over its runs, then one row per
+    run), compare.csv (per run), compare_groups.csv and (with matplotlib) acc_vs_gmacs.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| run | method | parameter | GMACs | train img/s | inference img/s | best top-1 |",
-             "|:--|:--|:--|--:|--:|--:|--:|"]
+    groups = group_rows(rows)
+    lines = ["| method | parameter | runs (seeds) | GMACs | train img/s | inference img/s (median, range) | "
+             "best top-1 (mean ± std) |", "|:--|:--|:--|--:|--:|--:|--:|"]
+    for g in groups:
+        mark = "" if g["budget_source"] == "recorded" else " †"
+        std = "n = 1, no std" if g["acc1_std"] is None else f"± {g['acc1_std']:.1f}"
+        lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {g['gmacs']:.3f} | "
+                     f"{g['train_img_s']:.1f} | {g['infer_img_s']:.1f} ({g['infer_img_s_min']:.1f}–"
+                     f"{g['infer_img_s_max']:.1f}) | {g['acc1_mean']:.1f} % {std} |")
+    lines += ["", "Per run:", "", "| run | method | parameter | seed | GMACs | train img/s | inference img/s | best top-1 |",
+              "|:--|:--|:--|--:|--:|--:|--:|--:|"]
     for r in rows:
         mark = "" if r.get("budget_source", "recorded") == "recorded" else " †"
-        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r['gmacs']:.3f} | {r['train_img_s']:.1f} | "
+        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {r['gmacs']:.3f} | "
+                     f"{r['train_img_s']:.1f} | "
                      f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
     lines.append("")
     lines.append("parameter: as each run recorded it when it started (config.json run.budget); GMACs: that "
-                 "parameter's exact count (dynavit.trainer.macs)")
+                 "parameter's exact count (dynavit.trainer.macs); a grouped row is every run of one method at one "
+                 "parameter (its seeds), best top-1 its mean ± sample std; inference img/s the median and range of "
+                 "all its interleaved timing repeats")
     if any(r.get("budget_source", "recorded") != "recorded" for r in rows):
         lines.append("† re-matched here: the run predates recorded budgets, or its recorded MACs differ from "
                      "today's count")
-    files = [out / "compare.md", out / "compare.csv"]
+    files = [out / "compare.md", out / "compare.csv", out / "compare_groups.csv"]
     with atomic_path(files[0]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(files[1]) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
-            w.writerows({k: r[k] for k in FIELDS} for r in rows)
+            w.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+    with atomic_path(files[2]) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=GROUP_FIELDS)
+            w.writeheader()
+            w.writerows({k: g[k] for k in GROUP_FIELDS} for g in groups)
     try:
         import matplotlib
 
@@ -134,12 +182,12 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     except ImportError:
         return files
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for r in rows:
-        ax.scatter(r["gmacs"], r["best_acc1"])
-        ax.annotate(f"{r['method']} {r['parameter'].split(' (')[0]}", (r["gmacs"], r["best_acc1"]),
+    for g in groups:  # one point per method and parameter, its error bar the std over seeds
+        ax.errorbar(g["gmacs"], g["acc1_mean"], yerr=g["acc1_std"] or 0, fmt="o", capsize=3)
+        ax.annotate(f"{g['method']} {g['parameter'].split(' (')[0]}", (g["gmacs"], g["acc1_mean"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("GMACs per image (exact)")
-    ax.set_ylabel("best top-1 (%)")
+    ax.set_ylabel("best top-1 (%, mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out / "acc_vs_gmacs.png") as tmp:
