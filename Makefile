@@ -70,13 +70,29 @@ demo: $(STAMP)
 	$(BIN)/dynatrain report $(DEMO)/runs/dense $(DEMO)/runs/k50 $(DEMO)/runs/k25 $(DEMO)/runs/k25-random --out $(FIGS)
 	@echo "demo done: data in $(DEMO), figures and the K-sweep table in $(FIGS)/ (sweep.md)"
 
-# Every method at the same compute (K = 50) on the demo data, and the comparison table.
+# The paper's protocol on real photos (docs/photo_folder.py: a class-sorted ImageFolder of
+# scikit-image's sample photos, 10 classes): train dense once, fine-tune every method from its
+# best.pt at the same compute (K = 50) for each of SEEDS, then one table: mean +- std over seeds.
+CMP         ?= out/compare-demo
+SEEDS       ?= 1 2 3
+CMP_METHODS ?= dynavit tome evit dynamicvit tnt cropr
+CMP_DATA    ?= --n-train 1500 --n-val 500 --size 128
+CMP_MODEL    = --model vit_tiny_patch16_224 --model-kwargs '{"depth": 6}' --batch-size 32 --workers 2
+CMP_DENSE   ?= --epochs 5 --lr 2e-3 --sched cosine --warmup-epochs 1 --seed 0
+CMP_FT      ?= --epochs 3 --lr 5e-4 --sched cosine --warmup-epochs 1
+CMP_TIMING  ?=
 compare-demo: $(STAMP)
-	test -f $(DEMO)/data/dataset.json || $(MAKE) demo
-	for m in dynavit tome evit dynamicvit tnt cropr; do \
-		$(BIN)/dynatrain --shards $(DEMO)/data --out $(DEMO)/cmp/$$m --overwrite --k 50 --method $$m $(DEMO_TRAIN) || exit 1; \
-	done
-	$(BIN)/dynatrain compare $(foreach m,dynavit tome evit dynamicvit tnt cropr,$(DEMO)/cmp/$(m)) --out $(FIGS)/compare
+	rm -rf $(CMP)
+	$(BIN)/python docs/photo_folder.py $(CMP)/photos $(CMP_DATA)
+	$(BIN)/dynaprep index --data imagefolder --src $(CMP)/photos --image-size 128 --k 50 --scorer l2 \
+		--shard-size 250 --out $(CMP)/data
+	$(BIN)/dynatrain --shards $(CMP)/data --out $(CMP)/runs/dense --k 100 $(CMP_MODEL) $(CMP_DENSE)
+	for m in $(CMP_METHODS); do for s in $(SEEDS); do \
+		$(BIN)/dynatrain --shards $(CMP)/data --out $(CMP)/runs/$$m-s$$s --k 50 --method $$m \
+			--checkpoint $(CMP)/runs/dense/best.pt --seed $$s $(CMP_MODEL) $(CMP_FT) || exit 1; \
+	done; done
+	$(BIN)/dynatrain compare $(CMP)/runs/dense $(foreach m,$(CMP_METHODS),$(foreach s,$(SEEDS),$(CMP)/runs/$(m)-s$(s))) \
+		--out $(FIGS)/compare $(CMP_TIMING)
 
 figures:
 	$(MAKE) demo compare-demo FIGS=docs/demo

@@ -4,9 +4,10 @@
   (80..176), pasted at a random place on a flat dark (0..12) or white (243..255) ground with
   margins: the case where l2 (the energy of the normalised patch) prefers the flat ground to
   the object. Class = which photo the crop is from.
+- `photo_crops`: colour crops of scikit-image's sample photos, class = photo (`make compare-demo`).
 - `digits`: scikit-learn's 8×8 digit scans (white strokes on black), upsampled.
 
-Both are written as an ImageFolder (ROOT/{train,val}/<class>/*.png), deterministic per seed.
+All are written as an ImageFolder (ROOT/{train,val}/<class>/*.png), deterministic per seed.
 """
 from __future__ import annotations
 
@@ -118,3 +119,37 @@ def letterboxed(root, n_train: int, n_val: int, size: int = 64, bar: int = 16, c
             Image.fromarray(img).save(path)
             bars[str(path)] = (axis, colour)
     return {"root": root, "bars": bars}
+
+
+def photo_crops(root, n_train: int, n_val: int, size: int = 128, classes=PHOTOS, seed: int = 0,
+                crop_frac=(0.2, 0.5)) -> dict:
+    """`make compare-demo`'s real-photo set: random square crops (side crop_frac of the photo's
+    short side, so no two images are the same view) of scikit-image's sample photos, resized to
+    size×size, grey photos as RGB, mirrored at random; class = which photo. Class-sorted
+    ImageFolder ROOT/{train,val}/<photo>/*.png, round-robin over the classes, deterministic per seed."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    try:
+        import skimage.data
+    except ImportError:
+        raise MissingExtra("the photo data sets need scikit-image: pip install scikit-image") from None
+    photos = {}
+    for c in classes:
+        a = np.asarray(getattr(skimage.data, c)())
+        photos[c] = np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else np.ascontiguousarray(a[..., :3])
+    counts = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c = classes[i % len(classes)]
+            src = photos[c]
+            h, w = src.shape[:2]
+            side = int(round(min(h, w) * rng.uniform(*crop_frac)))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            img = Image.fromarray(src[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+            if rng.integers(0, 2):
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            path = root / split / c / f"{c}_{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            counts[(split, c)] = counts.get((split, c), 0) + 1
+    return {"root": root, "classes": sorted(classes), "counts": counts}
