@@ -11,19 +11,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from test_train import TINY, VENV_BIN, read_metrics
 from tiny_dataset import make_tiny_dataset
 
-MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
-TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS),
-        "--batch-size", "8", "--workers", "0", "--lr", "3e-3"]
-VENV_BIN = Path(sys.executable).parent
 TIMEOUT_S = 150  # per launch: a hung rendezvous or collective fails the test instead of the suite
 
 
@@ -111,10 +107,6 @@ def launch(nodes: int, args: list, log_dir: Path) -> list[subprocess.CompletedPr
             kill_tree(p)
         for log in logs:
             log.close()
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
