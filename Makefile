@@ -84,7 +84,7 @@ CMP_TIMING  ?=
 compare-demo: $(STAMP)
 	rm -rf $(CMP)
 	$(BIN)/python docs/photo_folder.py $(CMP)/photos $(CMP_DATA)
-	$(BIN)/dynaprep index --data imagefolder --src $(CMP)/photos --image-size 128 --k 50 --scorer l2 \
+	$(BIN)/dynaprep index --data imagefolder --src $(CMP)/photos --image-size 128 --k 50 \
 		--shard-size 250 --out $(CMP)/data
 	$(BIN)/dynatrain --shards $(CMP)/data --out $(CMP)/runs/dense --k 100 $(CMP_MODEL) $(CMP_DENSE)
 	for m in $(CMP_METHODS); do for s in $(SEEDS); do \
