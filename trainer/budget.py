@@ -19,13 +19,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
 from dynavit.trainer.evit import (check_evit_model, evit_forward, evit_keep_count,
                                   evit_token_counts, resolve_layers)
 from dynavit.trainer.flops import build_meta_model, count_macs_breakdown
-from dynavit.trainer.macs import count
+from dynavit.trainer.macs import count_on_zero_images
 from dynavit.trainer.tome import check_tome_model, tome_forward, tome_token_counts
 
 __all__ = [
@@ -47,16 +46,7 @@ EVIT_STEP = 0.001
 def _count(m: nn.Module, run, batch: int = 1) -> int:
     """MACs of ``run(m, images)`` on zero images of the model's size, where the model lives,
     in eval mode (restored after), without grad."""
-    p = m.pos_embed
-    h, w = m.patch_embed.img_size
-    images = torch.zeros(batch, m.in_chans, h, w, device=p.device, dtype=p.dtype)
-    modes = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        return count(lambda: run(m, images)).total
-    finally:
-        for mod, was in modes:
-            mod.training = was
+    return count_on_zero_images(m, lambda images: run(m, images), batch=batch).total
 
 
 def count_tome_macs(model: nn.Module, r, *, prop_attn: bool = True, batch: int = 1) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dynavit.manifests import k_count, seq_len  # noqa: F401 (seq_len: re-exported)
-from dynavit.trainer.macs import count
+from dynavit.trainer.macs import count_on_zero_images
 from dynavit.trainer.sparse import check_model, sparse_forward
 
 __all__ = [
@@ -47,17 +47,8 @@ def count_macs_breakdown(model: torch.nn.Module, k_percent: int, batch: int = 1)
     m = check_model(model)
     n = int(np.prod(m.patch_embed.grid_size))
     k = k_count(k_percent, n)
-    p = m.pos_embed
-    h, w = m.patch_embed.img_size
-    images = torch.zeros(batch, m.in_chans, h, w, device=p.device, dtype=p.dtype)
-    keep = torch.arange(k, device=p.device).expand(batch, -1)
-    modes = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        mc = count(lambda: sparse_forward(m, images, keep, validate=False))
-    finally:
-        for mod, was in modes:
-            mod.training = was
+    keep = torch.arange(k, device=m.pos_embed.device).expand(batch, -1)
+    mc = count_on_zero_images(m, lambda images: sparse_forward(m, images, keep, validate=False), batch=batch)
     return {"total": mc.total, "attention": mc.attention, "S": m.num_prefix_tokens + k}
 
 

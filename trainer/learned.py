@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from dynavit.trainer.macs import count
+from dynavit.trainer.macs import count_on_zero_images
 
 __all__ = [
     "resolve_block_layers",
@@ -136,18 +136,7 @@ def count_inference_macs(m: VisionTransformer, modules: Iterable[nn.Module],
     patch-embed conv, attention (SDPA or its bmm's) — the method's own Linear layers and
     similarity / score matmuls included. Not counted: norms, softmax, GELU, adds, sorts,
     gathers."""
-    p = m.pos_embed if m.pos_embed is not None else next(m.parameters())
-    h, w = m.patch_embed.img_size
-    images = torch.zeros(batch, m.in_chans, h, w, device=p.device, dtype=p.dtype)
-    mods = [m, *modules]
-    modes = [(mod, mod.training) for root in mods for mod in root.modules()]
-    for root in mods:
-        root.eval()
-    try:
-        return count(lambda: run(images)).total
-    finally:
-        for mod, was in modes:
-            mod.training = was
+    return count_on_zero_images(m, run, modules, batch).total
 
 
 def search_closest(lo: int, hi: int, exact: Callable[[int], int], target: float,

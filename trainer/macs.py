@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["MacCounter", "UncountedOpError", "is_matmul_class", "FORMULAS", "ATTENTION_OPS"]
+__all__ = ["MacCounter", "UncountedOpError", "is_matmul_class", "FORMULAS", "ATTENTION_OPS", "count",
+           "count_on_zero_images"]
 
 
 class UncountedOpError(RuntimeError):
@@ -220,3 +221,22 @@ def count(run: Callable[[], object]) -> MacCounter:
     with torch.no_grad(), MacCounter() as mc:
         run()
     return mc
+
+
+def count_on_zero_images(vit, run: Callable[[torch.Tensor], object], modules=(), batch: int = 1) -> MacCounter:
+    """``count`` of ``run(images)`` on ``batch`` zero images of the timm ViT's input size, where
+    the model lives (the meta device costs nothing), with ``vit`` and ``modules`` (a method's
+    heads) in eval mode for the count (patch dropout or training paths would change the token
+    counts) and their modes restored after."""
+    p = vit.pos_embed if vit.pos_embed is not None else next(vit.parameters())
+    h, w = vit.patch_embed.img_size
+    images = torch.zeros(batch, vit.in_chans, h, w, device=p.device, dtype=p.dtype)
+    roots = [vit, *modules]
+    modes = [(mod, mod.training) for root in roots for mod in root.modules()]
+    for root in roots:
+        root.eval()
+    try:
+        return count(lambda: run(images))
+    finally:
+        for mod, was in modes:
+            mod.training = was
