@@ -41,22 +41,13 @@ def _l2_kernel(rows, patch, a, m, out):
     for t in numba.prange(nb * gh):
         b = t // gh
         y0 = (t % gh) * patch
-        s1 = np.zeros(wc, np.int32)
-        s2 = np.zeros(wc, np.int32)  # P * 255^2 fits int32 for any P < 33000
-        for y in range(y0, y0 + patch):
-            r = rows[b, y]
-            for j in range(wc):
-                v = np.int32(r[j])
-                s1[j] += v
-                s2[j] += v * v
+        s1 = np.empty(wc, np.int32)
+        s2 = np.empty(wc, np.int32)  # P * 255^2 fits int32 for any P < 33000
+        _channel_sums(rows, b, y0, patch, s1, s2)
         for gx in range(gw):
             acc = 0.0
             for c in range(3):
-                s = np.int64(0)
-                q = np.int64(0)
-                for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
-                    s += s1[j]
-                    q += s2[j]
+                s, q = _patch_sums(s1, s2, gx, patch, c)
                 var_n = n * q - s * s  # n^2 * variance, exact
                 d = a[c] * s / n - m[c]
                 acc += a[c] * a[c] * var_n / n + n * d * d
@@ -152,7 +143,7 @@ def _entropy_kernel(rows, patch, clog, out):
 
 @numba.njit(inline="always", cache=True)
 def _channel_sums(rows, b, y0, patch, s1, s2):
-    # Column sums of x and x^2 over the patch's P rows (exact int32), as in _l2_kernel.
+    # Column sums of x and x^2 over one row of patches (P image rows), exact int32.
     s1[:] = 0
     s2[:] = 0
     wc = rows.shape[2]
@@ -162,6 +153,17 @@ def _channel_sums(rows, b, y0, patch, s1, s2):
             v = np.int32(r[j])
             s1[j] += v
             s2[j] += v * v
+
+
+@numba.njit(inline="always", cache=True)
+def _patch_sums(s1, s2, gx, patch, c):
+    # S_c = sum x and Q_c = sum x^2 of channel c over patch gx of a row of patches (int64).
+    s = np.int64(0)
+    q = np.int64(0)
+    for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
+        s += s1[j]
+        q += s2[j]
+    return s, q
 
 
 @numba.njit(**_JIT)
@@ -181,11 +183,7 @@ def _contrast_kernel(rows, patch, out):
         for gx in range(gw):
             tot = np.int64(0)
             for c in range(3):
-                s = np.int64(0)
-                q = np.int64(0)
-                for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
-                    s += s1[j]
-                    q += s2[j]
+                s, q = _patch_sums(s1, s2, gx, patch, c)
                 tot += n * q - s * s
             out[b, t % gh, gx] = np.sqrt(tot / (3.0 * n * n)) / 255.0
 
@@ -210,11 +208,7 @@ def _distinct_kernel(rows, patch, psum, sigma, out):
         for gx in range(gw):
             tot = np.int64(0)
             for c in range(3):
-                s = np.int64(0)
-                q = np.int64(0)
-                for j in range(gx * patch * 3 + c, (gx + 1) * patch * 3, 3):
-                    s += s1[j]
-                    q += s2[j]
+                s, q = _patch_sums(s1, s2, gx, patch, c)
                 psum[b, gy, gx, c] = s
                 tot += n * q - s * s
             sigma[b, gy, gx] = np.sqrt(tot / (3.0 * n * n)) / 255.0
