@@ -98,12 +98,12 @@ figures:
 	$(MAKE) demo compare-demo FIGS=docs/demo
 
 bench-kernels: $(STAMP)
-	$(BIN)/python -m dynavit.pipeline.bench_kernels
+	$(BIN)/python -m dynavit.pipeline.bench.kernels
 
 bench: $(STAMP)
 	$(BIN)/dynatrain bench-report --out docs/BENCHMARKS.md
 	@echo "loader start vs sample count (docs/BENCHMARKS.md, 'Loader start against sample count'):"
-	$(BIN)/python -m dynavit.trainer.bench_start
+	$(BIN)/python -m dynavit.trainer.bench.start
 
 clean:
 	rm -rf out .pytest_cache

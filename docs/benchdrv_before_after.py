@@ -1,7 +1,7 @@
 """Side-by-side floor vs dynaprep for one code tree (PYTHONPATH picks the tree)."""
 import json, sys
 from pathlib import Path
-from dynavit.pipeline.bench_index import make_jpegs, run_floor, run_dynaprep
+from dynavit.pipeline.bench.index import make_jpegs, run_floor, run_dynaprep
 import dynavit.pipeline.decode as d
 if __name__ == '__main__':
     tag, mix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

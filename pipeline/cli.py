@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -15,10 +13,10 @@ from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
-from .bench_index import make_jpegs
-from .cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
-from .show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
-from .sources import SOURCES, SourceError, open_source
+from dynavit.pipeline.bench.index import bench_index_command
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
+from dynavit.pipeline.show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
+from dynavit.pipeline.sources import SOURCES, SourceError, open_source
 
 DEFAULT_WORKERS = os.cpu_count() or 1
 TRUST_HELP = ("Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. "
@@ -42,7 +40,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def _scorers(ctx, param, value: str) -> list[str]:
-    from .saliency import SCORERS
+    from dynavit.pipeline.saliency import SCORERS
 
     names = [v.strip() for v in value.split(",") if v.strip()]  # empty is reported below
     bad = [n for n in names if n not in SCORERS]
@@ -199,7 +197,7 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
           order, order_seed, workers, executor, ray_address, max_retries, rank, world_size, resume, overwrite, strict,
           pad_aware, mean, std, options, progress, max_file_bytes):
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
-    from .index import IndexConfig, LabelError, RunError, UnitError, run_index
+    from dynavit.pipeline.index import IndexConfig, LabelError, RunError, UnitError, run_index
 
     if len(srcs) > 1 and data != "wds":
         raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
@@ -219,7 +217,7 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
     if executor != "ray" and (ray_address is not None or max_retries is not None):
         raise click.UsageError("--ray-address and --max-retries need --executor ray")
     if executor == "ray":
-        from .ray_executor import RayUnavailable, check_address, require_ray
+        from dynavit.pipeline.ray_executor import RayUnavailable, check_address, require_ray
 
         try:
             require_ray()
@@ -295,7 +293,7 @@ def flat_summary(info: dict) -> list[str]:
     """The flat-patch figures of dataset.json for the summary: per split the share of flat
     patches the indexed scorers keep at the smallest K next to a random selection's, then a
     warning per scorer that keeps markedly more (pipeline/flatness.py)."""
-    from .flatness import warning_lines
+    from dynavit.pipeline.flatness import warning_lines
 
     fp = info.get("flat_patches")
     if not fp:
@@ -317,7 +315,7 @@ def _absolute_spec(spec: str) -> str:
     """A wds --src with its local path made absolute, keeping a NAME= prefix and URLs."""
     from dynavit.manifests.locations import is_url
 
-    from .sources.wds import split_spec
+    from dynavit.pipeline.sources.wds import split_spec
 
     name, rest = split_spec(spec)
     if name is not None:
@@ -353,7 +351,7 @@ def _os_error(e: OSError) -> str:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def merge_manifests(out):
     """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
-    from .index import LabelError, RunError, merge_from_state
+    from dynavit.pipeline.index import LabelError, RunError, merge_from_state
 
     try:
         info = merge_from_state(out)
@@ -423,7 +421,7 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
     w, h = facts["size_px"]
     click.echo(f"dynaprep show: {facts['nrows']} samples of {facts['split']} × K={','.join(map(str, facts['ks']))} "
                f"({facts['scorer']}) → {png} ({w}x{h} px)")
-    from .flatness import warning_lines
+    from dynavit.pipeline.flatness import warning_lines
 
     flat, split = facts["flat"], facts["split"]
     k = str(min(facts["ks"]))
@@ -440,51 +438,7 @@ def show_command(out_dir, png, split, n, ks, keys, seed, scorer, dpi, panel_size
         click.echo(f"warning: dataset.json's flat_patches of split {split!r} is malformed; see dynaprep verify")
 
 
-@main.command("bench-index")
-@click.option("--n", default=2000, show_default=True, help="Number of JPEGs (quality 90).")
-@click.option("--mix", type=click.Choice(["500x375", "mixed"]), default="500x375", show_default=True,
-              help="Image sizes: all 500×375 (ImageNet's most common), or random 150–900 px per side.")
-@click.option("--workers", default="1,2", show_default=True, help="Worker counts to measure, comma-separated.")
-@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Samples per shard, as `dynaprep index --shard-size` (the same default).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Floor/dynaprep pairs per worker count, in alternating order; the median ratio is reported.")
-@click.option("--scorer", default="l2", show_default=True)
-@click.option("--k", "ks", default="70,50,25", show_default=True)
-@click.option("--format", "fmt", default="jpg", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), default=None, callback=out_dir,
-              help="Where the JPEGs are made (kept for re-runs); default: a temp dir.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=out_file, help="Also write the figures here.")
-def bench_index_command(n, mix, workers, shard_size, repeats, scorer, ks, fmt, workdir, json_out):
-    """Print dynaprep images/s next to the decode+resize+encode floor, per worker count."""
-    import numpy as np
-
-    from .bench_index import compare, describe_mix
-    from .decode import load_image
-
-    work = Path(workdir or tempfile.mkdtemp(prefix="dynaprep-bench-"))
-    src = make_jpegs(work / f"src-{mix}", n, mix=mix)
-    ks, scorers = parse_k_list(ks), parse_list(scorer)
-    for path in sorted((src / "train").rglob("*.JPEG")):  # page cache warm for both
-        path.read_bytes()
-    load_image(np.zeros((32, 32, 3), np.uint8), 16)  # numba's disk cache filled before any worker starts
-    rows = [{"mix": mix, **compare(src, work / "out", w, repeats, shard_size, fmt, ks, scorers)}
-            for w in parse_list(workers, int, "integers")]
-    base = rows[0]["dynaprep_img_s"]
-    click.echo(f"{n} {describe_mix(mix)} -> 224 {fmt}, scorers {scorer}, K {ks}, shard size {shard_size}; "
-               f"medians of {repeats} floor/dynaprep pairs in alternating order")
-    click.echo(f"{'workers':>7} {'floor img/s':>12} {'dynaprep img/s':>15} {'ratio':>6} {'cpu ratio':>10} "
-               f"{'scaling':>8}  ratio per pair")
-    for r in rows:
-        r["scaling"] = r["dynaprep_img_s"] / base
-        click.echo(f"{r['workers']:>7} {r['floor_img_s']:>12.1f} {r['dynaprep_img_s']:>15.1f} {r['ratio']:>6.3f} "
-                   f"{r['cpu_ratio']:>10.3f} {r['scaling']:>7.2f}x  {' '.join(f'{x:.3f}' for x in r['ratios'])}")
-    click.echo("ratio: dynaprep img/s over the floor's, wall clock; cpu ratio: the floor's CPU seconds per image "
-               "over dynaprep's (all processes)")
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=2))
-    if not workdir:
-        shutil.rmtree(work, ignore_errors=True)
+main.add_command(bench_index_command)  # the benchmark owns its command (pipeline/bench/index.py)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ click's FloatRange compares with <, > only, and every comparison with NaN is Fal
 """
 from __future__ import annotations
 
+import json
 import math
 
 import click
+
+from dynavit.manifests.options import parse_k_list
 
 
 class FiniteFloat(click.FloatRange):
@@ -57,3 +60,24 @@ def out_file(ctx, param, value):
 
 
 __all__ = ["FINITE_FLOAT", "MAX_IMAGE_SIZE", "FiniteFloat", "out_dir", "out_file"]
+
+
+def k_list(ctx, param, value: str) -> list[int]:
+    """click callback around the one K-list parser: a bad --k is a usage error (exit 2)."""
+    try:
+        return parse_k_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def json_object(ctx, param, value):
+    """click callback: a JSON object option (e.g. --model-kwargs)."""
+    if value is None:
+        return {}
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return obj

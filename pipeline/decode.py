@@ -215,7 +215,7 @@ def _fit(px: np.ndarray, ow: int, oh: int, out_h: int, out_w: int, policy: str, 
     may be partial, so the scale is exact, never px's size over the stored size). The crop
     box is mapped to stored pixels and only it is resampled (pipeline/resample.py: PIL's
     bicubic arithmetic); the orientation and hflip are applied to the small result."""
-    from . import resample  # numba: imported only where something is resized
+    from dynavit.pipeline import resample  # numba: imported only where something is resized
 
     (rw, rh), (left, top, right, bottom) = _resize_plan(ow, oh, out_h, out_w, policy, crop_pct)
     # the crop box in displayed full-resolution pixels, then in px's pixels

@@ -1,32 +1,24 @@
-"""`dynaprep index`: plan work units, run them in worker processes, merge the manifests.
+"""`dynaprep index`: plan the work units (plan.py), run them in worker processes or on Ray
+(unit.py does one; ray_executor.py distributes them), then merge the parts of every rank into
+manifest.parquet, shards.parquet and, last, dataset.json.
 
-Data flow per work unit (one output shard):
-  source.read_unit → decode/resize → score_patches (each scorer) → top-K for every K
-  → ShardPairWriter (image tar + index tars) → part files in OUT/.dynaprep/parts/.
-
-A unit is done when its part files exist: the tars are renamed into place first, then the
-manifest part, then the shard part. `--resume` redoes every unit without a shard part, so a
-killed run ends byte-identical to an uninterrupted one. `merge` joins the parts of every
-rank into manifest.parquet, shards.parquet and, last, dataset.json.
+`--resume` redoes every unit without a shard part, so a killed run ends byte-identical to an
+uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,507 +27,24 @@ from dynavit.manifests import (
     SHARDS_SCHEMA,
     DatasetInfo,
     KInfo,
-    ShardPairWriter,
     SplitCounts,
     k_count,
     write_dataset_info,
-    write_json_atomic,
     write_manifest,
     write_shards,
 )
 from dynavit.manifests.atomic import remove_stale_temp_files
-from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES, set_max_file_bytes
-from dynavit.manifests.io import write_table_atomic
-from dynavit.manifests.shards import fragment_paths, join_pieces
+from dynavit.manifests.inputs import set_max_file_bytes
 from dynavit.manifests.tar import TarError
-from dynavit.manifests.schema import DATASET_JSON, STATUS_FAILED, STATUS_OK, image_shard_name, index_shard_name
-
-from . import flatness
-from .decode import DecodeError, encode_image, load_image
-from .padding import content_box_from_meta, detect_constant_border, map_box, mask_scores, padding_masks
-from .saliency import SCORERS, score_patches
-from .sources import SourceError, open_source
-from .topk import select_topk_multi
-
-STATE_DIR = ".dynaprep"
-BATCH = 64  # images scored per kernel call: large enough to amortise, small enough to bound memory
-
-
-@dataclass
-class IndexConfig:
-    data: str
-    src: str | None
-    out: str
-    ks: list[int]
-    scorers: list[str] = field(default_factory=lambda: ["l2"])
-    image_size: int = 224
-    patch_size: int = 16
-    resize: str = "center-crop"
-    crop_pct: float = 0.875
-    image_format: str = "jpg"
-    quality: int = 95
-    shard_size: int = 1000
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    source_options: dict = field(default_factory=dict)
-    # Top-K never keeps constant letterbox borders (img2dataset's default `border` mode)
-    # while real content is left out; False keeps the paper's plain definitions.
-    pad_aware: bool = False
-    # Write order of each split: "shuffle" (seeded by order_seed) or "source". Folder layouts
-    # list samples class by class; written in that order, a shard would hold one or two
-    # classes and no streaming reader could mix them.
-    order: str = "shuffle"
-    order_seed: int = 0
-    # How the work is run; free to change between a run and its --resume.
-    workers: int = 1
-    rank: int = 0
-    world_size: int = 1
-    executor: str = "processes"      # or "ray": each unit is a Ray task (pipeline/ray_executor.py)
-    ray_address: str | None = None   # join this Ray cluster; None: start a local Ray with `workers` CPUs
-    max_retries: int = 2             # ray: attempts of a unit that raises = max_retries + 1
-    # An input file over this many bytes is a failed row (a .jpg symlinked to /dev/zero
-    # would otherwise be read until the OOM killer comes; manifests/inputs.py).
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-
-    RUN_ONLY = ("workers", "rank", "world_size", "executor", "ray_address", "max_retries")
-
-    def output_settings(self) -> dict:
-        """Everything that determines the bytes written: a resume must not change these."""
-        d = dataclasses.asdict(self)
-        for name in (*self.RUN_ONLY, "out"):  # a moved or re-mounted --out writes the same bytes
-            d.pop(name)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        if self.max_file_bytes == DEFAULT_MAX_FILE_BYTES:
-            d.pop("max_file_bytes")  # runs saved before the cap existed resume unchanged
-        # How pixels are resampled decides the bytes too: a resume by another dynavit whose
-        # resize differs must not mix both in one dataset.
-        d["resampler"] = resampler()
-        return d
-
-
-def resampler() -> dict:
-    from .decode import DRAFT_MARGIN, RESAMPLER
-
-    return {"name": RESAMPLER, "draft_margin": DRAFT_MARGIN}
-
-
-class RunError(Exception):
-    """A run-level problem (bad --out state, resume mismatch): reported as one line, exit 2."""
-
-
-class LabelError(Exception):
-    """The labels of a dataset cannot be made into one class list (one line, exit 1)."""
-
-
-class UnitError(Exception):
-    """A work unit could not be finished (a worker process died, the disk is full, an
-    input file went away): one line naming the shard, exit 1. The shards committed before
-    stay; `--resume` redoes the rest."""
-
-
-def check_settings(cfg: "IndexConfig") -> None:
-    """Settings that would only fail inside a worker, checked before anything is written."""
-    for name in ("mean", "std"):
-        v = getattr(cfg, name)
-        if len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
-            raise RunError(f"--{name} must be three finite numbers (R,G,B), got {v!r}")
-    if min(cfg.std) <= 0:
-        raise RunError(f"--std must be positive, got {cfg.std!r}")
-
-
-# --- planning -----------------------------------------------------------------------------
-
-def plan(cfg: IndexConfig, source):
-    """Every unit of every split, in a fixed order; rank r owns units r, r+W, r+2W, …"""
-    seed = cfg.order_seed if cfg.order == "shuffle" else None
-    return [u for split in source.splits() for u in source.units(split, cfg.shard_size, order_seed=seed)]
-
-
-def _state(out) -> Path:
-    return Path(out) / STATE_DIR
-
-
-def _part(out, unit, kind: str) -> Path:
-    return _state(out) / "parts" / f"{unit.split}-{unit.index:06d}.{kind}.parquet"
-
-
-def plan_digest(units) -> str:
-    """What the inputs are, unit by unit: a resume or merge over a changed source would
-    shift ordinals between shards and silently duplicate or drop inputs."""
-    h = hashlib.sha256()
-    for u in units:
-        h.update(repr((u.split, u.index, u.count, u.payload)).encode())
-    return h.hexdigest()
-
-
-def prepare_out_dir(cfg: IndexConfig, units, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a non-empty --out needs --resume (same settings and inputs) or
-    --overwrite. Ranks of one multi-machine run share --out, so they always join."""
-    out = Path(cfg.out)
-    saved = _state(out) / "config.json"
-    now = {**cfg.output_settings(), "plan": plan_digest(units)}
-    nonempty = out.exists() and any(out.iterdir())
-    joining = cfg.world_size > 1
-    if nonempty and not (resume or overwrite or joining):
-        raise RunError(f"--out {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
-    if nonempty and overwrite and not resume:
-        # Only ever delete what a dynaprep run wrote: --out could be a typo for a home directory.
-        if not saved.exists() and not (out / DATASET_JSON).exists():
-            raise RunError(f"refusing to --overwrite {out}: it does not look like a dynaprep output directory")
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    elif nonempty and (resume or joining) and saved.exists():
-        before = json.loads(saved.read_text())
-        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if diff:
-            what = "the input files" if diff == ["plan"] else ", ".join(diff)
-            raise RunError(f"cannot --resume {out}: {what} changed since the run started")
-    elif nonempty and not joining:
-        raise RunError(f"cannot --resume {out}: no {STATE_DIR}/config.json (not a dynaprep run?)")
-    if resume:
-        # Other ranks (or another run on this machine) may be writing their temp files right
-        # now: only those of writers that are gone go. A PID means nothing on another
-        # machine, so with several ranks a file must also be untouched for STALE_AFTER_S.
-        # Ray workers on other machines write here too: their PIDs mean nothing on this one.
-        remote = joining or (cfg.executor == "ray" and cfg.ray_address is not None)
-        remove_stale_temp_files(out, min_age_s=STALE_AFTER_S if remote else 0.0)
-    write_json_atomic(saved, now)  # before parts/ exists, so a joining rank always finds it
-    (_state(out) / "parts").mkdir(parents=True, exist_ok=True)
-
-
-STALE_AFTER_S = 900.0
-PLAN_JSON = "plan.json"
-
-
-def save_plan(out, source, units) -> None:
-    """What a merge needs, so that `merge-manifests` runs where the source is not mounted:
-    the units (split, index, count), the splits, the class names and the plan digest.
-    Written at run start by every rank (the same bytes: their digests are equal)."""
-    write_json_atomic(_state(out) / PLAN_JSON, {
-        "plan": plan_digest(units), "splits": list(source.splits()), "classes": list(source.classes()),
-        "external_images": bool(source.external_images), "images_root": source.images_root(),
-        "units": [[u.split, u.index, u.count] for u in units]})
-
-
-@dataclass
-class SavedPlan:
-    """The saved plan standing in for the source in `merge` (splits, classes, external_images)."""
-    digest: str
-    split_names: list
-    class_names: list
-    external_images: bool
-    units: list
-    root: str | None = None
-
-    def splits(self) -> list[str]:
-        return list(self.split_names)
-
-    def images_root(self) -> str | None:
-        return self.root
-
-    def classes(self) -> list[str]:
-        return list(self.class_names)
-
-
-def load_plan(out) -> "SavedPlan | None":
-    """The plan saved by `save_plan`, or None for an output written before plans were saved."""
-    path = _state(out) / PLAN_JSON
-    if not path.exists():
-        return None
-    from .sources.base import WorkUnit
-
-    try:
-        d = json.loads(path.read_text())
-        units = [WorkUnit(split, index, None, count) for split, index, count in d["units"]]
-        return SavedPlan(d["plan"], d["splits"], d["classes"], bool(d["external_images"]), units,
-                         d.get("images_root"))
-    except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{path} is damaged ({e}); run the index command again with --resume") from None
-
-
-def _flat_part(out, unit) -> Path:
-    """The unit's flat-patch counts (pipeline/flatness.py): JSON, null when unknown."""
-    return _state(out) / "parts" / f"{unit.split}-{unit.index:06d}.flat.json"
-
-
-def _read_flat(path: Path):
-    """Counts of a part or piece, or None: written by a dynavit that did not measure them."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError as e:
-        raise RunError(f"{path} is damaged ({e}); delete it and the shard's parts, then --resume") from None
-
-
-def _piece(out, unit) -> Path:
-    """Path prefix of a piece's fragments and manifest rows (the piece count is in the
-    name, so a resume that cuts the unit differently ignores them)."""
-    return _state(out) / "pieces" / f"{unit.split}-{unit.index:06d}.{unit.part:04d}of{unit.parts:04d}"
-
-
-def _piece_rows(out, unit) -> Path:
-    return Path(f"{_piece(out, unit)}.manifest.parquet")
-
-
-def is_done(out, unit, cfg: "IndexConfig") -> bool:
-    """DESIGN §3: a shard pair is done when its part (its shards row) and its tars exist.
-    A piece of a unit is done when its manifest rows exist (written after its fragments)."""
-    if unit.parts > 1:
-        return _piece_rows(out, unit).exists()
-    if not _part(out, unit, "shard").exists():
-        return False
-    tars = [index_shard_name(unit.split, s, unit.index) for s in cfg.scorers]
-    if cfg.data != "wds":
-        tars.append(image_shard_name(unit.split, unit.index))
-    return all((Path(out) / t).exists() for t in tars)
-
-
-# --- one work unit (runs in a worker process) ---------------------------------------------
-
-_worker_source = None
-_progress = None
-_worker_slots = None  # shared array: slot i holds the PID of the worker that took unit i
-
-
-PARENT_POLL_S = 1.0
-
-
-def _watch_parent(parent: int) -> None:
-    """A worker whose parent was killed (kill -9, the OOM killer) is re-parented and would
-    go on forever holding the source open; it exits within PARENT_POLL_S instead."""
-    import threading
-
-    def watch():  # checks at once: the parent may be gone before this worker got here
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="dynaprep-parent-watch", daemon=True).start()
-
-
-def _init_worker(cfg: IndexConfig, counter, threads: int, slots=None, parent: int | None = None) -> None:
-    """Each worker opens the source once (CIFAR's pickle is loaded once per process, not per unit).
-    `parent`: the main process's pid, passed in (the parent may die while this worker still
-    imports, and getppid() would then already be init's)."""
-    global _worker_source, _progress, _worker_slots
-    _watch_parent(parent or os.getppid())
-    _worker_slots = slots
-    set_max_file_bytes(cfg.max_file_bytes)
-    _worker_source = open_source(cfg.data, cfg.src, **cfg.source_options)
-
-    def progress(n: int) -> None:
-        with counter.get_lock():
-            counter.value += n
-
-    _progress = progress
-    # Workers already use every core; numba's own threads on top would oversubscribe.
-    import numba
-
-    numba.set_num_threads(threads)
-
-
-def _run_unit(cfg: IndexConfig, unit, slot: int) -> tuple[int, int]:
-    """process_unit in a pool worker, first recording which process writes which unit, so
-    that the main process can name the shard of a worker that dies."""
-    _worker_slots[slot] = os.getpid()
-    return process_unit(cfg, unit)
-
-
-def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[int, int]:
-    """Write one shard pair and its part files (or one piece of it: fragments and its
-    manifest rows, see `join_unit`); return (ok, failed) counts."""
-    source = source or _worker_source
-    progress = progress if progress is not None else _progress
-    grid_n = (cfg.image_size // cfg.patch_size) ** 2
-    external = source.image_shard(unit) if source.external_images else None
-    piece = _piece(cfg.out, unit) if unit.parts > 1 else None
-    writer = ShardPairWriter(cfg.out, unit.split, unit.index, cfg.scorers, cfg.ks, grid_n,
-                             image_ext=cfg.image_format, external_images=external, piece=piece)
-    rows: list[dict] = []
-    pending: list[tuple[dict, np.ndarray]] = []
-    flat = _FlatSample(cfg)
-    try:
-        for raw in source.read_unit(unit):
-            row = {"split": unit.split, "key": raw.key, "shard": unit.index, "label": raw.label,
-                   "class_name": raw.class_name, "source": raw.source, "orig_width": None,
-                   "orig_height": None, "status": STATUS_OK, "error": None, "sha256": None,
-                   "image_offset": None, "image_bytes": None}
-            rows.append(row)
-            if raw.error is not None:
-                row.update(status=STATUS_FAILED, error=raw.error)
-                if progress:
-                    progress(1)
-                continue
-            row["sha256"] = _sha256(raw.data)
-            try:
-                decoded = load_image(raw.data, cfg.image_size, cfg.resize, cfg.crop_pct, cfg.patch_size,
-                                     keep_size=external is not None)
-            except DecodeError as e:
-                row.update(status=STATUS_FAILED, error=str(e))
-                if progress:
-                    progress(1)
-                continue
-            row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
-            if external is not None and raw.member is not None:  # where it is in the user's tar
-                row["image_offset"], row["image_bytes"] = raw.member
-            box = _content_box(cfg, decoded, raw.meta, kept=external is not None) if cfg.pad_aware else None
-            pending.append((row, decoded.rgb, box))
-            if len(pending) == BATCH:
-                _flush(cfg, writer, pending, progress, flat)
-        _flush(cfg, writer, pending, progress, flat)
-        flat.measure()
-        if external is not None and piece is None:
-            writer.images_digest = source.image_digest(unit)
-        shard_row = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    if piece is not None:
-        write_json_atomic(Path(f"{piece}.flat.json"), flat.counts)  # before the rows that mark it done
-        write_table_atomic(_piece_rows(cfg.out, unit), rows, MANIFEST_SCHEMA)
-    else:
-        write_json_atomic(_flat_part(cfg.out, unit), flat.counts)
-        write_table_atomic(_part(cfg.out, unit, "manifest"), rows, MANIFEST_SCHEMA)
-        write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
-    ok = sum(r["status"] == STATUS_OK for r in rows)
-    return ok, len(rows) - ok
-
-
-def join_unit(cfg: IndexConfig, source, pieces: list) -> None:
-    """Make a unit's shard pair and part files from its finished pieces, in order: the
-    same bytes as one worker writing the unit whole. Then its piece files go."""
-    unit = pieces[0]
-    import pyarrow.compute  # noqa: F401  (pa.compute; main process only, like _classes)
-
-    tables = [pq.read_table(_piece_rows(cfg.out, p), schema=MANIFEST_SCHEMA) for p in pieces]
-    counts = [pa.compute.sum(pa.compute.equal(t["status"], STATUS_OK)).as_py() or 0 for t in tables]
-    external = source.image_shard(unit) if source.external_images else None
-    if external is None:  # a piece's offsets are in its fragment: shift by the fragments before it
-        tables = _shift_offsets(tables, [fragment_paths(_piece(cfg.out, p), cfg.scorers)["images"] for p in pieces])
-    digest = source.image_digest(unit) if external is not None else None
-    shard_row = join_pieces(cfg.out, unit.split, unit.index, cfg.scorers, [_piece(cfg.out, p) for p in pieces],
-                            counts, external_images=external, images_digest=digest)
-    flats = [_read_flat(Path(f"{_piece(cfg.out, p)}.flat.json")) for p in pieces]
-    write_json_atomic(_flat_part(cfg.out, unit), flatness.merge_counts(flats) if None not in flats else None)
-    write_table_atomic(_part(cfg.out, unit, "manifest"), pa.concat_tables(tables).combine_chunks(), MANIFEST_SCHEMA)
-    write_table_atomic(_part(cfg.out, unit, "shard"), [shard_row], SHARDS_SCHEMA)
-    for path in (_state(cfg.out) / "pieces").glob(f"{unit.split}-{unit.index:06d}.*"):
-        path.unlink(missing_ok=True)
-
-
-def _shift_offsets(tables: list, fragments: list) -> list:
-    """Piece manifests with image offsets in the joined tar: piece i's plus the bytes of
-    fragments 0..i-1 (fragments are joined back to back, as `join_fragments` does)."""
-    out, base = [], 0
-    column = MANIFEST_SCHEMA.get_field_index("image_offset")
-    for table, fragment in zip(tables, fragments):
-        if base:
-            shifted = pa.compute.add(table["image_offset"], pa.scalar(base, pa.int64()))
-            table = table.set_column(column, MANIFEST_SCHEMA.field("image_offset"), shifted)
-        out.append(table)
-        base += os.path.getsize(fragment)
-    return out
-
-
-def _content_box(cfg: IndexConfig, decoded, meta, kept: bool):
-    """Where the photo is in the final image (None: no border). img2dataset's json says
-    exactly where its letterbox is, in the stored image; that box, carried through the
-    resize, is used when the final image really shows a border, else the detector's box."""
-    found = detect_constant_border(decoded.rgb)
-    h, w = decoded.rgb.shape[:2]
-    if found == (0, 0, w, h):
-        return None
-    ow, oh = decoded.orig_width, decoded.orig_height
-    from_meta = content_box_from_meta(meta, ow, oh) if meta else None
-    if from_meta is not None:
-        return map_box(from_meta, ow, oh, cfg.image_size, cfg.resize, cfg.crop_pct,
-                       keep_size=kept and (ow, oh) == (w, h))
-    return found
-
-
-def _sha256(data) -> str:
-    return hashlib.sha256(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
-
-
-_batch = np.empty((0, 0, 0, 3), np.uint8)
-
-
-def _batch_buffer(n: int, shape: tuple) -> np.ndarray:
-    """A reused [n, H, W, 3] array to stack a batch into: a fresh 10 MB array per batch
-    cost its page faults (~90 µs per image, more than scoring it)."""
-    global _batch
-    if _batch.shape[1:] != shape or len(_batch) < n:
-        _batch = np.empty((max(n, BATCH), *shape), np.uint8)
-    return _batch[:n]
-
-
-def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat=None) -> None:
-    """Score a batch of decoded images, select every K from one ranking, write in key order;
-    add the batch's sampled images to the flat-patch counts."""
-    if not pending:
-        return
-    batch = np.stack([rgb for _, rgb, _ in pending], out=_batch_buffer(len(pending), pending[0][1].shape))
-    boxes = [box for _, _, box in pending]
-    masks = padding_masks(boxes, cfg.image_size, cfg.patch_size) if any(b is not None for b in boxes) else None
-    scores, indices = {}, {}
-    for scorer in cfg.scorers:
-        scores[scorer] = score_patches(batch, cfg.patch_size, scorer, cfg.mean, cfg.std)
-        # Stored scores stay the paper's; only the choice ranks padding last (--pad-aware).
-        ranked = scores[scorer] if masks is None else mask_scores(scores[scorer], masks)
-        indices[scorer] = select_topk_multi(ranked, cfg.ks)
-    if flat is not None:
-        flat.add(batch, pending, indices, masks)
-    external = writer.external_images is not None
-    for i, (row, rgb, _) in enumerate(pending):
-        image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
-        where = writer.add(row["key"], image, row["label"],
-                           {s: scores[s][i] for s in cfg.scorers},
-                           {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers})
-        if where is not None:  # our image tar (a piece: in its fragment; join_unit shifts it)
-            row["image_offset"], row["image_bytes"] = where
-    if progress is not None:
-        progress(len(pending))
-    pending.clear()
-
-
-class _FlatSample:
-    """The flat-patch counts of a unit (pipeline/flatness.py). The sampled images (one in
-    SAMPLE_EVERY) are kept until a batch is full and measured together: scoring a handful
-    per call cost ~3× per image in kernel call overhead."""
-
-    def __init__(self, cfg: IndexConfig):
-        self.cfg, self.counts = cfg, flatness.empty_counts()
-        self.rgb, self.masks, self.kept = [], [], []
-
-    def add(self, batch, pending, indices, masks) -> None:
-        for i, (row, _, _) in enumerate(pending):
-            if flatness.sampled(row["sha256"]):
-                self.rgb.append(batch[i].copy())  # the batch buffer is reused
-                self.masks.append(None if masks is None else masks[i])
-                self.kept.append({s: {k: v[i] for k, v in by_k.items()} for s, by_k in indices.items()})
-        if len(self.rgb) >= BATCH:
-            self.measure()
-
-    def measure(self) -> None:
-        """Every scorer's kept sets on the held images (the indexed ones as written, the
-        others selected here with the same pad-aware ranking), then the counts."""
-        if not self.rgb:
-            return
-        cfg, sub = self.cfg, np.stack(self.rgb)
-        grid = sub.shape[1] // cfg.patch_size, sub.shape[2] // cfg.patch_size
-        masks = None if all(m is None for m in self.masks) else \
-            np.stack([np.zeros(grid, bool) if m is None else m for m in self.masks])
-        contrast = score_patches(sub, cfg.patch_size, "contrast")
-        kept = {}
-        for scorer in SCORERS:
-            if scorer in self.kept[0]:
-                kept[scorer] = {k: np.stack([d[scorer][k] for d in self.kept]) for k in cfg.ks}
-                continue
-            sc = contrast if scorer == "contrast" else score_patches(sub, cfg.patch_size, scorer, cfg.mean, cfg.std)
-            kept[scorer] = select_topk_multi(sc if masks is None else mask_scores(sc, masks), cfg.ks)
-        flatness.add_counts(self.counts, flatness.flat_mask(contrast), kept)
-        self.rgb, self.masks, self.kept = [], [], []
+from dynavit.manifests.schema import STATUS_FAILED, STATUS_OK
+
+from dynavit.pipeline import flatness
+from dynavit.pipeline.sources import SourceError, open_source
+from dynavit.pipeline.plan import (  # noqa: F401 (IndexConfig, plan, errors: the `dynaprep index` API)
+    PLAN_JSON, STATE_DIR, IndexConfig, LabelError, RunError, UnitError, _flat_part, _part, _read_flat, _state,
+    _unit_failed, _unit_name, check_settings, is_done, load_plan, plan, plan_digest, prepare_out_dir, resampler,
+    save_plan)
+from dynavit.pipeline.unit import _init_worker, _run_unit, join_unit, process_unit
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -572,7 +81,7 @@ def run_index(cfg: IndexConfig, source, resume: bool = False, overwrite: bool = 
     try:
         if cfg.executor == "ray":
             if todo:
-                from .ray_executor import run_ray
+                from dynavit.pipeline.ray_executor import run_ray
 
                 ok, failed = run_ray(cfg, todo, bar)
         else:
@@ -617,20 +126,6 @@ def split_jobs(cfg: IndexConfig, source, todo: list) -> tuple[list, list]:
             ready.append(pieces)
         jobs.extend(left)
     return jobs, ready, cut
-
-
-def _unit_name(unit) -> str:
-    if unit.parts > 1:
-        return f"{unit.split}/{unit.index:06d} (piece {unit.part + 1} of {unit.parts})"
-    return f"{unit.split}/{unit.index:06d}"
-
-
-def _unit_failed(unit, e: BaseException) -> str:
-    if isinstance(e, OSError):
-        what = e.strerror or str(e)
-        where = f" ({e.filename})" if e.filename else ""
-        return f"shard {_unit_name(unit)} failed: {what}{where}; fix that and run again with --resume"
-    return f"shard {_unit_name(unit)} failed: {e}"
 
 
 def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict | None = None) -> tuple[int, int]:
@@ -784,7 +279,7 @@ def _flat_figures(out, units, cfg: IndexConfig, splits) -> dict | None:
 def padding_info(cfg: IndexConfig) -> dict:
     if not cfg.pad_aware:
         return {"policy": "none"}
-    from .padding import DETECTOR
+    from dynavit.pipeline.padding import DETECTOR
 
     return {"policy": "pad-aware", "detector": DETECTOR}
 

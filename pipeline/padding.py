@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decode import _resize_plan, target_size
+from dynavit.pipeline.decode import _resize_plan, target_size
 
 __all__ = ["DETECTOR", "img2dataset_border_box", "content_box_from_meta", "detect_constant_border",
            "content_box", "map_box", "padding_patches", "padding_masks", "mask_scores"]

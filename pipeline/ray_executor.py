@@ -1,7 +1,7 @@
 """`dynaprep index --executor ray`: the same work units, run as Ray tasks.
 
 Only *where* a unit runs changes. The driver plans the units, prepares --out, skips the
-units that are done and merges, exactly as with `--executor processes` (pipeline/index.py);
+units that are done and merges, exactly as with `--executor processes` (pipeline/index.py, pipeline/unit.py);
 each unit is one Ray task running `process_unit`, which writes its tars and part files
 itself. So the output is byte-identical to a processes run or a --rank/--world-size run, and
 a killed driver is finished by `--resume` like any other run.
@@ -26,8 +26,9 @@ import logging
 import os
 import uuid
 
-from .index import IndexConfig, RunError, UnitError, _unit_name, process_unit
-from .sources import SourceError, open_source
+from dynavit.pipeline.plan import IndexConfig, RunError, UnitError, _unit_name
+from dynavit.pipeline.unit import process_unit
+from dynavit.pipeline.sources import SourceError, open_source
 
 INSTALL_HINT = 'pip install "dynavit[ray]"'
 POLL_S = 0.2

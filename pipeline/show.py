@@ -132,7 +132,7 @@ def plan_show(out_dir, split: str | None, n: int, ks, keys=None, seed: int = 0, 
 def load_samples(plan: ShowPlan) -> list[dict]:
     """Image, label, scores per scorer and kept indices per K (first scorer) of each key,
     read by offset through the shard reader the trainer uses."""
-    from .decode import DecodeError, load_image
+    from dynavit.pipeline.decode import DecodeError, load_image
 
     tables = {}
     for scorer in plan.scorers:
@@ -193,8 +193,8 @@ def load_samples(plan: ShowPlan) -> list[dict]:
 def flat_check(samples: list[dict], plan: "ShowPlan") -> dict:
     """The flat-patch check of `dynaprep index` (pipeline/flatness.py) on the shown samples:
     each shown scorer's kept sets as stored, flatness from the stored pixels."""
-    from . import flatness
-    from .saliency import score_patches
+    from dynavit.pipeline import flatness
+    from dynavit.pipeline.saliency import score_patches
 
     counts = flatness.empty_counts()
     patch = plan.info.patch_size

@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 
 from dynavit.manifests import k_count, read_shards
-from dynavit.trainer.bench import _decode_tar, format_bench, run_bench
+from dynavit.trainer.bench.throughput import _decode_tar, format_bench, run_bench
 from dynavit.trainer.cli import cli
-from dynavit.trainer.flops import build_meta_model, count_macs
+from dynavit.trainer.methods.flops import build_meta_model, count_macs
 from tiny_dataset import make_tiny_dataset
 
 TINY = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}

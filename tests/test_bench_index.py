@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dynavit.pipeline.bench_index import floor_jobs, make_jpegs
+from dynavit.pipeline.bench.index import floor_jobs, make_jpegs
 from dynavit.pipeline.cli import main as cli
 from dynavit.pipeline.index import IndexConfig, plan, split_jobs
 from dynavit.pipeline.sources import open_source

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("timm")
 
-from dynavit.trainer.bench_infer import format_table, run_bench  # noqa: E402
-from dynavit.trainer.cli_tools import bench_infer_command as main  # noqa: E402
+from dynavit.trainer.bench.infer import format_table, run_bench  # noqa: E402
+from dynavit.trainer.bench.infer import bench_infer_command as main  # noqa: E402
 
 
 def test_run_bench_rows_and_table():

@@ -1,15 +1,15 @@
-"""Exact MACs of ToMe / EViT and budget matching against Dyna-ViT (dynavit.trainer.budget)."""
+"""Exact MACs of ToMe / EViT and budget matching against Dyna-ViT (dynavit.trainer.methods.budget)."""
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dynavit.trainer.bench_compare import compare, format_compare
-from dynavit.trainer.budget import (_stem_head_macs, budget_table, closed_form_evit_macs,
+from dynavit.trainer.bench.compare import compare, format_compare
+from dynavit.trainer.methods.budget import (_stem_head_macs, budget_table, closed_form_evit_macs,
                                     closed_form_tome_macs, count_dynavit_macs,
                                     count_evit_macs, count_tome_macs, match_budget,
                                     match_evit_keep_rate, match_tome_r)
-from dynavit.trainer.flops import count_macs
+from dynavit.trainer.methods.flops import count_macs
 
 
 def tiny_vit(device=None, **kw):
@@ -82,7 +82,7 @@ _VIT_B = []
 
 def _meta_vit_b():
     if not _VIT_B:
-        from dynavit.trainer.flops import build_meta_model
+        from dynavit.trainer.methods.flops import build_meta_model
         _VIT_B.append(build_meta_model("vit_base_patch16_224"))
     return _VIT_B[0]
 

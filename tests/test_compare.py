@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dynavit.trainer.budget import count_evit_macs, count_tome_macs
+from dynavit.trainer.methods.budget import count_evit_macs, count_tome_macs
 from dynavit.trainer.cli import main
-from dynavit.trainer.flops import build_meta_model, count_macs
+from dynavit.trainer.methods.flops import build_meta_model, count_macs
 from tiny_dataset import make_tiny_dataset
 
 # 12 blocks, so that EViT's default pruning blocks 4, 7, 10 exist.
@@ -168,7 +168,7 @@ def test_method_argument_errors_exit_2(tmp_path, capsys):
 def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, tmp_path):
     import torch
 
-    from dynavit.trainer.compare import method_macs
+    from dynavit.trainer.analysis.compare import method_macs
     from dynavit.trainer.model import make_heads
 
     run = tmp_path / method
@@ -181,7 +181,7 @@ def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, 
     macs = method_macs(meta, method, 50, param, make_heads(meta, method, 4))
     assert abs(macs / count_macs(meta, 50) - 1) < 0.05  # within 5 % of Dyna-ViT's MACs at K=50
     budget = run_budget(run)  # the record, `flops --method all` and compare agree
-    assert budget["param"] == param and budget["macs"] == macs and budget["counter"] == "dynavit.trainer.macs/1"
+    assert budget["param"] == param and budget["macs"] == macs and budget["counter"] == "dynavit.trainer.methods.macs/1"
     learned = {(e["method"], e["k"]): e for e in flops_all()["learned"]}
     assert learned[(method, 50)]["param"] == param and learned[(method, 50)]["macs"] == macs
     out = tmp_path / "table"

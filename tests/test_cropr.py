@@ -1,16 +1,16 @@
-"""Token Cropr over an unmodified timm ViT (dynavit.trainer.cropr)."""
+"""Token Cropr over an unmodified timm ViT (dynavit.trainer.methods.cropr)."""
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from dynavit.trainer.budget import count_dynavit_macs
-from dynavit.trainer.cropr import (CroprRouters, count_cropr_macs, cropr_forward, cropr_loss,
+from dynavit.trainer.methods.budget import count_dynavit_macs
+from dynavit.trainer.methods.cropr import (CroprRouters, count_cropr_macs, cropr_forward, cropr_loss,
                                    cropr_schedule, cropr_token_counts, cropr_trainable,
                                    match_cropr_budget)
-from dynavit.trainer.flops import build_meta_model
-from dynavit.trainer.learned import param_snapshot
+from dynavit.trainer.methods.flops import build_meta_model
+from dynavit.trainer.methods.learned import param_snapshot
 
 KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
 

@@ -1,18 +1,18 @@
-"""DynamicViT over an unmodified timm ViT (dynavit.trainer.dynamicvit)."""
+"""DynamicViT over an unmodified timm ViT (dynavit.trainer.methods.dynamicvit)."""
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from dynavit.trainer.budget import count_dynavit_macs
-from dynavit.trainer.dynamicvit import (DynamicViTHeads, count_dynamicvit_macs,
+from dynavit.trainer.methods.budget import count_dynavit_macs
+from dynavit.trainer.methods.dynamicvit import (DynamicViTHeads, count_dynamicvit_macs,
                                         default_layers, distill_loss, dynamicvit_forward,
                                         dynamicvit_keep_counts, dynamicvit_loss,
                                         dynamicvit_trainable, match_dynamicvit_budget,
                                         ratio_loss)
-from dynavit.trainer.flops import build_meta_model
-from dynavit.trainer.learned import attend_with_policy, param_snapshot
+from dynavit.trainer.methods.flops import build_meta_model
+from dynavit.trainer.methods.learned import attend_with_policy, param_snapshot
 
 KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
 

@@ -17,8 +17,8 @@ from dynavit.manifests import IndexShard
 from dynavit.pipeline.cli import main as dynaprep_main
 from dynavit.trainer.cli import main
 from dynavit.trainer.data import build_loader, normalize, open_dataset
-from dynavit.trainer.evaluate import EvaluateError, evaluate_run
-from dynavit.trainer.online import DynaViT
+from dynavit.trainer.infer.evaluate import EvaluateError, evaluate_run
+from dynavit.trainer.infer.online import DynaViT
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS),

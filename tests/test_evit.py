@@ -1,4 +1,4 @@
-"""EViT over an unmodified timm ViT (dynavit.trainer.evit)."""
+"""EViT over an unmodified timm ViT (dynavit.trainer.methods.evit)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
-from dynavit.trainer.evit import (evit_forward, evit_forward_features, evit_keep_count,
+from dynavit.trainer.methods.evit import (evit_forward, evit_forward_features, evit_keep_count,
                                   evit_select, evit_token_counts, resolve_layers)
 
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""MAC counting and the analytic S-model (dynavit.trainer.flops)."""
+"""MAC counting and the analytic S-model (dynavit.trainer.methods.flops)."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
-from dynavit.trainer.flops import (
+from dynavit.trainer.methods.flops import (
     build_meta_model,
     closed_form_coeffs,
     closed_form_macs,
@@ -136,7 +136,7 @@ def test_cli_bad_arguments_exit_2_and_write_nothing(tmp_path, args):
 
 def test_bench_step_smoke(tmp_path):
     # bench_step reuses count_macs for its ideal speed-up column; keep it runnable.
-    from dynavit.trainer.cli_tools import bench_step_command as bench_main
+    from dynavit.trainer.bench.step import bench_step_command as bench_main
 
     out = tmp_path / "b.json"
     r = CliRunner().invoke(bench_main, ["--batch", "1", "--k", "50", "--steps", "1",

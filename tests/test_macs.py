@@ -1,4 +1,4 @@
-"""dynavit's own MAC counter (dynavit.trainer.macs): formulas from shapes, the same on every
+"""dynavit's own MAC counter (dynavit.trainer.methods.macs): formulas from shapes, the same on every
 device and torch version, and no matmul-class op silently counted as 0.
 
 Why this exists: torch 2.14.1's FlopCounterMode counted the CPU attention kernel
@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dynavit.manifests import k_count
-from dynavit.trainer import macs as macs_mod
-from dynavit.trainer.budget import closed_form_evit_macs, closed_form_tome_macs
-from dynavit.trainer.flops import closed_form_macs, model_dims
-from dynavit.trainer.macs import FORMULAS, MacCounter, UncountedOpError, count, is_matmul_class
+from dynavit.trainer.methods import macs as macs_mod
+from dynavit.trainer.methods.budget import closed_form_evit_macs, closed_form_tome_macs
+from dynavit.trainer.methods.flops import closed_form_macs, model_dims
+from dynavit.trainer.methods.macs import FORMULAS, MacCounter, UncountedOpError, count, is_matmul_class
 from dynavit.trainer.model import make_heads, meta_copy, method_forward
 
 # 12 blocks: EViT's default keep layers (4, 7, 10) exist; tiny dims keep it fast on CPU.

@@ -13,9 +13,9 @@ from tiny_dataset import make_tiny_dataset
 
 from dynavit.trainer.cli import main
 from dynavit.trainer.config import TrainConfig
-from dynavit.trainer.dynamicvit import DynamicViTHeads, dynamicvit_forward
+from dynavit.trainer.methods.dynamicvit import DynamicViTHeads, dynamicvit_forward
 from dynavit.trainer.model import make_heads, teacher_outputs, training_loss
-from dynavit.trainer.method_recipes import FROM_SCRATCH, recipe_for
+from dynavit.trainer.methods.recipes import FROM_SCRATCH, recipe_for
 from dynavit.trainer.train import make_optimizer
 
 KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=4)
@@ -119,7 +119,7 @@ def test_evit_keep_rate_warmup_from_scratch_follows_adjust_keep_rate():
     """youweiliang/evit 5ca95a7 helpers.py adjust_keep_rate with run_code.sh's 10 + 100 of 300
     epochs, as fractions of this run: 1 before, a half cosine from 1 to the final rate, then
     the final rate; the fine-tune recipe (finetune.sh) has none."""
-    from dynavit.trainer.method_recipes import keep_rate_at
+    from dynavit.trainer.methods.recipes import keep_rate_at
 
     assert keep_rate_at(recipe_for("evit", True), 0.5, 300, 10) is None
     rate = keep_rate_at(recipe_for("evit", False), 0.5, 300, 10)
@@ -133,7 +133,7 @@ def test_evit_keep_rate_warmup_from_scratch_follows_adjust_keep_rate():
 
 
 def test_dynatrain_evit_from_scratch_trains_through_the_schedule(dataset, tmp_path, monkeypatch):
-    import dynavit.trainer.evit as evit
+    import dynavit.trainer.methods.evit as evit
 
     seen = []
     real = evit.evit_forward

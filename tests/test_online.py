@@ -13,10 +13,10 @@ timm = pytest.importorskip("timm")
 from dynavit.pipeline.saliency import score_patches  # noqa: E402
 from dynavit.pipeline.topk import k_count as pipeline_k_count  # noqa: E402
 from dynavit.pipeline.topk import select_topk  # noqa: E402
-from dynavit.trainer.online import DynaViT  # noqa: E402
-from dynavit.trainer.scoring import (IMAGENET_MEAN, IMAGENET_STD, keep_count, score,  # noqa: E402
+from dynavit.trainer.infer.online import DynaViT  # noqa: E402
+from dynavit.trainer.infer.scoring import (IMAGENET_MEAN, IMAGENET_STD, keep_count, score,  # noqa: E402
                                      to_pixels, topk_indices)
-from dynavit.trainer.sparse import sparse_forward  # noqa: E402
+from dynavit.trainer.methods.sparse import sparse_forward  # noqa: E402
 
 PATCHES = (8, 14, 16, 32)
 KINDS = ("random", "smooth", "constant", "bright_pixel")

@@ -18,8 +18,8 @@ from dynavit.pipeline.decode import load_image  # noqa: E402
 from dynavit.pipeline.saliency import score_patches  # noqa: E402
 from dynavit.pipeline.topk import select_topk  # noqa: E402
 from dynavit.trainer.cli_tools import predict_command  # noqa: E402
-from dynavit.trainer.predict import predict  # noqa: E402
-from dynavit.trainer.sparse import sparse_forward  # noqa: E402
+from dynavit.trainer.infer.predict import predict  # noqa: E402
+from dynavit.trainer.methods.sparse import sparse_forward  # noqa: E402
 
 MODEL = "vit_tiny_patch16_224"
 KW = {"depth": 2}

@@ -195,7 +195,7 @@ def test_every_recipe_option_is_recorded_restored_and_worker_independent(ds, tmp
     for name in ("model", "model_ema"):
         assert_same(weights(resumed, name), weights(straight, name), atol=1e-6)
         assert_same(weights(workers, name), weights(straight, name), atol=1e-6)
-    from dynavit.trainer.report import load_run, run_row
+    from dynavit.trainer.analysis.report import load_run, run_row
     assert run_row(load_run(straight))["recipe"] == ("hflip 0.3 · vflip 0.4 · trivial-color · jitter 0.4,0.3,0.3,0.1 · reprob 0.5 · "
                                                      "ema 0.9 · layer-decay 0.8 · accum 2 · drop-path 0.1 · mixup 0.8 · cutmix 1 · "
                                                      "mixup-prob 0.9")

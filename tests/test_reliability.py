@@ -28,6 +28,7 @@ from click.testing import CliRunner
 import fixtures_data as fd
 from dynavit.manifests import validate_dataset
 from dynavit.pipeline import index as index_mod
+from dynavit.pipeline import unit as unit_mod
 from dynavit.pipeline.cli import main
 from dynavit.pipeline.sources import SourceError, open_source
 from dynavit.pipeline.sources.cifar100 import restricted_load
@@ -357,7 +358,7 @@ def test_killed_merge_manifests_leaves_nothing_after_the_next_merge(tmp_path):
 # ------------------------------------------------------------------ 5. one-line errors
 
 def test_disk_full_during_prep_is_one_line_exit_1(tmp_path, monkeypatch):
-    real, calls = index_mod.write_table_atomic, []
+    real, calls = unit_mod.write_table_atomic, []
 
     def full(path, *a, **k):
         calls.append(path)
@@ -365,14 +366,14 @@ def test_disk_full_during_prep_is_one_line_exit_1(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, *a, **k)
 
-    monkeypatch.setattr(index_mod, "write_table_atomic", full)
+    monkeypatch.setattr(unit_mod, "write_table_atomic", full)
     out = tmp_path / "out"
     result = invoke(*DEMO, "--out", out)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = error_lines(result.output)
     assert re.fullmatch(r"Error: shard train/000001 failed: No space left on device \(.*train-000001\.manifest"
                         r"\.parquet\); fix that and run again with --resume", line), line
-    monkeypatch.setattr(index_mod, "write_table_atomic", real)
+    monkeypatch.setattr(unit_mod, "write_table_atomic", real)
     assert invoke(*DEMO, "--out", out, "--resume").exit_code == 0
     assert validate_dataset(out) == [] and tmp_files(out) == []
 

@@ -14,7 +14,7 @@ from PIL import Image
 pytest.importorskip("matplotlib")
 
 from dynavit.trainer.cli import main
-from dynavit.trainer.report import build_report, confusion_matrix, load_run, per_class_metrics, predict
+from dynavit.trainer.analysis.report import build_report, confusion_matrix, load_run, per_class_metrics, predict
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 PNGS = ("acc_vs_time.png", "acc_vs_k.png", "curves.png")

@@ -1,6 +1,6 @@
 """The resize of load_image (pipeline/resample.py): PIL's bicubic arithmetic bit for bit,
 _resize_plan's geometry, deterministic, and as close to an ideal float64 resize as the
-PIL resize-then-crop it replaced. No timings here: `python -m dynavit.pipeline.profile_index
+PIL resize-then-crop it replaced. No timings here: `python -m dynavit.pipeline.bench.profile
 --resize` measures speed against OpenCV."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image, JpegImagePlugin
 
 from dynavit.pipeline import decode, resample
 from dynavit.pipeline.decode import _resize_plan, load_image
-from dynavit.pipeline.profile_index import psnr, reference_resize
+from dynavit.pipeline.bench.profile import psnr, reference_resize
 
 from fixtures_data import jpeg_bytes
 

@@ -1,4 +1,4 @@
-"""Sparse forward of an unmodified timm ViT (dynavit.trainer.sparse)."""
+"""Sparse forward of an unmodified timm ViT (dynavit.trainer.methods.sparse)."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from dynavit.trainer.sparse import (
+from dynavit.trainer.methods.sparse import (
     dense_equivalent_mask,
     num_patches,
     sparse_forward,

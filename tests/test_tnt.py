@@ -1,4 +1,4 @@
-"""TNT (Training Noise Token pruning) over an unmodified timm ViT (dynavit.trainer.tnt)."""
+"""TNT (Training Noise Token pruning) over an unmodified timm ViT (dynavit.trainer.methods.tnt)."""
 
 import math
 
@@ -7,10 +7,10 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 import torch
 
-from dynavit.trainer.budget import count_dynavit_macs
-from dynavit.trainer.flops import build_meta_model
-from dynavit.trainer.learned import param_snapshot
-from dynavit.trainer.tnt import (TNTHeads, count_tnt_macs, default_s, match_tnt_budget,
+from dynavit.trainer.methods.budget import count_dynavit_macs
+from dynavit.trainer.methods.flops import build_meta_model
+from dynavit.trainer.methods.learned import param_snapshot
+from dynavit.trainer.methods.tnt import (TNTHeads, count_tnt_macs, default_s, match_tnt_budget,
                                  similarity_prune, tnt_forward, tnt_plan,
                                  tnt_token_counts,
                                  tnt_trainable)

@@ -1,4 +1,4 @@
-"""ToMe over an unmodified timm ViT (dynavit.trainer.tome)."""
+"""ToMe over an unmodified timm ViT (dynavit.trainer.methods.tome)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import timm
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-from dynavit.trainer.tome import (bipartite_soft_matching, merge_tokens, merge_wavg,
+from dynavit.trainer.methods.tome import (bipartite_soft_matching, merge_tokens, merge_wavg,
                                   resolve_r, tome_forward, tome_forward_features,
                                   tome_schedule, tome_token_counts)
 

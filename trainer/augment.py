@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Batch, _sample_bits, normalize
+from dynavit.trainer.data import Batch, _sample_bits, normalize
+from dynavit.trainer.errors import ConfigError
 
 _JITTER, _ERASE, _TRIVIAL = 5, 6, 8  # purposes beside data.py's (1..4) and mixing.py's (7)
 
@@ -48,7 +49,6 @@ def parse_jitter(value) -> list[float] | None:
 
 
 def check_augment(cfg) -> None:
-    from .config import ConfigError
     cj = cfg.color_jitter
     if cj is not None:
         ok = isinstance(cj, (list, tuple)) and len(cj) in (3, 4) and all(

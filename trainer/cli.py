@@ -18,9 +18,11 @@ import click
 from click.core import ParameterSource
 
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, json_object, out_dir
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
+from dynavit.trainer.bench import compare as bench_compare, infer as bench_infer, report as bench_report
+from dynavit.trainer.bench import step as bench_step, throughput as bench_throughput
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
@@ -112,7 +114,7 @@ def cli():
                    "evit/tome/cropr/dynavit the whole model (evit from scratch: its keep-rate warm-up). Sources and "
                    "details: docs/BASELINES.md.")
 @click.option("--model", default="vit_base_patch16_224", show_default=True, help="timm model name (a VisionTransformer), optionally with a pretrained tag.")
-@click.option("--model-kwargs", callback=cli_tools.json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
+@click.option("--model-kwargs", callback=json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Start from local weights: a timm/torch state_dict or a dynatrain last.pt/best.pt. A classifier of another shape is dropped.")
 @click.option("--input-size", type=click.IntRange(1, MAX_IMAGE_SIZE), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
@@ -174,12 +176,13 @@ def train_command(ctx, **options):
         raise click.ClickException(str(e)) from None
 
 
-# The tools' commands (cli_tools.py), registered after the group exists.
-
-for _command in (cli_tools.flops_command, cli_tools.bench_command, cli_tools.bench_step_command,
-                 cli_tools.bench_report_command, cli_tools.report_command, cli_tools.predict_command,
-                 cli_tools.bench_infer_command, cli_tools.bench_compare_command, cli_tools.evaluate_command,
-                 cli_tools.compare_command):
+# The tools' commands (cli_tools.py) and the benchmarks' (each in its bench/ module),
+# registered after the group exists.
+for _command in (cli_tools.flops_command, cli_tools.report_command, cli_tools.predict_command,
+                 cli_tools.evaluate_command, cli_tools.compare_command,
+                 bench_throughput.bench_command, bench_step.bench_step_command,
+                 bench_report.bench_report_command, bench_infer.bench_infer_command,
+                 bench_compare.bench_compare_command):
     cli.add_command(_command)
 
 

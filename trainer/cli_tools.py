@@ -7,10 +7,7 @@ bench_report.py, report.py). `dynatrain` registers these in cli.py.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,46 +18,19 @@ import torch
 from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
-from dynavit.manifests.options import parse_k_list, parse_triple
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, json_object, k_list, out_dir, out_file
+from dynavit.manifests.options import parse_triple
 
-from .bench import format_bench, run_bench
-from .bench_compare import compare as compare_methods
-from .bench_compare import format_compare
-from .bench_infer import format_table as format_infer_table
-from .bench_infer import run_bench as run_infer_bench
-from .bench_report import BenchmarkFailed, write_report
-from .bench_step import AMP_DTYPES
-from .bench_step import bench as bench_step
-from .budget import budget_table, match_budgets
-from .model import budget_record, make_heads
-from .selection import LEARNED
-from .compare import compare_runs, write_compare
-from .flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
-from .predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
+from dynavit.trainer.methods.budget import budget_table, match_budgets
+from dynavit.trainer.model import budget_record, make_heads
+from dynavit.trainer.selection import LEARNED
+from dynavit.trainer.analysis.compare import compare_runs, write_compare
+from dynavit.trainer.methods.flops import build_meta_model, closed_form_coeffs, flops_table, model_dims
+from dynavit.trainer.infer.predict import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SCORERS, PredictError, list_images, load_model,
                       predict, write_rows)
-from .report import MissingExtra, ReportError, build_report, load_run, require_matplotlib
+from dynavit.trainer.analysis.report import MissingExtra, ReportError, build_report, load_run, require_matplotlib
 
 
-def k_list(ctx, param, value: str) -> list[int]:
-    """click callback around the one K-list parser: a bad --k is a usage error (exit 2)."""
-    try:
-        return parse_k_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def json_object(ctx, param, value):
-    """click callback: a JSON object option (e.g. --model-kwargs)."""
-    if value is None:
-        return {}
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
-    return obj
 
 
 _out_dir, _out_file = out_dir, out_file  # click callbacks shared with dynaprep (pipeline/cli_types.py)
@@ -136,87 +106,10 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
     if json_path:
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,
                    fit=fit, closed_form=dict(alpha=cf[0], beta=cf[1], gamma=cf[2]),
-                   unit="MACs, counted by dynavit.trainer.macs (formulas from shapes; device- and version-independent)", budgets=budgets,
+                   unit="MACs, counted by dynavit.trainer.methods.macs (formulas from shapes; device- and version-independent)", budgets=budgets,
                    learned=learned if method == "all" else None, model_kwargs=model_kwargs,
                    device=device)
         write_json_atomic(json_path, doc)
-
-
-@click.command("bench-step")
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
-              help="timm VisionTransformer name (random weights, pretrained=False).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
-              help="Images per step.")
-@click.option("--k", "ks", default="100,70,50,25", show_default=True, callback=k_list,
-              help="Comma-separated keep percentages; dense timm forward is always added.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(1),
-              help="Timed steps per configuration per repeat.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
-              help="Untimed steps per configuration before timing.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
-              help="Interleaved rounds over all configurations; the median is reported.")
-@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="off", show_default=True,
-              help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              show_default=True, help="Where to run.")
-@click.option("--infer", is_flag=True, help="Time inference (forward only) instead of a "
-              "train step (forward, backward, AdamW step).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
-              help="Also write the rows and the settings to this JSON file.")
-def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, device, infer, json_path):
-    """Measured vs ideal speed-up of the sparse forward over dense timm, synthetic data."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    try:
-        rows = bench_step(model_name, ks, batch, steps, warmup, repeats, amp, device, infer)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise click.BadParameter(str(e).splitlines()[0], param_hint="--model")
-        raise
-    what = "inference" if infer else "train step (fwd+bwd+AdamW)"
-    click.echo(f"{model_name} batch={batch} amp={amp} device={device} "
-               f"threads={torch.get_num_threads()} {what}")
-    click.echo(f"{'K':>6} {'S':>5} {'img/s':>9} {'speedup':>8} {'ideal':>7} {'ratio':>6} "
-               f"{'spread':>7}")
-    for r in rows:
-        click.echo(f"{r['K']!s:>6} {r['S']:>5} {r['imgs_per_s']:9.1f} {r['speedup']:8.3f} "
-                   f"{r['ideal_speedup']:7.3f} {r['efficiency']:6.3f} {r['spread']:7.1%}")
-    if json_path:
-        doc = dict(model=model_name, batch=batch, amp=amp, device=device, infer=infer,
-                   steps=steps, warmup=warmup, repeats=repeats,
-                   threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
-        write_json_atomic(json_path, doc)
-    return rows
-
-
-@click.command("bench")
-@click.option("--shards", type=click.Path(exists=True, file_okay=False), required=True,
-              help="A dataset directory written by dynaprep (its image size sets the model's).")
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
-@click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
-@click.option("--k", "ks", default="100,50,25", show_default=True, callback=k_list,
-              help="K values (100 = dense via sparse_forward).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(1), help="Timed steps per repeat.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Interleaved repeats (median).")
-@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True, help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
-@click.option("--scorer", default=None, help="Index shard set the loader reads. [default: the dataset's first scorer]")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file, help="Also write the results here.")
-def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
-    """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
-    try:
-        kwargs = json.loads(model_kwargs)
-        worker_counts = [int(w) for w in workers.split(",")]
-    except ValueError as e:
-        raise click.UsageError(f"bad --model-kwargs or --workers: {e}") from None
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    result = run_bench(shards, model_name, kwargs, ks, batch, steps, repeats, amp, device, worker_counts, scorer)
-    click.echo(format_bench(result))
-    if json_path:
-        write_json_atomic(json_path, result)
 
 
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -255,21 +148,6 @@ def report_command(runs, out_dir, confusion, split, shards, device, batch_size, 
     best = max(result["rows"], key=lambda r: r["best_acc1"])
     click.echo(f"dynatrain report: {len(result['rows'])} runs → {out_dir}/sweep.md "
                f"(best top-1 {best['best_acc1']:.2f}% at K={best['k']}); {len(result['files'])} files")
-
-
-@click.command("bench-report")
-@click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
-              callback=_out_file)
-@click.option("--work", default="out/bench", show_default=True, type=click.Path(file_okay=False),
-              help="Where benchmark data is generated (kept between runs).")
-@click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run, not figures to publish).")
-def bench_report_command(out, work, quick):
-    """Run the kernel, dynaprep, FLOP and dynatrain benchmarks; write the Markdown report (`make bench`)."""
-    try:
-        write_report(out, work, quick, log=lambda m: click.echo(m, err=True))
-    except BenchmarkFailed as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {out}")
 
 
 # --- predict ----------------------------------------------------------------------------------
@@ -397,122 +275,6 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
                f"({len(rows) / max(dt, 1e-9):.1f} img/s) -> {out}", err=True)
 
 
-# --- bench-infer ---------------------------------------------------------------------------------
-
-def _bench_infer_list(ctx, param, value):
-    try:
-        out = [v.strip() for v in value.split(",") if v.strip()]
-    except AttributeError:
-        raise click.BadParameter("expected a comma-separated list") from None
-    if not out:
-        raise click.BadParameter("expected a comma-separated list")
-    if param.name == "k":
-        try:
-            ks = [int(v) for v in out]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a list of integers") from None
-        if any(not 1 <= k <= 100 for k in ks):
-            raise click.BadParameter("K must be in 1..100")
-        return ks
-    bad = [v for v in out if v not in SCORERS]
-    if bad:
-        raise click.BadParameter(f"unknown scorer(s) {', '.join(bad)}; valid: {', '.join(SCORERS)}")
-    return out
-
-
-@click.command("bench-infer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--model", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
-@click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size.")
-@click.option("--k", default="100,70,50,25", show_default=True, callback=_bench_infer_list,
-              help="Percents of patches kept.")
-@click.option("--scorers", default=",".join(SCORERS), show_default=True, callback=_bench_infer_list,
-              help="Online scorers to time.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--round-to", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Also time S rounded up to a multiple of this (0: off).")
-@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--latency/--no-latency", default=True, show_default=True, help="Also time batch 1.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile every module first.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, callback=_out_file, help="Also write raw timings.")
-def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precision, round_to, reps, iters, warmup,
-                        latency, compile_, threads, json_out):
-    """Images/s of dense vs sparse (precomputed indices) vs online Dyna-ViT per scorer and K."""
-    try:
-        kwargs = json.loads(model_kwargs)
-        assert isinstance(kwargs, dict)
-    except (json.JSONDecodeError, AssertionError):
-        raise click.BadParameter("must be a JSON object", param_hint="--model-kwargs") from None
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise click.BadParameter(f"{device!r} is not a torch device", param_hint="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    click.echo(f"bench_infer: {model} batch {batch} K={k} on {device} ...", err=True)
-    res = run_infer_bench(model, batch, k, scorers, device, precision, round_to or None, reps, iters,
-                    warmup, latency, model_kwargs=kwargs, compile=compile_,
-                    log=lambda s: click.echo(s, err=True))
-    click.echo(format_infer_table(res))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(res, f, indent=1)
-    click.echo(f"bench_infer: done in {time.perf_counter() - t0:.0f}s", err=True)
-
-
-# --- bench-compare -------------------------------------------------------------------------------
-
-@click.command("bench-compare")
-@click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
-              help="timm VisionTransformer to benchmark (random weights, nothing downloaded).")
-@click.option("--k", "ks", default="70,50", show_default=True, callback=k_list,
-              help="Comma-separated Dyna-ViT keep percentages K; ToMe and EViT are matched "
-                   "to each K's exact MACs.")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
-              help="Images per forward.")
-@click.option("--steps", default=3, show_default=True, type=click.IntRange(1),
-              help="Forwards per timing.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
-              help="Timings per configuration (interleaved); median and fastest are reported.")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0),
-              help="Untimed forwards per configuration first.")
-@click.option("--ref-model", default="vit_base_patch16_224", show_default=True,
-              help="Model whose matched parameters and GMACs are printed alongside "
-                   "(counted on the meta device); '' for none.")
-@click.option("--device", default="cpu", show_default=True, help="torch device.")
-@click.option("--threads", default=0, type=click.IntRange(0),
-              help="torch intra-op threads (0: torch's default).")
-@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="wall: elapsed time; cpu: this process's CPU time (steadier on a machine "
-                   "shared with other jobs; use with --threads 1).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
-              help="Also write the results to this JSON file.")
-def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_model, device, threads, clock,
-                          json_path):
-    """Dyna-ViT vs ToMe vs EViT at matched exact MACs: GMACs and inference img/s."""
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        res = compare_methods(model_name, ks, batch=batch, steps=steps, repeats=repeats,
-                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise click.UsageError(str(e).splitlines()[0])
-    click.echo(format_compare(res))
-    if json_path:
-        d = os.path.dirname(os.path.abspath(json_path))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(tmp, json_path)
-
-
 # --- evaluate ------------------------------------------------------------------------------------
 
 @click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -551,8 +313,8 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
     RUN is a dynatrain run directory (config.json, best.pt). Prints one line; bad arguments
     exit 2, unreadable shards exit 1.
     """
-    from .data import DataError
-    from .evaluate import EvaluateError, evaluate_run, format_result
+    from dynavit.trainer.data import DataError
+    from dynavit.trainer.infer.evaluate import EvaluateError, evaluate_run, format_result
 
     if progress is None:
         progress = sys.stderr.isatty()

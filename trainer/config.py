@@ -18,13 +18,14 @@ import timm
 import torch
 
 from dynavit.manifests import DatasetInfo, read_manifest
-from dynavit.manifests.options import ArgumentError
 
-from .data import DataError, open_dataset
-from .selection import METHODS
-from .runtime import AMP_MODES, DEVICES, resolve_device
-from .selection import MODES as SELECTS
-from .selection import Selection, SelectionError, resolve_selection
+from dynavit.trainer.data import DataError, open_dataset
+from dynavit.trainer.errors import ConfigError  # noqa: F401 (raised here; imported from here by callers)
+from dynavit.trainer.recipe import check_recipe
+from dynavit.trainer.selection import METHODS
+from dynavit.trainer.runtime import AMP_MODES, DEVICES, resolve_device
+from dynavit.trainer.selection import MODES as SELECTS
+from dynavit.trainer.selection import Selection, SelectionError, resolve_selection
 
 SCHEDULES = ("step", "cosine")
 # Options a resume may change without changing the result. `workers` is one of them: an
@@ -37,10 +38,6 @@ RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite"
 # method's parameter): a resume that changed them would relabel the run's weights.
 RESUME_FIXED_FIELDS = {"model", "model_kwargs", "k", "select", "scorer", "method", "input_size", "pretrained",
                        "checkpoint"}
-
-
-class ConfigError(ArgumentError):
-    """A bad argument, detected before anything is written. `param` names the option."""
 
 
 @dataclass
@@ -177,7 +174,6 @@ def check_config(cfg: TrainConfig) -> Checked:
     info = _check_dataset(cfg)
     val_split = _check_splits(cfg, info)
     _check_numbers(cfg)
-    from .recipe import check_recipe  # recipe.py imports this module
     check_recipe(cfg)
     _check_runtime(cfg)
     _check_out(cfg)

@@ -49,8 +49,8 @@ from dynavit.manifests.shards import UNLABELED, MismatchError, SampleTable, Shar
 from dynavit.pipeline.decode import decode_stored, load_image
 from dynavit.pipeline.topk import select_topk
 
-from .selection import MODES as SELECT_MODES
-from .selection import Selection, SelectionError, resolve_selection
+from dynavit.trainer.selection import MODES as SELECT_MODES
+from dynavit.trainer.selection import Selection, SelectionError, resolve_selection
 
 log = logging.getLogger(__name__)
 

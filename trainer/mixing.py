@@ -29,13 +29,13 @@ import torch
 
 from dynavit.pipeline.topk import select_topk
 
-from .data import _sample_bits
+from dynavit.trainer.data import _sample_bits
+from dynavit.trainer.errors import ConfigError
 
 _MIX = 7  # purpose beside data.py's (1..4) and augment.py's (5, 6)
 
 
 def check_mixing(cfg) -> None:
-    from .config import ConfigError
     for name, value, ok in (("--mixup", cfg.mixup, cfg.mixup >= 0), ("--cutmix", cfg.cutmix, cfg.cutmix >= 0),
                             ("--mixup-prob", cfg.mixup_prob, 0 <= cfg.mixup_prob <= 1),
                             ("--mixup-switch-prob", cfg.mixup_switch_prob, 0 <= cfg.mixup_switch_prob <= 1)):

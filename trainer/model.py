@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from .config import ConfigError, TrainConfig
-from .recipe import model_kwargs
-from .rundir import load_error
-from .selection import METHODS  # noqa: F401 (re-exported for the CLI)
-from .sparse import check_model, sparse_forward
+from dynavit.trainer.config import ConfigError, TrainConfig
+from dynavit.trainer.recipe import model_kwargs
+from dynavit.trainer.rundir import load_error
+from dynavit.trainer.selection import METHODS  # noqa: F401 (re-exported for the CLI)
+from dynavit.trainer.methods.sparse import check_model, sparse_forward
 
 
 class SparseViT(nn.Module):
@@ -41,19 +41,19 @@ class SparseViT(nn.Module):
 def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str = "dynavit", param=None,
                    validate: bool = False, heads: nn.Module | None = None, training: bool = False):
     if method == "tome":
-        from .tome import tome_forward
+        from dynavit.trainer.methods.tome import tome_forward
         return tome_forward(vit, images, param)
     if method == "evit":
-        from .evit import evit_forward
+        from dynavit.trainer.methods.evit import evit_forward
         return evit_forward(vit, images, param)
     if method == "dynamicvit":
-        from .dynamicvit import dynamicvit_forward
+        from dynavit.trainer.methods.dynamicvit import dynamicvit_forward
         return dynamicvit_forward(vit, heads, images, param, training=training)
     if method == "tnt":
-        from .tnt import tnt_forward
+        from dynavit.trainer.methods.tnt import tnt_forward
         return tnt_forward(vit, heads, images, param, training=training)
     if method == "cropr":
-        from .cropr import cropr_forward
+        from dynavit.trainer.methods.cropr import cropr_forward
         return cropr_forward(vit, heads, images, param, training=training)
     return sparse_forward(vit, images, keep_idx, validate=validate)
 
@@ -78,7 +78,7 @@ def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teac
     distillation (KL of the logits + MSE of the kept tokens, 0.5 each, losses.py), the other
     methods 0.5 x KL of the logits."""
     if method == "dynamicvit":
-        from .dynamicvit import dynamicvit_loss
+        from dynavit.trainer.methods.dynamicvit import dynamicvit_loss
         logits, aux = out
         t_logits, t_tokens = teacher if teacher is not None else (None, None)
         return dynamicvit_loss(logits, aux, labels, param, teacher_logits=t_logits,
@@ -90,7 +90,7 @@ def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teac
         logits = out
         loss = criterion(out, labels)
     if teacher is not None:
-        from .dynamicvit import distill_loss
+        from dynavit.trainer.methods.dynamicvit import distill_loss
         loss = loss + DISTILL_WEIGHT * distill_loss(logits, teacher[0])
     return loss
 
@@ -98,13 +98,13 @@ def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teac
 def make_heads(vit: nn.Module, method: str, num_classes: int) -> nn.Module | None:
     """The learned method's own parameters for this model (None for the others)."""
     if method == "dynamicvit":
-        from .dynamicvit import DynamicViTHeads
+        from dynavit.trainer.methods.dynamicvit import DynamicViTHeads
         return DynamicViTHeads.for_model(vit)
     if method == "tnt":
-        from .tnt import TNTHeads
+        from dynavit.trainer.methods.tnt import TNTHeads
         return TNTHeads.for_model(vit)
     if method == "cropr":
-        from .cropr import CroprRouters
+        from dynavit.trainer.methods.cropr import CroprRouters
         return CroprRouters.for_model(vit, num_classes=num_classes)
     return None
 
@@ -115,20 +115,20 @@ def match_method(vit: nn.Module, method: str, k: int, heads: nn.Module | None = 
     if method == "dynavit":
         return None, f"K={k}"
     if method in ("tome", "evit"):
-        from .budget import match_budget
+        from dynavit.trainer.methods.budget import match_budget
 
         m = match_budget(vit, k)
         if method == "tome":
             return int(m["tome"]["r"]), f"r={m['tome']['r']} ({m['tome']['rel']:+.1%} MACs vs K={k})"
         return float(m["evit"]["keep_rate"]), f"keep_rate={m['evit']['keep_rate']} ({m['evit']['rel']:+.1%} MACs vs K={k})"
     if method == "dynamicvit":
-        from .dynamicvit import match_dynamicvit_budget
+        from dynavit.trainer.methods.dynamicvit import match_dynamicvit_budget
         m, name = match_dynamicvit_budget(vit, k, heads), "rho"
     elif method == "tnt":
-        from .tnt import match_tnt_budget
+        from dynavit.trainer.methods.tnt import match_tnt_budget
         m, name = match_tnt_budget(vit, k, heads), "keep"
     else:
-        from .cropr import match_cropr_budget
+        from dynavit.trainer.methods.cropr import match_cropr_budget
         m, name = match_cropr_budget(vit, k, heads), "r"
     return m[name], f"{name}={m[name]} ({m['rel']:+.1%} MACs vs K={k})"
 
@@ -137,21 +137,21 @@ def method_macs(model: nn.Module, method: str, k: int, param, heads: nn.Module |
     """Exact MACs (``macs.MacCounter``) of one inference forward of `method` at its parameter,
     its own heads included; Dyna-ViT: the sparse forward at K."""
     if method == "tome":
-        from .budget import count_tome_macs
+        from dynavit.trainer.methods.budget import count_tome_macs
         return count_tome_macs(model, param)
     if method == "evit":
-        from .budget import count_evit_macs
+        from dynavit.trainer.methods.budget import count_evit_macs
         return count_evit_macs(model, param)
     if method == "dynamicvit":
-        from .dynamicvit import count_dynamicvit_macs
+        from dynavit.trainer.methods.dynamicvit import count_dynamicvit_macs
         return count_dynamicvit_macs(model, heads, param)
     if method == "tnt":
-        from .tnt import count_tnt_macs
+        from dynavit.trainer.methods.tnt import count_tnt_macs
         return count_tnt_macs(model, heads, param)
     if method == "cropr":
-        from .cropr import count_cropr_macs
+        from dynavit.trainer.methods.cropr import count_cropr_macs
         return count_cropr_macs(model, heads, param)
-    from .flops import count_macs
+    from dynavit.trainer.methods.flops import count_macs
     return count_macs(model, k)
 
 
@@ -170,7 +170,7 @@ def meta_copy(module: nn.Module | None) -> nn.Module | None:
 
 
 #: names the counter the recorded MACs come from (a run's budget says which figures it holds)
-MAC_COUNTER = "dynavit.trainer.macs/1"
+MAC_COUNTER = "dynavit.trainer.methods.macs/1"
 
 
 def budget_record(vit: nn.Module, method: str, k: int, heads: nn.Module | None = None) -> dict:

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-from .config import ConfigError, TrainConfig
+from dynavit.trainer.augment import check_augment
+from dynavit.trainer.errors import ConfigError
+from dynavit.trainer.mixing import check_mixing
+
+if TYPE_CHECKING:  # only for annotations: config imports this module
+    from dynavit.trainer.config import TrainConfig
 
 
 def check_recipe(cfg: TrainConfig) -> None:
@@ -36,8 +42,6 @@ def check_recipe(cfg: TrainConfig) -> None:
         if given is not None and given != cfg.drop_path:
             raise ConfigError(f"--drop-path {cfg.drop_path} contradicts --model-kwargs drop_path_rate={given}",
                               "--drop-path")
-    from .augment import check_augment
-    from .mixing import check_mixing
     check_augment(cfg)
     check_mixing(cfg)
 

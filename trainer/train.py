@@ -38,16 +38,16 @@ from tqdm import tqdm
 
 from dynavit.manifests import write_json_atomic
 
-from . import recipe
-from .augment import Augment, train_inputs
-from .config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
-from .data import DataError, Loader, build_loader
-from .mixing import Mixer
-from .model import (SparseViT, budget_record, build_model, load_weights, make_heads, method_forward, teacher_outputs,
+from dynavit.trainer import recipe
+from dynavit.trainer.augment import Augment, train_inputs
+from dynavit.trainer.config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
+from dynavit.trainer.data import DataError, Loader, build_loader
+from dynavit.trainer.mixing import Mixer
+from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_weights, make_heads, method_forward, teacher_outputs,
                     training_loss)
-from .method_recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
-from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
-from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
+from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
+from dynavit.trainer.rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
+from dynavit.trainer.runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
