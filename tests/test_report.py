@@ -58,6 +58,25 @@ def sweep(tmp_path):
     ]
 
 
+def test_speedup_from_medians_and_a_warning_on_a_large_spread(tmp_path):
+    """One epoch slowed by other load (90 s among 30 s ones) moved the mean speed-up; the
+    median's does not move, and the report warns about that run."""
+    import statistics
+
+    runs = tmp_path / "runs"
+    dense = [ep(60.0, 85.0, s, 100.0) for s in (40.0, 41.0, 39.0)]
+    noisy = [ep(55.0, 80.0, s, 300.0) for s in (10.0, 30.0, 11.0, 10.5)]
+    rs = [fake_run(runs, "k100", 100, 197, dense), fake_run(runs, "k25", 25, 50, noisy)]
+    result = build_report(rs, tmp_path / "report", confusion=False)
+    k100, k25 = result["rows"]
+    assert k25["sec_per_epoch"] == statistics.median([10.0, 30.0, 11.0, 10.5])
+    assert k25["speedup"] == pytest.approx(40.0 / statistics.median([10.0, 30.0, 11.0, 10.5]))
+    assert (k25["sec_per_epoch_min"], k25["sec_per_epoch_max"]) == (10.0, 30.0)
+    assert k25["epoch_spread"] == pytest.approx(20.0 / 10.75)
+    assert [w for w in result["warnings"] if w.startswith("k25: epoch times range 10.0–30.0 s")]
+    assert not [w for w in result["warnings"] if w.startswith("k100")]
+
+
 def test_sweep_table_equals_metrics(sweep, tmp_path):
     out = tmp_path / "report"
     result = build_report(sweep, out, confusion=False)
@@ -89,8 +108,9 @@ def test_sweep_table_equals_metrics(sweep, tmp_path):
         assert p["cm_acc1"] == "" and p["model"] == "vit_small_patch16_224"
 
     md = (out / "sweep.md").read_text()
-    assert "| 70 | 138 | 66.00 | 88.00 | 2/2 | 30.50 | 99.0 | 1.00× | k70 |" in md
-    assert "| 25 | 50 | 55.50 | 80.25 | 2/3 | 11.00 | 290.0 | 2.77× | k25 |" in md
+    assert "| 70 | 138 | 66.00 | 88.00 | 2/2 | 30.50 | 3% | 99.0 | 1.00× | k70 |" in md
+    assert "| 25 | 50 | 55.50 | 80.25 | 2/3 | 11.00 | 18% | 290.0 | 2.77× | k25 |" in md
+    assert result["warnings"] == []  # every spread under 25 %
     for name in PNGS:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] >= 400 and im.size[1] >= 300

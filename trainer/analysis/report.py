@@ -27,6 +27,7 @@ import json
 import math
 import re
 from pathlib import Path
+import statistics
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ from dynavit.manifests import atomic_path
 from dynavit.pipeline.show import MissingExtra, require_matplotlib  # one matplotlib gate for both CLIs
 
 TABLE_FIELDS = ("run", "k", "eval_k", "seq_len", "eval_seq_len", "best_acc1", "acc5_at_best", "best_epoch",
-                "epochs", "sec_per_epoch", "images_per_s", "speedup", "final_acc1", "model", "scorer", "select",
+                "epochs", "sec_per_epoch", "sec_per_epoch_min", "sec_per_epoch_max", "epoch_spread", "images_per_s",
+                "speedup", "final_acc1", "model", "scorer", "select",
                 "eval_split", "cm_acc1", "macro_f1", "recipe", "path")
 PER_CLASS_FIELDS = ("class_index", "class_name", "precision", "recall", "f1", "support", "predicted")
 
@@ -105,9 +107,24 @@ def _unique_names(runs: list[Run]) -> None:
         r.name = safe[i] if n == 0 else f"{safe[i]}-{n + 1}"
 
 
-def _mean(values) -> float | None:
+def _median(values) -> float | None:
     values = [float(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return statistics.median(values) if values else None
+
+
+# Epoch times whose range exceeds this share of their median make a speed-up uncertain: one
+# epoch slowed by other load on a shared machine moves a mean that much (a report once showed
+# a 7.69x "speed-up" where the compute ideal was 4x).
+SPREAD_WARNING = 0.25
+
+
+def _spread(times: list) -> tuple[float | None, float | None, float | None]:
+    """(min, max, (max - min) / median) of the epoch times."""
+    times = [float(t) for t in times if t is not None]
+    if not times:
+        return None, None, None
+    med = statistics.median(times)
+    return min(times), max(times), (max(times) - min(times)) / med if med > 0 else None
 
 
 def run_row(run: Run) -> dict[str, Any]:
@@ -131,8 +148,10 @@ def run_row(run: Run) -> dict[str, Any]:
         "acc5_at_best": None if best.get("acc5") is None else float(best["acc5"]),
         "best_epoch": int(best["epoch"]),
         "epochs": len(ms),
-        "sec_per_epoch": _mean(m.get("epoch_seconds") for m in ms),
-        "images_per_s": _mean(m.get("images_per_s") for m in ms),
+        "sec_per_epoch": _median(m.get("epoch_seconds") for m in ms),
+        **dict(zip(("sec_per_epoch_min", "sec_per_epoch_max", "epoch_spread"),
+                   _spread([m.get("epoch_seconds") for m in ms]))),
+        "images_per_s": _median(m.get("images_per_s") for m in ms),
         "speedup": None,
         "final_acc1": float(ms[-1]["acc1"]),
         "model": cfg.get("model"),
@@ -147,7 +166,8 @@ def run_row(run: Run) -> dict[str, Any]:
 
 
 def sweep_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """Rows sorted by K descending (then run name); speedup = s/epoch of the first row / own."""
+    """Rows sorted by K descending (then run name); speedup = the first row's median s/epoch over
+    this row's (medians: one epoch slowed by other load does not move them)."""
     rows = sorted((run_row(r) for r in runs), key=lambda r: (-(r["k"] if r["k"] is not None else -1), r["run"]))
     top = rows[0]["sec_per_epoch"] if rows else None
     for r in rows:
@@ -272,15 +292,16 @@ def _fmt(value, digits=2, suffix="") -> str:
 
 def sweep_markdown(rows: list[dict]) -> str:
     lines = ["# K sweep", "",
-             "Best validation top-1 over epochs (and top-5 at that epoch); time and throughput are means "
-             "over all epochs of each run. S = prefix tokens + kept patches; speedup = seconds per epoch "
-             "of the first row / this row.", "",
-             "| K | S | top-1 (%) | top-5 (%) | best epoch | s / epoch | img / s | speedup | run |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
+             "Best validation top-1 over epochs (and top-5 at that epoch); time and throughput are medians "
+             "over the epochs of each run, spread = (slowest − fastest epoch) / median. S = prefix tokens + "
+             "kept patches; speedup = median seconds per epoch of the first row / this row's.", "",
+             "| K | S | top-1 (%) | top-5 (%) | best epoch | s / epoch | spread | img / s | speedup | run |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
     for r in rows:
         k = r["k"] if r["eval_k"] in (None, r["k"]) else f"{r['k']} (eval {r['eval_k']})"
         lines.append(f"| {k} | {r['seq_len'] if r['seq_len'] is not None else '–'} | {_fmt(r['best_acc1'])} | "
                      f"{_fmt(r['acc5_at_best'])} | {r['best_epoch']}/{r['epochs']} | {_fmt(r['sec_per_epoch'])} | "
+                     f"{_fmt(None if r['epoch_spread'] is None else 100 * r['epoch_spread'], 0, '%')} | "
                      f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['speedup'], 2, '×')} | {r['run']} |")
     details = sorted({(r["model"], r["scorer"], r["select"]) for r in rows}, key=str)
     lines += ["", "Runs: " + "; ".join(f"{m} · scorer {s} · select {sel}" for m, s, sel in details)]
@@ -451,6 +472,11 @@ def build_report(runs, out_dir, *, confusion: bool = True, split: str | None = N
             files += [csv_path, png_path]
             log(f"  {run.name}: best.pt top-1 {row['cm_acc1']:.2f}% on {used_split} ({int(cm.sum())} images)")
 
+    for row in rows:
+        if row["epoch_spread"] is not None and row["epoch_spread"] > SPREAD_WARNING:
+            warnings.append(f"{row['run']}: epoch times range {row['sec_per_epoch_min']:.1f}–"
+                            f"{row['sec_per_epoch_max']:.1f} s ({100 * row['epoch_spread']:.0f}% of the median); "
+                            f"its speed-up is uncertain (other load on the machine?)")
     write_csv(out / "sweep.csv", TABLE_FIELDS, rows)
     with atomic_path(out / "sweep.md") as tmp:
         tmp.write_text(sweep_markdown(rows))
