@@ -1,4 +1,4 @@
-"""The on-disk contract shared by dynaprep (writer) and dynatrain (reader): DESIGN.md §3–5."""
+"""The on-disk contract shared by dynaprep (writer) and dynatrain (reader): docs/FORMAT.md."""
 from .io import (  # noqa: F401 (the package API)
     atomic_path,
     iter_tar_samples,

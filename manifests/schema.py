@@ -1,4 +1,4 @@
-"""Typed schemas of the on-disk contract (DESIGN.md §3–4).
+"""Typed schemas of the on-disk contract (docs/FORMAT.md).
 
 `dataset.json` is a dataclass (`DatasetInfo`); the two Parquet manifests are pyarrow
 schemas, so a column that drifts in type is caught at write time, not by the trainer.
@@ -27,7 +27,7 @@ DEFAULT_SCORER = "entropy"
 MANIFEST_PARQUET = "manifest.parquet"
 SHARDS_PARQUET = "shards.parquet"
 
-# Member suffixes of a sample (DESIGN §3), the one place that names them.
+# Member suffixes of a sample (docs/FORMAT.md), the one place that names them.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "gif", "bmp", "tif", "tiff")  # webdataset's own image extensions, then what folders and predict also read (decoded with PIL)
 CLS_EXT = "cls"  # integer label as ASCII
 SCORES_EXT = "scores.npy"  # float16 [Gh, Gw]
@@ -210,7 +210,7 @@ def index_shard_name(split: str, scorer: str, shard: int) -> str:
 
 
 def k_count(k_percent: int, n: int) -> int:
-    """Patches kept at K percent of n (DESIGN §5): max(1, floor(K·n/100)), exact integers.
+    """Patches kept at K percent of n (docs/FORMAT.md 'Top-K'): max(1, floor(K·n/100)), exact integers.
     The one definition; everything that needs a kept count calls it."""
     if isinstance(k_percent, bool) or not isinstance(k_percent, int) and not hasattr(k_percent, "__index__"):
         raise ValueError(f"K must be an integer percentage in 1..100, got {k_percent!r}")

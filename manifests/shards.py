@@ -241,7 +241,7 @@ def read_npy(data: bytes) -> np.ndarray:
 
 
 def check_indices(idx: np.ndarray, n: int, kept: int) -> str | None:
-    """What is wrong with a stored kept-index array (DESIGN §3), or None."""
+    """What is wrong with a stored kept-index array (docs/FORMAT.md), or None."""
     if idx.ndim != 1 or len(idx) != kept:
         return f"has shape {list(idx.shape)}, expected [{kept}]"
     if not np.issubdtype(idx.dtype, np.integer):

@@ -1,4 +1,4 @@
-"""Check a dataset directory against the contract (DESIGN.md §3–5).
+"""Check a dataset directory against the contract (docs/FORMAT.md).
 
 `validate_dataset` reports every violation it finds, each with the file it is in, instead
 of stopping at the first: a user fixing a broken directory wants the whole list.

@@ -366,7 +366,7 @@ def _os_error(e: OSError) -> str:
 
 
 @main.command("merge-manifests")
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
 def merge_manifests(out):
     """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
     from dynavit.pipeline.index import LabelError, RunError, merge_from_state
@@ -384,7 +384,7 @@ def merge_manifests(out):
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
 @click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
 @click.option("--images-root", default=None, metavar="DIR|URL",
               help="wds: where the user's tars are now, if they moved since indexing [dataset.json's images_root].")
@@ -405,8 +405,8 @@ def verify(out, no_checksums, images_root, trust_urls):
 # --- show --------------------------------------------------------------------------------
 
 @main.command("show", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("out_dir", metavar="OUT", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "png", required=True, type=click.Path(dir_okay=False), callback=out_file,
+@click.argument("out_dir", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "png", default="show.png", show_default=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")
 @click.option("--split", default=None, help="Split to sample from. [default: val, else test]")
 @click.option("--n", default=8, show_default=True, type=click.IntRange(1, 256),

@@ -244,7 +244,7 @@ def _piece_rows(out, unit) -> Path:
 
 
 def is_done(out, unit, cfg: "IndexConfig") -> bool:
-    """DESIGN §3: a shard pair is done when its part (its shards row) and its tars exist.
+    """docs/FORMAT.md: a shard pair is done when its part (its shards row) and its tars exist.
     A piece of a unit is done when its manifest rows exist (written after its fragments)."""
     if unit.parts > 1:
         return _piece_rows(out, unit).exists()

@@ -1,4 +1,4 @@
-"""Patch saliency scores (DESIGN.md §5) as Numba kernels.
+"""Patch saliency scores (docs/FORMAT.md 'Patch scores') as Numba kernels.
 
 `score_patches(images[B,H,W,3] uint8, patch, scorer) -> float32[B,Gh,Gw]`.
 

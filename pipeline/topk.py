@@ -1,4 +1,4 @@
-"""Top-K patch selection (DESIGN.md §3, §5).
+"""Top-K patch selection (docs/FORMAT.md 'Top-K').
 
 k = max(1, floor(K·N/100)); rank by score descending, ties broken by the lower raster
 index; the kept indices are returned in ascending (raster) order, dtype uint8 if N <= 256

@@ -34,8 +34,8 @@ def test_run_bench_rows_and_table():
 
 def test_cli_bad_arguments_exit_2():
     runner = CliRunner()
-    for args in (["--k", "0"], ["--k", "a,b"], ["--scorers", "fft"], ["--model-kwargs", "[1]"],
-                 ["--batch", "0"]):
+    for args in (["--k", "0"], ["--k", "a,b"], ["--scorer", "fft"], ["--model-kwargs", "[1]"],
+                 ["--batch-size", "0"]):
         res = runner.invoke(main, args)
         assert res.exit_code == 2, (args, res.output)
         assert sum(ln.startswith("Error") for ln in res.output.splitlines()) == 1

@@ -75,7 +75,7 @@ def test_methods_train_at_the_budget_and_compare_tabulates_them(runs, tmp_path):
     assert all(rec["k"] == 50 for rec in records.values())
 
     out = tmp_path / "table"
-    assert run_cli(["compare", runs / "dynavit", runs / "tome", runs / "evit", "--out", out, "--batch", 4,
+    assert run_cli(["compare", runs / "dynavit", runs / "tome", runs / "evit", "--out", out, "--batch-size", 4,
                     "--steps", 1, "--repeats", 1]) == 0
     rows = {row["method"]: row for row in csv.DictReader(open(out / "compare.csv"))}
     assert set(rows) == {"dynavit", "tome", "evit"}
@@ -112,7 +112,7 @@ def test_compare_groups_seeds_of_a_method_into_mean_and_std(runs, tmp_path):
                         "--seed", seed, *COMMON]) == 0
     tome_runs = [runs / "tome", tmp_path / "tome-s1", tmp_path / "tome-s2"]
     out = tmp_path / "table"
-    assert run_cli(["compare", *tome_runs, runs / "dynavit", "--out", out, "--batch", 2, "--steps", 1,
+    assert run_cli(["compare", *tome_runs, runs / "dynavit", "--out", out, "--batch-size", 2, "--steps", 1,
                     "--repeats", 2]) == 0
     per_run = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["run"] for r in per_run] == ["tome", "tome-s1", "tome-s2", "dynavit"]
@@ -147,7 +147,7 @@ def test_compare_rematches_a_run_without_a_record_and_says_so(runs, tmp_path):
     del cfg["run"]["budget"]  # what a run written before budgets were recorded looks like
     (old / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "table"
-    assert run_cli(["compare", old, "--out", out, "--batch", 2, "--steps", 1, "--repeats", 1]) == 0
+    assert run_cli(["compare", old, "--out", out, "--batch-size", 2, "--steps", 1, "--repeats", 1]) == 0
     row = next(csv.DictReader(open(out / "compare.csv")))
     assert row["budget_source"] == "re-matched" and row["parameter"] == run_budget(runs / "tome")["described"]
     assert "† re-matched" in (out / "compare.md").read_text()
@@ -185,7 +185,7 @@ def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, 
     learned = {(e["method"], e["k"]): e for e in flops_all()["learned"]}
     assert learned[(method, 50)]["param"] == param and learned[(method, 50)]["macs"] == macs
     out = tmp_path / "table"
-    assert run_cli(["compare", run, "--out", out, "--batch", 2, "--steps", 1, "--repeats", 1]) == 0
+    assert run_cli(["compare", run, "--out", out, "--batch-size", 2, "--steps", 1, "--repeats", 1]) == 0
     row = next(csv.DictReader(open(out / "compare.csv")))
     assert row["parameter"] == budget["described"] and row["budget_source"] == "recorded"
     assert float(row["gmacs"]) == pytest.approx(macs / 1e9, rel=1e-12)

@@ -1,4 +1,4 @@
-"""trainer/data.py: shard pairs → batches (DESIGN.md §6).
+"""trainer/data.py: shard pairs → batches (docs/ARCHITECTURE.md, 'Trainer data path').
 
 Expected values are read back with webdataset's own `WebDataset(...).decode()` reader or
 computed by hand, never with the loader under test.

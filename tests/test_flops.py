@@ -139,7 +139,7 @@ def test_bench_step_smoke(tmp_path):
     from dynavit.trainer.bench.step import bench_step_command as bench_main
 
     out = tmp_path / "b.json"
-    r = CliRunner().invoke(bench_main, ["--batch", "1", "--k", "50", "--steps", "1",
+    r = CliRunner().invoke(bench_main, ["--batch-size", "1", "--k", "50", "--steps", "1",
                                         "--warmup", "0", "--repeats", "1", "--infer",
                                         "--json", str(out)])
     assert r.exit_code == 0, r.output

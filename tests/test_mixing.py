@@ -1,6 +1,6 @@
 """Pruning-aware Mixup / CutMix (trainer/mixing.py) against a NumPy reference built from the
 stored shards read with webdataset's own reader: the re-selected kept set (a stable argsort
-of the mixed scores.npy, ties to the lower raster index as DESIGN §3), the label weights
+of the mixed scores.npy, ties to the lower raster index as docs/FORMAT.md 'Top-K'), the label weights
 (the share of kept tokens), the pixels; the soft-target loss against timm's."""
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def test_output_paths_under_a_file_are_refused_before_the_work(prog, name, comma
     (["train", "--lr", "nan"], "--lr"), (["train", "--lr", "inf"], "--lr"), (["train", "--gamma", "nan"], "--gamma"),
     (["train", "--gamma", "-1"], "--gamma"), (["train", "--weight-decay", "nan"], "--weight-decay"),
     (["train", "--clip-grad", "nan"], "--clip-grad"), (["train", "--lr", "1e308"], "--lr"),
-    (["train", "--warmup-epochs", "1e308"], "--warmup-epochs"), (["train", "--input-size", "1000000"], "--input-size"),
+    (["train", "--warmup-epochs", "1e308"], "--warmup-epochs"), (["train", "--image-size", "1000000"], "--image-size"),
     (["predict", "--crop-pct", "nan"], "--crop-pct"), (["train", "--label-smoothing", "nan"], "--label-smoothing"),
 ])
 def test_dynatrain_prints_one_line_exit_2_and_writes_nothing(args, option, tmp_path, capsys, monkeypatch):

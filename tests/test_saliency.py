@@ -1,4 +1,4 @@
-"""Numba saliency kernels against independent float64 NumPy/SciPy references (DESIGN.md §5).
+"""Numba saliency kernels against independent float64 NumPy/SciPy references (docs/FORMAT.md 'Patch scores').
 
 Tolerance: rtol=1e-4 as the design asks; atol=1e-5 only matters where the exact score is 0
 (constant patches: sobel 0, entropy 0), where rtol alone would demand bit-exact zeros from

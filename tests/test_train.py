@@ -185,7 +185,7 @@ def test_input_size_crop_any_k(dataset, tmp_path):
     # scores.npy, so K=70 works although only 50 and 25 were indexed.
     run = tmp_path / "run"
     kwargs = {k: v for k, v in MODEL_KWARGS.items() if k != "img_size"}
-    assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, "--k", 70, "--input-size", 24,
+    assert run_cli(["--shards", dataset, "--out", run, "--epochs", 1, "--k", 70, "--image-size", 24,
                     *TINY, "--model-kwargs", json.dumps(kwargs)]) == 0
     (m,) = read_metrics(run)
     assert m["seq_len"] == 1 + 36 * 70 // 100

@@ -5,7 +5,7 @@ kept patches.
 Why no geometric ops (rotation, shear, translation, scale, RandomResizedCrop): they move
 pixels between patches, so the stored top-K indices would name patches whose content is
 no longer there. The geometric ops dynatrain has are the ones whose index map is exact:
-flips (--hflip/--vflip) and the patch-aligned crop of --input-size (data.py).
+flips (--hflip/--vflip) and the patch-aligned crop of --image-size (data.py).
 
 Both run on the model's device on the whole batch, after the uint8 batch arrived there.
 Every per-sample draw comes from (seed, epoch, sample key, purpose), as the loader's draws
@@ -34,7 +34,7 @@ BINS = 31
 ERASE_MODES = ("const", "pixel")
 HELP = ("Colour augmentations (--trivial-color, --color-jitter, --reprob) move no pixel; geometric ops such as "
         "rotation, shear or random-resized crop would move content between patches and break the stored kept-patch "
-        "indices, so they are not offered: flips and the patch-aligned --input-size crop are the geometric ops, with "
+        "indices, so they are not offered: flips and the patch-aligned --image-size crop are the geometric ops, with "
         "exact index maps.")
 
 

@@ -18,14 +18,13 @@ import click
 from click.core import ParameterSource
 
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, json_object, out_dir
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, AmpType, DeviceType, FiniteFloat, json_object, out_dir, renamed
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
 from dynavit.trainer.bench import compare as bench_compare, infer as bench_infer, report as bench_report
 from dynavit.trainer.bench import step as bench_step, throughput as bench_throughput
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
 from dynavit.trainer.selection import METHODS
-from dynavit.trainer.runtime import AMP_MODES, DEVICES
 from dynavit.trainer.augment import ERASE_MODES, parse_jitter
 from dynavit.trainer.augment import HELP as AUGMENT_HELP
 from dynavit.trainer.epoch import NonFiniteLoss
@@ -98,6 +97,7 @@ def cli():
 
 
 @cli.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@renamed("--input-size", "--image-size", "input_size", type=click.IntRange(1, MAX_IMAGE_SIZE))
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
 @click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
@@ -106,7 +106,7 @@ def cli():
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
               help="Which patches to keep: top-K by saliency, a seeded random K, the K nearest the center, or all (dense).")
 @click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,
-              help="Token reduction: dynavit (the K%% saliency patches, before the encoder), or inside the encoder "
+              help="Token reduction: dynavit (the K % most salient patches, before the encoder), or inside the encoder "
                    "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
                    "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
                    "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
@@ -118,9 +118,9 @@ def cli():
 @click.option("--model-kwargs", callback=json_object, metavar="JSON", help="Extra timm.create_model kwargs as a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
 @click.option("--pretrained/--no-pretrained", default=False, show_default=True, help="Start from timm's pretrained weights (downloaded by timm); the classifier is re-initialised for this dataset's classes.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Start from local weights: a timm/torch state_dict or a dynatrain last.pt/best.pt. A classifier of another shape is dropped.")
-@click.option("--input-size", type=click.IntRange(1, MAX_IMAGE_SIZE), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
+@click.option("--image-size", "input_size", type=click.IntRange(1, MAX_IMAGE_SIZE), help="Model input size in pixels (a patch-aligned crop of larger stored images). [default: the stored size]")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per step per process.")
-@click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Data loading worker processes per process.")
+@click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True, help="Data loading worker processes per process (the batches do not depend on it).")
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=10, show_default=True, help="Total epochs (with --resume: train until this many are done).")
 @click.option("--lr", type=FiniteFloat(0, MAX_LR, min_open=True), default=1e-4, show_default=True, help="AdamW peak learning rate.")
 @click.option("--weight-decay", type=FiniteFloat(0), default=0.05, show_default=True, help="AdamW weight decay (not applied to biases, norms, pos_embed, cls/reg tokens).")
@@ -128,19 +128,19 @@ def cli():
 @click.option("--step-epochs", type=click.IntRange(1), default=3, show_default=True, help="--sched step: epochs between LR decays.")
 @click.option("--gamma", type=FiniteFloat(0, min_open=True), default=0.1, show_default=True, help="--sched step: LR multiplier at each decay.")
 @click.option("--warmup-epochs", type=FiniteFloat(0, MAX_EPOCHS), default=0.0, show_default=True, help="Linear LR warmup, in (fractional) epochs, before either schedule.")
-@click.option("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True, help="Mixed precision: bf16, fp16 (CUDA only, with loss scaling), off; auto = bf16 on CUDA GPUs that support it, off on CPU.")
+@click.option("--amp", type=AmpType(), default="auto", show_default=True, help="Mixed precision: bf16, fp16 (CUDA only, with loss scaling), off; auto = bf16 on CUDA GPUs that support it, off on CPU.")
 @click.option("--clip-grad", type=FiniteFloat(0, min_open=True), help="Clip the global gradient norm to this value. [default: no clipping]")
 @click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
 @click.option("--teacher", default="auto", show_default=True, metavar="auto|none|RUN|CKPT", help="Distil from a dense teacher: a weights file or a run directory (its best.pt), same model, same classes. DynamicViT then adds its KL + token distillation (weights 0.5, 0.5), any other method 0.5 x KL of the logits. auto: the method's recipe (DynamicViT distils from its own start weights when fine-tuning and the classifier was loaded; the others none). See docs/BASELINES.md.")
 @click.option("--backbone-lr-scale", type=FiniteFloat(0), help="The timm backbone's learning rate is --lr x this (0 = frozen); the method's own modules and a fresh classifier train at --lr. [default: the method's recipe when fine-tuning (--checkpoint/--pretrained): dynamicvit 0.01 and fixed during --warmup-epochs, tnt 0, others 1; 1 from scratch]")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds Python, NumPy, torch and the data order (reseeded per epoch from seed and epoch).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the training forward.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
+@click.option("--device", type=DeviceType(resolve=False, index=False), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
 @click.option("--skip-bad-samples/--fail-on-bad-samples", default=False, show_default=True, help="Skip samples that fail to decode (counted as `skipped` in metrics.jsonl) instead of stopping.")
 @click.option("--val-split", help="Split evaluated after every epoch. [default: val, else test]")
 @click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256. [default: dataset.json's images_root]")
 @click.option(TRUST_OPTION, "trust_dataset_urls", is_flag=True, help="Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. Without it a dataset folder may only name local paths under itself or its images root (a downloaded folder could otherwise run commands); --images-root may always be a URL.")
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory from its last.pt with its saved options; options given again override them (e.g. --epochs).")
+@click.option("--resume", is_flag=False, flag_value="", default=None, type=click.Path(file_okay=False), metavar="[RUN]", help="Continue the run in --out (or in RUN) from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
 @recipe_options
 @click.pass_context
@@ -159,6 +159,11 @@ def train_command(ctx, **options):
     with DistributedDataParallel. Recipe options (flips, colour ops, mixing, EMA, layer decay,
     accumulation) keep the kept-patch indices exact: docs/RECIPES.md.
     """
+    if options["resume"] == "":  # a bare --resume: the run in --out
+        if not options["out"]:
+            raise click.BadParameter("a bare --resume continues the run in --out: give --out RUN (or --resume RUN)",
+                                     param_hint="'--resume'")
+        options["resume"] = options["out"]
     try:
         if options["resume"]:
             given = {name: value for name, value in options.items()

@@ -18,7 +18,8 @@ import torch
 from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, json_object, k_list, out_dir, out_file
+from dynavit.pipeline.cli_types import (MAX_IMAGE_SIZE, DeviceType, FiniteFloat, json_object, k_list, out_dir, out_file,
+                                        renamed)
 from dynavit.manifests.options import parse_triple
 
 from dynavit.trainer.methods.budget import budget_table, match_budgets
@@ -50,7 +51,7 @@ _out_dir, _out_file = out_dir, out_file  # click callbacks shared with dynaprep 
 @click.option("--model-kwargs", default=None, callback=json_object,
               help="JSON keyword arguments for timm.create_model, as in training, e.g. "
                    "'{\"img_size\": 128, \"num_classes\": 10}' to match a run's model.")
-@click.option("--device", type=click.Choice(["meta", "cpu", "cuda"]), default="meta", show_default=True,
+@click.option("--device", type=DeviceType(meta=True), default="meta", show_default=True,
               help="Where the counted forwards run: meta (shapes only, instant) or a real device with "
                    "random weights. The MACs are the same on each (a check, not a choice of figure).")
 def flops_command(model_name: str, ks: list[int], json_path: Optional[str], method: str,
@@ -58,8 +59,6 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
     """Exact MACs of the sparse forward per K, the fitted alpha·S²+beta·S+gamma model, and
     what an fvcore-style count that skips attention (SDPA) would report. Counted by
     dynavit's own formulas from shapes: the same figures on every device and torch version."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
     try:
         model = build_meta_model(model_name, **model_kwargs)
         if device != "meta":
@@ -122,8 +121,8 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
 @click.option("--split", default=None, help="Split for the confusion matrices. [default: each run's val split]")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
               help="Dataset directory, if it moved since training. [default: the one in config.json]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Device for the re-evaluation.")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="Device for the re-evaluation (auto: cuda if available).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Eval batch size. [default: the run's]")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data loading workers.")
 def report_command(runs, out_dir, confusion, split, shards, device, batch_size, workers):
@@ -133,10 +132,6 @@ def report_command(runs, out_dir, confusion, split, shards, device, batch_size, 
         loaded = [load_run(r) for r in runs]
     except ReportError as e:
         raise click.BadParameter(str(e), param_hint="RUN") from None
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise click.BadParameter("no CUDA device is available", param_hint="'--device'")
     try:
         require_matplotlib()
         result = build_report(loaded, out_dir, confusion=confusion, split=split, device=device,
@@ -161,21 +156,15 @@ def _parse_triple(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def _parse_device(ctx, param, value):
-    if value in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise click.BadParameter(f"{value}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise click.BadParameter(f"{value}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps"):
-        raise click.BadParameter(f"{value!r}: use cpu, cuda[:N] or auto")
-    return str(dev)
+def _checkpoint_of(ctx, param, value):
+    """RUN (a dynatrain run folder: its best.pt) or a checkpoint file."""
+    p = Path(value)
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise click.BadParameter(f"{value} is a folder without best.pt: give a dynatrain run folder or a "
+                                     "checkpoint file")
+        return p / "best.pt"
+    return p
 
 
 def _check_predict_out(ctx, param, value):
@@ -190,19 +179,19 @@ def _check_predict_out(ctx, param, value):
 
 @click.command("predict", context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", metavar="RUN|CHECKPOINT", type=click.Path(exists=True), callback=_checkpoint_of)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, callback=_check_predict_out, metavar="FILE.csv|FILE.parquet",
               help="Output table, one row per input image (format from the extension).")
-@click.option("--k", type=click.IntRange(1, 100), default=100, show_default=True,
-              help="Percent of patches kept (100 = dense, no scoring).")
+@click.option("--k", type=click.IntRange(1, 100), default=None,
+              help="Percent of patches kept (100 = dense, no scoring). [default: the K a Dyna-ViT run evaluated at, else 100]")
 @click.option("--scorer", type=click.Choice(SCORERS), default=None,
               help="Patch saliency score (docs/FORMAT.md), computed online on the device. "
                    "[default: the scorer the checkpoint's run trained with, else l2]")
 @click.option("--round-to", type=click.IntRange(min=1), default=None,
               help="Round the sequence length up to a multiple of this (e.g. 8); keeps a few more patches.")
-@click.option("--device", default="auto", show_default=True, callback=_parse_device,
-              help="cpu, cuda, cuda:N, or auto (cuda if available).")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="Where to run (auto: cuda if available).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per forward pass.")
 @click.option("--model", "model_name", default=None,
@@ -232,7 +221,8 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
                     max_file_bytes):
     """Classify IMAGES (files or folders) with a trained ViT, pruning tokens online.
 
-    CHECKPOINT is a dynatrain checkpoint (best.pt / last.pt) or a plain timm state_dict (then
+    RUN is a dynatrain run folder (its best.pt is used, with the run's K and normalisation);
+    CHECKPOINT a dynatrain checkpoint file (best.pt / last.pt) or a plain timm state_dict (then
     --model is needed). Unreadable images become rows with status 'failed' and the reason.
     """
     if out.exists() and not overwrite:
@@ -256,6 +246,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
         raise click.UsageError("no images found in the given IMAGES (extensions: "
                                + ", ".join(IMAGE_EXTENSIONS) + ")")
     scorer = scorer or (info.get("scorer") if info.get("scorer") in SCORERS else "l2")
+    k = k or info.get("run_k") or 100
     mean = mean or info.get("mean") or IMAGENET_MEAN
     std = std or info.get("std") or IMAGENET_STD
     if progress is None:
@@ -291,8 +282,8 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
 @click.option("--split", default=None, help="Split to evaluate. [default: the run's val split]")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
               help="Dataset directory, if it moved since training. [default: the one in config.json]")
-@click.option("--device", default="auto", show_default=True, callback=_parse_device,
-              help="cpu, cuda, cuda:N, or auto (cuda if available).")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="Where to run (auto: cuda if available).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Eval batch size. [default: the run's]")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="Data loading worker processes. [default: the run's]")
@@ -335,25 +326,25 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 # --- compare ---------------------------------------------------------------------------------------
 
 @click.command("compare", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
               help="Folder for compare.md, compare.csv (per run), compare_groups.csv and acc_vs_gmacs.png (created).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per timed forward.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per timed forward.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1), help="Forwards per timing.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
               help="Interleaved timings per run (median).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def compare_command(runs, out_dir, batch, steps, repeats, device):
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="Where the timed forwards run (auto: cuda if available).")
+def compare_command(runs, out_dir, batch_size, steps, repeats, device):
     """The paper's Table 3 from finished runs (e.g. one per --method at the same --k): method,
     parameter, exact GMACs, train img/s, inference img/s measured side by side, best top-1.
     Each run's parameter is the one it recorded when it started (not matched again). Runs of
     one method at one parameter (several --seed) form one row: best top-1 mean ± std over
     them, n and seeds, inference img/s median and range over their timing repeats; the
     per-run rows follow (compare.csv)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
     try:
-        rows = compare_runs(runs, batch=batch, steps=steps, repeats=repeats, device=device)
+        rows = compare_runs(runs, batch=batch_size, steps=steps, repeats=repeats, device=device)
     except ReportError as e:
         raise click.BadParameter(str(e), param_hint="RUN") from None
     files = write_compare(rows, out_dir)

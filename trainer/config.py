@@ -262,7 +262,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}", "--method")
     if cfg.method != "dynavit" and (cfg.select != "saliency" or cfg.input_size is not None):
         raise ConfigError(f"--method {cfg.method} reduces tokens inside the encoder from every patch; "
-                          f"--select and --input-size are Dyna-ViT's", "--method")
+                          f"--select and --image-size are Dyna-ViT's", "--method")
     if cfg.method != "dynavit" and cfg.eval_k not in (None, cfg.k):
         raise ConfigError(f"--method {cfg.method}: --eval-k must equal --k (the compute budget)", "--eval-k")
 

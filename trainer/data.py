@@ -1,4 +1,4 @@
-"""Shard pairs → batches of uint8 images, kept-patch indices and labels (DESIGN.md §6).
+"""Shard pairs → batches of uint8 images, kept-patch indices and labels (docs/ARCHITECTURE.md, 'Trainer data path').
 
 Samples are read by byte offset, like a map-style dataset with torch's DistributedSampler,
 not streamed through the tars:

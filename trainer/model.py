@@ -211,7 +211,7 @@ def build_model(cfg: TrainConfig, info, input_hw: tuple[int, int], log: Callable
     kwargs = {"img_size": input_hw, **model_kwargs(cfg)}  # --drop-path merged in
     if tuple(np.broadcast_to(kwargs["img_size"], 2)) != tuple(input_hw):
         raise ConfigError(f"--model-kwargs img_size={kwargs['img_size']} differs from the input size "
-                          f"{tuple(input_hw)} (set by the dataset or --input-size)", "--model-kwargs")
+                          f"{tuple(input_hw)} (set by the dataset or --image-size)", "--model-kwargs")
     kwargs.pop("num_classes", None)
     try:
         check_model_size(cfg.model, len(info.classes), kwargs)

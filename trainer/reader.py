@@ -219,7 +219,7 @@ def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: i
     if not images:
         return Batch(torch.empty(0, dtype=torch.uint8), None, torch.empty(0, dtype=torch.int64), [], skipped)
     # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
-    # device, inside normalize (DESIGN §6: uint8 to the device, normalise there).
+    # device, inside normalize (uint8 to the device, normalised there).
     # In a loader worker the batch is stacked straight into shared memory: otherwise
     # torch copies it there again to send it to the main process.
     # In the main process numpy's allocator is several times faster than a fresh torch

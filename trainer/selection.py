@@ -85,7 +85,7 @@ def resolve_selection(info: DatasetInfo, k: int | None, mode: str = "saliency", 
     else:
         if input_size % patch or not patch <= input_size <= min(h, w):
             raise SelectionError(f"input size {input_size} must be a multiple of the patch size {patch} "
-                                 f"and at most the stored size {h}x{w}", "--input-size")
+                                 f"and at most the stored size {h}x{w}", "--image-size")
         window = (input_size // patch, input_size // patch)
     if mode == "saliency" and window == info.grid and k not in info.k_values():
         ks = ", ".join(str(v) for v in info.k_values())

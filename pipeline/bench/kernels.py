@@ -1,6 +1,6 @@
 """Saliency kernel benchmark: Numba vs a vectorised NumPy implementation vs a memory floor.
 
-    python -m dynavit.pipeline.bench.kernels [--batch 256] [--size 224] [--patch 16] [--repeats 5]
+    python -m dynavit.pipeline.bench.kernels [--batch-size 256] [--size 224] [--patch 16] [--repeats 5]
 
 Times are the median over repeats (after one warm-up call), in µs per image. The floor is
 `np.copy` of the same uint8 batch: no scorer can beat reading the bytes once.
@@ -102,18 +102,18 @@ def _time(fn, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m dynavit.pipeline.bench.kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=256, help="images per call (default 256)")
+    ap.add_argument("--batch-size", type=int, default=256, help="images per call (default 256)")
     ap.add_argument("--size", type=int, default=224, help="square image side (default 224)")
     ap.add_argument("--patch", type=int, default=16, help="patch side (default 16)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1 or args.size < args.patch or args.size % args.patch:
+    if args.batch_size < 1 or args.repeats < 1 or args.size < args.patch or args.size % args.patch:
         ap.error("need batch >= 1, repeats >= 1 and size a positive multiple of patch")
 
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(args.batch, args.size, args.size, 3), dtype=np.uint8)
-    per = 1e6 / args.batch
+    img = rng.integers(0, 256, size=(args.batch_size, args.size, args.size, 3), dtype=np.uint8)
+    per = 1e6 / args.batch_size
     floor = _time(lambda: np.copy(img), args.repeats) * per
     rows = []
     for scorer in SCORERS:
@@ -124,7 +124,7 @@ def main(argv=None):
         rows.append(dict(scorer=scorer, numba_us=t_nb, numpy_us=t_np, copy_us=floor,
                          speedup_vs_numpy=t_np / t_nb, numba_over_copy=t_nb / floor))
 
-    print(f"batch={args.batch} size={args.size} patch={args.patch} repeats={args.repeats} "
+    print(f"batch={args.batch_size} size={args.size} patch={args.patch} repeats={args.repeats} "
           f"numba_threads={numba.get_num_threads()} cpus={os.cpu_count()}  (µs per image, median)")
     hdr = f"{'scorer':<8} {'numba':>9} {'numpy':>9} {'copy':>9} {'numpy/numba':>12} {'numba/copy':>11}"
     print(hdr)
@@ -134,7 +134,7 @@ def main(argv=None):
               f"{r['speedup_vs_numpy']:>11.1f}x {r['numba_over_copy']:>10.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(batch=args.batch, size=args.size, patch=args.patch, repeats=args.repeats,
+            json.dump(dict(batch=args.batch_size, size=args.size, patch=args.patch, repeats=args.repeats,
                            numba_threads=numba.get_num_threads(), results=rows), f, indent=2)
 
 

@@ -62,7 +62,7 @@ class WorkUnit:
     parts: int = 1
 
 
-make_key = key_for  # the contract's key rule (DESIGN §3), under the name sources use
+make_key = key_for  # the contract's key rule (docs/FORMAT.md), under the name sources use
 
 
 def is_image_name(name: str) -> bool:

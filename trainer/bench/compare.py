@@ -29,6 +29,7 @@ from dynavit.trainer.methods.sparse import sparse_forward
 from dynavit.trainer.methods.tome import tome_forward
 import click
 import json
+from dynavit.pipeline.cli_types import DeviceType, renamed
 from dynavit.pipeline.cli_types import k_list
 import os
 from dynavit.pipeline.cli_types import out_file
@@ -224,12 +225,13 @@ def format_compare(res: dict) -> str:
 # --- bench-compare -------------------------------------------------------------------------------
 
 @click.command("bench-compare")
+@renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
               help="timm VisionTransformer to benchmark (random weights, nothing downloaded).")
 @click.option("--k", "ks", default="70,50", show_default=True, callback=k_list,
               help="Comma-separated Dyna-ViT keep percentages K; ToMe and EViT are matched "
                    "to each K's exact MACs.")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
               help="Images per forward.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(1),
               help="Forwards per timing.")
@@ -240,7 +242,7 @@ def format_compare(res: dict) -> str:
 @click.option("--ref-model", default="vit_base_patch16_224", show_default=True,
               help="Model whose matched parameters and GMACs are printed alongside "
                    "(counted on the meta device); '' for none.")
-@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True, help="Where to run (auto: cuda if available).")
 @click.option("--threads", default=0, type=click.IntRange(0),
               help="torch intra-op threads (0: torch's default).")
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
@@ -248,13 +250,13 @@ def format_compare(res: dict) -> str:
                    "shared with other jobs; use with --threads 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=out_file,
               help="Also write the results to this JSON file.")
-def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_model, device, threads, clock,
+def bench_compare_command(model_name, ks, batch_size, steps, repeats, warmup, ref_model, device, threads, clock,
                           json_path):
     """Dyna-ViT vs ToMe vs EViT at matched exact MACs: GMACs and inference img/s."""
     if threads:
         torch.set_num_threads(threads)
     try:
-        res = compare(model_name, ks, batch=batch, steps=steps, repeats=repeats,
+        res = compare(model_name, ks, batch=batch_size, steps=steps, repeats=repeats,
                       warmup=warmup, ref_model=ref_model or None, device=device, clock=clock)
     except (TypeError, ValueError, RuntimeError) as e:
         raise click.UsageError(str(e).splitlines()[0])

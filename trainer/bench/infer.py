@@ -41,6 +41,7 @@ from dynavit.trainer.infer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS, 
 from dynavit.trainer.methods.sparse import check_model, num_patches, sparse_forward
 import click
 import json
+from dynavit.pipeline.cli_types import AmpType, DeviceType, renamed, resolve_amp_name
 from dynavit.pipeline.cli_types import out_file
 
 __all__ = ["run_bench", "format_table"]
@@ -269,25 +270,34 @@ def _bench_infer_list(ctx, param, value):
 
 
 @click.command("bench-infer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(min=1))
+@renamed("--scorers", "--scorer", "scorers", type=str, callback=_bench_infer_list)
+@renamed("--precision", "--amp", "amp", type=click.Choice(["fp32", "bf16", "fp16"]))
+@renamed("--reps", "--repeats", "repeats", type=click.IntRange(min=1))
+@renamed("--json-out", "--json", "json_out", type=click.Path(dir_okay=False), callback=out_file)
 @click.option("--model", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
 @click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward.")
 @click.option("--k", default="100,70,50,25", show_default=True, callback=_bench_infer_list,
               help="Percents of patches kept.")
-@click.option("--scorers", default=",".join(SCORERS), show_default=True, callback=_bench_infer_list,
-              help="Online scorers to time.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--scorer", "scorers", default=",".join(SCORERS), show_default=True, callback=_bench_infer_list,
+              help="Online scorers to time, comma-separated.")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True, help="Where to run (auto: cuda if available).")
+@click.option("--amp", type=AmpType(), default="off", show_default=True,
+              help="Autocast dtype (auto: bf16 on CUDA, off on CPU).")
 @click.option("--round-to", type=click.IntRange(min=0), default=8, show_default=True,
               help="Also time S rounded up to a multiple of this (0: off).")
-@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timings per configuration (interleaved); the median is reported.")
+@click.option("--iters", type=click.IntRange(min=1), default=1, show_default=True, help="Forwards per timing.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed forwards per configuration first.")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Also time batch 1.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile every module first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, callback=out_file, help="Also write raw timings.")
-def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precision, round_to, reps, iters, warmup,
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=out_file,
+              help="Also write the raw timings to this JSON file.")
+def bench_infer_command(model, model_kwargs, batch_size, k, scorers, device, amp, round_to, repeats, iters, warmup,
                         latency, compile_, threads, json_out):
     """Images/s of dense vs sparse (precomputed indices) vs online Dyna-ViT per scorer and K."""
     try:
@@ -295,17 +305,12 @@ def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precisio
         assert isinstance(kwargs, dict)
     except (json.JSONDecodeError, AssertionError):
         raise click.BadParameter("must be a JSON object", param_hint="--model-kwargs") from None
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise click.BadParameter(f"{device!r} is not a torch device", param_hint="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
+    precision = {"off": "fp32"}.get(resolve_amp_name(amp, device), resolve_amp_name(amp, device))  # run_bench's names
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    click.echo(f"bench_infer: {model} batch {batch} K={k} on {device} ...", err=True)
-    res = run_bench(model, batch, k, scorers, device, precision, round_to or None, reps, iters,
+    click.echo(f"bench_infer: {model} batch {batch_size} K={k} on {device} ...", err=True)
+    res = run_bench(model, batch_size, k, scorers, device, precision, round_to or None, repeats, iters,
                     warmup, latency, model_kwargs=kwargs, compile=compile_,
                     log=lambda s: click.echo(s, err=True))
     click.echo(format_table(res))

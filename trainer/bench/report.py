@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 import click
+from dynavit.pipeline.cli_types import renamed
 from dynavit.pipeline.cli_types import out_file
 
 BIN = Path(sys.executable).parent
@@ -64,7 +65,7 @@ def write_report(out, work, quick: bool, log=print) -> None:
     sections, checks = [], []
 
     kernels_json = work / "kernels.json"
-    cmd, text = _run([py, "-m", "dynavit.pipeline.bench.kernels", "--batch", "32" if quick else "256",
+    cmd, text = _run([py, "-m", "dynavit.pipeline.bench.kernels", "--batch-size", "32" if quick else "256",
                       "--json", str(kernels_json)], log)
     sections.append(("Saliency kernels (µs per 224×224 image)", cmd, text))
     k = json.loads(kernels_json.read_text())
@@ -102,7 +103,7 @@ def write_report(out, work, quick: bool, log=print) -> None:
               "--no-progress"], log)
     bench_json = work / "train.json"
     cmd, text = _run([str(BIN / "dynatrain"), "bench", "--shards", str(data), "--model", "vit_tiny_patch16_224",
-                      "--k", "100,70,50,25", "--batch", "32", "--steps", "2" if quick else "4", "--repeats", "3",
+                      "--k", "100,70,50,25", "--batch-size", "32", "--steps", "2" if quick else "4", "--repeats", "3",
                       "--workers", "1,2", "--json", str(bench_json)], log)
     sections.append(("dynatrain: train step, inference and the loader (ViT-Ti/16 at 224)", cmd, text))
     b = json.loads(bench_json.read_text())
@@ -150,15 +151,16 @@ def _write_markdown(out, quick: bool, sections: list, checks: list) -> None:
 
 
 @click.command("bench-report")
+@renamed("--work", "--workdir", "workdir", type=click.Path(file_okay=False))
 @click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
               callback=out_file)
-@click.option("--work", default="out/bench", show_default=True, type=click.Path(file_okay=False),
+@click.option("--workdir", default="out/bench", show_default=True, type=click.Path(file_okay=False),
               help="Where benchmark data is generated (kept between runs).")
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run, not figures to publish).")
-def bench_report_command(out, work, quick):
+def bench_report_command(out, workdir, quick):
     """Run the kernel, dynaprep, FLOP and dynatrain benchmarks; write the Markdown report (`make bench`)."""
     try:
-        write_report(out, work, quick, log=lambda m: click.echo(m, err=True))
+        write_report(out, workdir, quick, log=lambda m: click.echo(m, err=True))
     except BenchmarkFailed as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out}")

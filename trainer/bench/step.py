@@ -25,6 +25,7 @@ from dynavit.manifests import k_count
 from dynavit.trainer.methods.flops import build_meta_model, count_macs
 from dynavit.trainer.methods.sparse import sparse_forward
 import click
+from dynavit.pipeline.cli_types import AmpType, DeviceType, renamed, resolve_amp_name
 from dynavit.pipeline.cli_types import k_list
 from dynavit.pipeline.cli_types import out_file
 from dynavit.manifests import write_json_atomic
@@ -118,9 +119,10 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
 
 
 @click.command("bench-step")
+@renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
               help="timm VisionTransformer name (random weights, pretrained=False).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1),
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
               help="Images per step.")
 @click.option("--k", "ks", default="100,70,50,25", show_default=True, callback=k_list,
               help="Comma-separated keep percentages; dense timm forward is always added.")
@@ -130,18 +132,17 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
               help="Untimed steps per configuration before timing.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
               help="Interleaved rounds over all configurations; the median is reported.")
-@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="off", show_default=True,
-              help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              show_default=True, help="Where to run.")
+@click.option("--amp", type=AmpType(), default="off", show_default=True,
+              help="Autocast dtype (auto: bf16 on CUDA, off on CPU).")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="Where to run (auto: cuda if available).")
 @click.option("--infer", is_flag=True, help="Time inference (forward only) instead of a "
               "train step (forward, backward, AdamW step).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=out_file,
               help="Also write the rows and the settings to this JSON file.")
-def bench_step_command(model_name, batch, ks, steps, warmup, repeats, amp, device, infer, json_path):
+def bench_step_command(model_name, batch_size, ks, steps, warmup, repeats, amp, device, infer, json_path):
     """Measured vs ideal speed-up of the sparse forward over dense timm, synthetic data."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
+    amp, batch = resolve_amp_name(amp, device), batch_size
     try:
         rows = bench(model_name, ks, batch, steps, warmup, repeats, amp, device, infer)
     except RuntimeError as e:

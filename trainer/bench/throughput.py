@@ -27,6 +27,7 @@ from dynavit.trainer.bench.step import bench as bench_step
 from dynavit.trainer.data import build_loader, open_dataset
 import click
 import json
+from dynavit.pipeline.cli_types import AmpType, DeviceType, renamed, resolve_amp_name
 from dynavit.pipeline.cli_types import k_list
 from dynavit.pipeline.cli_types import out_file
 from dynavit.manifests import write_json_atomic
@@ -180,30 +181,33 @@ def format_bench(r: dict) -> str:
 
 
 @click.command("bench")
+@renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), required=True,
               help="A dataset directory written by dynaprep (its image size sets the model's).")
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True, help="timm ViT name.")
 @click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
 @click.option("--k", "ks", default="100,50,25", show_default=True, callback=k_list,
               help="K values (100 = dense via sparse_forward).")
-@click.option("--batch", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(1), help="Timed steps per repeat.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Interleaved repeats (median).")
-@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True, help="Autocast dtype.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--amp", type=AmpType(), default="off", show_default=True,
+              help="Autocast dtype (auto: bf16 on CUDA, off on CPU; fp16 is not measured here).")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True, help="Where to run (auto: cuda if available).")
 @click.option("--workers", default="1,2", show_default=True, help="Loader worker counts to measure.")
 @click.option("--scorer", default=None, help="Index shard set the loader reads. [default: the dataset's first scorer]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=out_file, help="Also write the results here.")
-def bench_command(shards, model_name, model_kwargs, ks, batch, steps, repeats, amp, device, workers, scorer, json_path):
+def bench_command(shards, model_name, model_kwargs, ks, batch_size, steps, repeats, amp, device, workers, scorer, json_path):
     """Train-step / inference images/s per K with ideal speed-ups, and loader vs decode floor."""
     try:
         kwargs = json.loads(model_kwargs)
         worker_counts = [int(w) for w in workers.split(",")]
     except ValueError as e:
         raise click.UsageError(f"bad --model-kwargs or --workers: {e}") from None
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available", param_hint="--device")
-    result = run_bench(shards, model_name, kwargs, ks, batch, steps, repeats, amp, device, worker_counts, scorer)
+    amp = resolve_amp_name(amp, device)
+    if amp == "fp16":
+        raise click.BadParameter("fp16 is not measured by bench; use bf16", param_hint="--amp")
+    result = run_bench(shards, model_name, kwargs, ks, batch_size, steps, repeats, amp, device, worker_counts, scorer)
     click.echo(format_bench(result))
     if json_path:
         write_json_atomic(json_path, result)

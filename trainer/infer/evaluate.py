@@ -1,5 +1,5 @@
 """`dynatrain evaluate`: top-1 / top-5 / loss of a run's best.pt on a split, with the stored
-indices (the training path) or with online scoring (DESIGN.md §6b).
+indices (the training path) or with online scoring (docs/ONLINE.md).
 
     dynatrain evaluate runs/k70                          # stored k70 indices of the val split
     dynatrain evaluate runs/k70 --online                 # same images, scored on the device

@@ -1,4 +1,4 @@
-"""Online Dyna-ViT (DESIGN.md §6b): score, select and run the sparse forward in one module.
+"""Online Dyna-ViT (docs/ONLINE.md): score, select and run the sparse forward in one module.
 
 ``DynaViT(model, k=70, scorer="l2")`` wraps an **unmodified** timm VisionTransformer and has
 no parameters (and no persistent buffers) of its own. ``forward(x)`` takes the normalized

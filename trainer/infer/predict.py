@@ -1,4 +1,4 @@
-"""`dynatrain predict`: classify image files with online Dyna-ViT (DESIGN.md §6b).
+"""`dynatrain predict`: classify image files with online Dyna-ViT (docs/ONLINE.md).
 
     dynatrain predict runs/k70/best.pt photos/ extra.jpg --k 70 --scorer l2 --out preds.csv
 
@@ -129,6 +129,9 @@ def load_model(checkpoint, model_name: Optional[str] = None, num_classes: Option
     info["model_name"] = name
     if isinstance(cfg.get("scorer"), str):  # the scorer a dynatrain run trained with
         info["scorer"] = cfg["scorer"]
+    run_k = cfg.get("eval_k") or cfg.get("k")
+    if cfg.get("method", "dynavit") == "dynavit" and isinstance(run_k, int) and 1 <= run_k <= 100:
+        info["run_k"] = run_k  # the K a Dyna-ViT run evaluated at: predict's default
     info["image_size"] = tuple(int(v) for v in m.patch_embed.img_size)
     return m, classes, info
 

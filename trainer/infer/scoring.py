@@ -1,4 +1,4 @@
-"""Patch saliency scores and top-K selection in torch (DESIGN.md §5, §6b: the online path).
+"""Patch saliency scores and top-K selection in torch (docs/FORMAT.md 'Patch scores'; docs/ONLINE.md: the online path).
 
 The same definitions as the Numba kernels of ``dynavit.pipeline.saliency`` and the selection
 of ``dynavit.pipeline.topk``, but batched torch code that runs on the tensor's device (CPU or

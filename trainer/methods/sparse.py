@@ -1,4 +1,4 @@
-"""Gather-based sparse forward of an unmodified timm VisionTransformer (DESIGN.md §1, §5).
+"""Gather-based sparse forward of an unmodified timm VisionTransformer (docs/ARCHITECTURE.md; the scores: docs/FORMAT.md).
 
 embed all patches → gather the kept tokens → add the positional rows of exactly those
 positions → prepend cls/reg tokens → the model's own blocks, norm and ``forward_head``.
