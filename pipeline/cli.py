@@ -14,7 +14,7 @@ from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.manifests.options import parse_k_list, parse_list, parse_triple
 
 from dynavit.pipeline.bench.index import bench_index_command
-from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file
+from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, out_dir, out_file, plural
 from dynavit.pipeline.show import DPI, PANEL_INCHES, MissingExtra, ShowError, plan_show, render_show, require_matplotlib
 from dynavit.pipeline.sources import SOURCES, SourceError, open_source
 
@@ -122,7 +122,7 @@ def main():
     """Offline saliency indexing for Dyna-ViT: datasets -> WebDataset shards + top-K patch indices."""
 
 
-@main.command()
+@main.command(short_help="Index every split of a dataset into shards.")
 @click.option("--data", type=click.Choice(sorted(SOURCES)), required=True,
               help="Dataset layout of --src: imagenet/imagefolder (SRC/{train,val}/<class>/*), cifar100 "
                    "(official python pickles), tinyimagenet, voc5 (VOC2012, 5-class subset), wds (an existing "
@@ -276,13 +276,13 @@ def _report_index(result, source, out, data: str, rank: int, world_size: int, st
     for warning in getattr(source, "warnings", lambda: [])():
         click.echo(f"warning: {warning}", err=True)
     rate = (result.ok + result.failed) / result.seconds if result.seconds else 0.0
-    click.echo(f"dynaprep index: {result.units_run} shards written, {result.units_done_before} already done "
+    click.echo(f"dynaprep index: {plural(result.units_run, 'shard')} written, {result.units_done_before} already done "
                f"({result.ok} ok, {result.failed} failed, {rate:.1f} img/s)")
     failed = result.failed
     if result.merged:
         info = json.loads((Path(out) / "dataset.json").read_text())
         for name, c in info["splits"].items():
-            click.echo(f"  {name}: {c['ok']} ok, {c['failed']} failed, {c['shards']} shards")
+            click.echo(f"  {name}: {c['ok']} ok, {c['failed']} failed, {plural(c['shards'], 'shard')}")
         for reason, count in failure_reasons(out):
             click.echo(f"  failed: {count} × {reason}")
         click.echo(f"  wrote {out}/dataset.json")
@@ -365,7 +365,7 @@ def _os_error(e: OSError) -> str:
     return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
-@main.command("merge-manifests")
+@main.command("merge-manifests", short_help="Join the parts of every rank.")
 @click.argument("out", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
 def merge_manifests(out):
     """Join the per-shard parts of every rank into manifest.parquet, shards.parquet, dataset.json."""
@@ -383,7 +383,7 @@ def merge_manifests(out):
     click.echo(f"merged {out}: " + ", ".join(f"{n} {ok} ok/{f} failed" for n, (ok, f) in total.items()))
 
 
-@main.command()
+@main.command(short_help="Check a dataset against the format.")
 @click.argument("out", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
 @click.option("--no-checksums", is_flag=True, help="Skip re-hashing shard files (faster on large datasets).")
 @click.option("--images-root", default=None, metavar="DIR|URL",
@@ -404,7 +404,7 @@ def verify(out, no_checksums, images_root, trust_urls):
 
 # --- show --------------------------------------------------------------------------------
 
-@main.command("show", context_settings={"help_option_names": ["-h", "--help"]})
+@main.command("show", short_help="Draw images, heatmaps and kept patches.", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", metavar="DATASET", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "png", default="show.png", show_default=True, type=click.Path(dir_okay=False), callback=out_file,
               help="PNG file to write (replaced atomically).")

@@ -158,5 +158,10 @@ def renamed(old: str, new: str, dest: str, **option_kwargs):
     return decorate
 
 
-__all__ = ["AMP_CHOICES", "FINITE_FLOAT", "MAX_IMAGE_SIZE", "AmpType", "DeviceType", "FiniteFloat", "json_object",
+def plural(n: int, noun: str) -> str:
+    """'1 shard', '2 shards': the summaries a command prints."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+__all__ = ["AMP_CHOICES", "plural", "FINITE_FLOAT", "MAX_IMAGE_SIZE", "AmpType", "DeviceType", "FiniteFloat", "json_object",
            "k_list", "out_dir", "out_file", "renamed", "resolve_amp_name"]

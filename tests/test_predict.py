@@ -205,3 +205,26 @@ def test_bad_checkpoints_and_paths(workdir, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(read_csv(out)) == 1
     assert not list(tmp_path.glob(".p.csv.*"))  # no temp file left behind
+
+
+def test_a_run_folder_predicts_at_the_runs_k(workdir, tmp_path):
+    """`predict RUN` reads RUN/best.pt and, for a Dyna-ViT run, its eval K (here 50, with the
+    run's scorer): the probabilities of the sparse forward at K = 50, not of the dense model."""
+    run = tmp_path / "k50"
+    run.mkdir()
+    vit = make_vit()
+    torch.save({"model": vit.state_dict(), "model_name": MODEL, "classes": CLASSES, "epoch": 1,
+                "config": {"model": MODEL, "model_kwargs": KW, "method": "dynavit", "k": 50, "scorer": "entropy"}},
+               run / "best.pt")
+    out = tmp_path / "p.csv"
+    res = CliRunner().invoke(predict_command, [str(run), *map(str, workdir["good"][:3]), "--out", str(out),
+                                               "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "K=50 entropy" in res.output
+    ref = reference_probs(workdir["good"][:3], 50, "entropy")
+    for r, pr in zip(read_csv(out), ref):
+        np.testing.assert_allclose(float(r["top1_prob"]), pr.max(), rtol=1e-5, atol=1e-6)
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    res = CliRunner().invoke(predict_command, [str(empty), str(workdir["good"][0]), "--out", str(tmp_path / "q.csv")])
+    assert res.exit_code == 2 and "without best.pt" in res.output and not (tmp_path / "q.csv").exists()

@@ -165,7 +165,7 @@ def test_task_failing_always_exits_1_naming_the_shard_then_resume_finishes(tmp_p
     monkeypatch.setattr(ray_executor, "UNIT_HOOK", None)  # "fixed"
     resumed = invoke(*DEMO_JOB, "--out", out, "--executor", "ray", "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert "1 shards written, 11 already done" in resumed.output
+    assert "1 shard written, 11 already done" in resumed.output
     assert _tree(out) == reference
 
 

@@ -146,3 +146,13 @@ def test_missing_matplotlib_is_one_line(dataset, tmp_path, no_matplotlib):
     assert result.exit_code == 1
     assert "install dynavit[viz]" in result.output and result.output.strip().count("\n") == 0
     assert not png.exists()
+
+
+def test_without_out_it_writes_show_png_here(dataset, tmp_path, monkeypatch):
+    """`dynaprep show DATASET` alone (as README's quick start runs it): show.png in the current
+    folder, the same picture as with --out."""
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["show", str(dataset), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert show(dataset, tmp_path / "named.png", "--seed", 3).exit_code == 0
+    assert (tmp_path / "show.png").read_bytes() == (tmp_path / "named.png").read_bytes()

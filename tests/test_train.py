@@ -96,7 +96,7 @@ def test_resume_matches_uninterrupted_run(dataset, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert run_cli([*common, "--out", straight, "--epochs", 2]) == 0
     assert run_cli([*common, "--out", interrupted, "--epochs", 1]) == 0
-    assert run_cli(["--resume", interrupted, "--epochs", 2]) == 0
+    assert run_cli(["--out", interrupted, "--resume", "--epochs", 2]) == 0  # a bare --resume: the run in --out
 
     a, b = read_metrics(straight), read_metrics(interrupted)
     assert len(a) == len(b) == 2
@@ -253,9 +253,24 @@ def test_resume_of_missing_run_is_an_argument_error(tmp_path, capsys):
 def test_help_lists_every_option_and_subcommands(capsys):
     assert run_cli(["--help"]) == 0
     text = capsys.readouterr().out
+    from dynavit.trainer.cli import cli
+    options = {p.name: p.opts[0] for p in cli.commands["train"].params if not getattr(p, "hidden", False)}
     for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert f.name in options and options[f.name] in text, f.name  # --input-size is spelled --image-size
     assert "Commands:" in text and "train" in text
+
+
+def test_a_batch_larger_than_the_split_names_batch_size(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["--shards", dataset, "--k", 50, "--out", run, *TINY, "--batch-size", 64]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'--batch-size'" in err and "48 usable samples" in err, err
+    assert not run.exists()
+
+
+def test_a_bare_resume_needs_out(capsys):
+    assert run_cli(["--resume", "--epochs", 2]) == 2
+    assert "a bare --resume continues the run in --out" in capsys.readouterr().err
 
 
 def test_checkpoint_option_starts_from_local_weights(dataset, tmp_path, capsys):

@@ -13,6 +13,10 @@ class DataError(Exception):
     """The dataset cannot be read as asked; the message names the file (and key) at fault."""
 
 
+class TooFewSamples(DataError):
+    """A training split smaller than one step (world size x batch size): --batch-size's fault."""
+
+
 # --- batches -------------------------------------------------------------------------------
 
 @dataclass

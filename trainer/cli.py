@@ -96,7 +96,7 @@ def cli():
     """dynatrain: train timm ViTs on saliency-pruned token sequences."""
 
 
-@cli.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@cli.command("train", short_help="Train a ViT on the kept patches (the default).", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @renamed("--input-size", "--image-size", "input_size", type=click.IntRange(1, MAX_IMAGE_SIZE))
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
 @click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")

@@ -18,8 +18,8 @@ import torch
 from dynavit.manifests import write_json_atomic
 from dynavit.manifests.inputs import DEFAULT_MAX_FILE_BYTES
 from dynavit.manifests.locations import TRUST_OPTION
-from dynavit.pipeline.cli_types import (MAX_IMAGE_SIZE, DeviceType, FiniteFloat, json_object, k_list, out_dir, out_file,
-                                        renamed)
+from dynavit.pipeline.cli_types import (MAX_IMAGE_SIZE, DeviceType, FiniteFloat, json_object, k_list, out_dir,
+                                        out_file, plural, renamed)
 from dynavit.manifests.options import parse_triple
 
 from dynavit.trainer.methods.budget import budget_table, match_budgets
@@ -37,7 +37,7 @@ from dynavit.trainer.analysis.report import MissingExtra, ReportError, build_rep
 _out_dir, _out_file = out_dir, out_file  # click callbacks shared with dynaprep (pipeline/cli_types.py)
 
 
-@click.command("flops")
+@click.command("flops", short_help="Exact MACs per K and each method's parameter.")
 @click.option("--model", "model_name", default="vit_base_patch16_224", show_default=True,
               help="timm VisionTransformer name; built with pretrained=False on the meta "
                    "device (no weights are downloaded or allocated).")
@@ -111,7 +111,7 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
         write_json_atomic(json_path, doc)
 
 
-@click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("report", short_help="K-sweep table, plots and confusion matrices.", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
               help="Report directory (created): sweep.md, sweep.csv, acc_vs_time.png, acc_vs_k.png, curves.png, "
@@ -141,7 +141,7 @@ def report_command(runs, out_dir, confusion, split, shards, device, batch_size, 
     for warning in result["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     best = max(result["rows"], key=lambda r: r["best_acc1"])
-    click.echo(f"dynatrain report: {len(result['rows'])} runs → {out_dir}/sweep.md "
+    click.echo(f"dynatrain report: {plural(len(result['rows']), 'run')} → {out_dir}/sweep.md "
                f"(best top-1 {best['best_acc1']:.2f}% at K={best['k']}); {len(result['files'])} files")
 
 
@@ -177,7 +177,7 @@ def _check_predict_out(ctx, param, value):
     return p
 
 
-@click.command("predict", context_settings={"help_option_names": ["-h", "--help"],
+@click.command("predict", short_help="Classify image files with a run's model.", context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
 @click.argument("checkpoint", metavar="RUN|CHECKPOINT", type=click.Path(exists=True), callback=_checkpoint_of)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
@@ -268,7 +268,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
 
 # --- evaluate ------------------------------------------------------------------------------------
 
-@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("evaluate", short_help="Top-1/top-5 of a run on a split.", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--online", is_flag=True,
               help="Read the stored images densely and score + select the patches on the device "
@@ -325,7 +325,7 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
 
 # --- compare ---------------------------------------------------------------------------------------
 
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("compare", short_help="Methods side by side from finished runs.", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_dir,
@@ -349,4 +349,4 @@ def compare_command(runs, out_dir, batch_size, steps, repeats, device):
         raise click.BadParameter(str(e), param_hint="RUN") from None
     files = write_compare(rows, out_dir)
     click.echo((Path(out_dir) / "compare.md").read_text().rstrip())
-    click.echo(f"dynatrain compare: {len(rows)} runs → {', '.join(str(f) for f in files)}", err=True)
+    click.echo(f"dynatrain compare: {plural(len(rows), 'run')} → {', '.join(str(f) for f in files)}", err=True)

@@ -48,7 +48,7 @@ from dynavit.manifests.shards import UNLABELED
 from dynavit.trainer.selection import MODES as SELECT_MODES
 from dynavit.trainer.selection import Selection, SelectionError, resolve_selection
 from dynavit.trainer.patches import center_indices, hflip_indices, vflip_indices
-from dynavit.trainer.batch import Batch, DataError, normalize  # noqa: F401 (the loader's API)
+from dynavit.trainer.batch import Batch, DataError, TooFewSamples, normalize  # noqa: F401 (the loader's API)
 from dynavit.trainer.reader import BatchReader, ReadPlan, _EpochBatches
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
         raise DataError(f"{dataset_dir}: split {split!r}: {len(table.problems)} shard(s) with {lost} samples "
                         f"cannot be read, {len(table)} usable samples left; first: {table.problems[0][0]}")
     if train and len(table) < world_size * batch_size:
-        raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
-                        f"(world size {world_size} × batch size {batch_size})")
+        raise TooFewSamples(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
+                            f"(world size {world_size} × batch size {batch_size}); lower --batch-size")
     if not (0 <= hflip <= 1 and 0 <= vflip <= 1):
         raise DataError(f"flip probabilities must be in [0, 1], got hflip={hflip}, vflip={vflip}")
     flips = train if flip is None else bool(flip)

@@ -33,11 +33,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dynavit.manifests import write_json_atomic
+from dynavit.pipeline.cli_types import plural
 
 from dynavit.trainer import recipe
 from dynavit.trainer.augment import Augment
 from dynavit.trainer.config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
-from dynavit.trainer.data import DataError, Loader, build_loader
+from dynavit.trainer.data import DataError, Loader, TooFewSamples, build_loader
 from dynavit.trainer.mixing import Mixer
 from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_weights, make_heads, training_loss)
 from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
@@ -128,7 +129,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
                           info.classes)
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
-        log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {len(history)} epochs · "
+        log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {plural(len(history), 'epoch')} · "
             f"{summary['images_per_s']:.0f} img/s · {cfg.method} {described} S={sel.seq_len} → {out}")
     return summary
 
@@ -187,7 +188,9 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
                             images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
-    except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size
+    except TooFewSamples as e:
+        raise ConfigError(str(e), "--batch-size") from None
+    except DataError as e:  # e.g. every shard of a split unreadable
         raise ConfigError(str(e)) from None
 
 

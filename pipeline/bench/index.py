@@ -193,7 +193,7 @@ def compare(src: Path, out: Path, workers: int, repeats: int, shard_size: int, f
             "ratios": [round(x, 4) for x in ratios], "repeats": repeats}
 
 
-@click.command("bench-index")
+@click.command("bench-index", short_help="dynaprep img/s against the decode floor.")
 @click.option("--n", default=2000, show_default=True, help="Number of JPEGs (quality 90).")
 @click.option("--mix", type=click.Choice(["500x375", "mixed"]), default="500x375", show_default=True,
               help="Image sizes: all 500×375 (ImageNet's most common), or random 150–900 px per side.")

@@ -224,7 +224,7 @@ def format_compare(res: dict) -> str:
 
 # --- bench-compare -------------------------------------------------------------------------------
 
-@click.command("bench-compare")
+@click.command("bench-compare", short_help="Methods at matched MACs: GMACs and img/s.")
 @renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
               help="timm VisionTransformer to benchmark (random weights, nothing downloaded).")

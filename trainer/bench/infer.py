@@ -269,7 +269,7 @@ def _bench_infer_list(ctx, param, value):
     return out
 
 
-@click.command("bench-infer", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("bench-infer", short_help="Inference img/s: dense, sparse, online.", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(min=1))
 @renamed("--scorers", "--scorer", "scorers", type=str, callback=_bench_infer_list)
 @renamed("--precision", "--amp", "amp", type=click.Choice(["fp32", "bf16", "fp16"]))

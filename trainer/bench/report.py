@@ -150,7 +150,7 @@ def _write_markdown(out, quick: bool, sections: list, checks: list) -> None:
     os.replace(tmp, out)
 
 
-@click.command("bench-report")
+@click.command("bench-report", short_help="Run every benchmark; write BENCHMARKS.md.")
 @renamed("--work", "--workdir", "workdir", type=click.Path(file_okay=False))
 @click.option("--out", default="docs/BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
               callback=out_file)

@@ -118,7 +118,7 @@ def bench(model_name: str, ks: list[int], batch: int = 32, steps: int = 5, warmu
     return rows
 
 
-@click.command("bench-step")
+@click.command("bench-step", short_help="Sparse vs dense step speed-up, synthetic data.")
 @renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--model", "model_name", default="vit_tiny_patch16_224", show_default=True,
               help="timm VisionTransformer name (random weights, pretrained=False).")

@@ -180,7 +180,7 @@ def format_bench(r: dict) -> str:
     return "\n".join(out)
 
 
-@click.command("bench")
+@click.command("bench", short_help="Training and inference img/s per K, and the loader.")
 @renamed("--batch", "--batch-size", "batch_size", type=click.IntRange(1))
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), required=True,
               help="A dataset directory written by dynaprep (its image size sets the model's).")
