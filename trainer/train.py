@@ -45,7 +45,7 @@ from .data import DataError, Loader, build_loader
 from .mixing import Mixer
 from .model import (SparseViT, budget_record, build_model, load_weights, make_heads, method_forward, teacher_outputs,
                     training_loss)
-from .method_recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
+from .method_recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for, with_recipe_schedule
 from .rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from .runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
 
@@ -73,6 +73,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     fresh: list[str] = []  # classifier keys --checkpoint could not load
     vit = build_model(cfg, info, checked.train.input_size, log, fresh).to(device)
     method_recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
+    cfg, taken = with_recipe_schedule(cfg, method_recipe)
+    if taken:
+        log(f"{cfg.method}'s fine-tuning recipe: " + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in taken.items()))
     teacher = make_teacher(cfg, vit, method_recipe, fresh, log)  # before resume: the start weights
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
