@@ -102,3 +102,24 @@ def test_bench_compare_smoke():
     assert all(r["imgs_per_s"] > 0 for r in res["ks"][0]["rows"])
     out = format_compare(res)
     assert "dense" in out and "tome" in out and "evit" in out
+
+
+def test_learned_method_at_its_limit_is_flagged_in_its_budget_record():
+    """budget_record's at_limit for a learned method: DynamicViT pruning only after block 3 of 4
+    cannot get as cheap as Dyna-ViT at K=10 (its cheapest rho still costs more: the reference
+    count), while its default stages reach K=50."""
+    from dynavit.trainer.methods.budget import count_tome_macs
+    from dynavit.trainer.methods.budget_limit import at_limit
+    from dynavit.trainer.methods.dynamicvit import RHO_STEP, DynamicViTHeads, count_dynamicvit_macs
+    from dynavit.trainer.model import budget_record
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    late = DynamicViTHeads.for_model(m, layers=(3,))
+    target = count_dynavit_macs(m, 10)["macs"]
+    assert count_dynamicvit_macs(m, late, RHO_STEP) > target
+    rec = budget_record(m, "dynamicvit", 10, late)
+    assert rec["at_limit"] and rec["param"] == RHO_STEP and rec["macs"] > target
+    assert not budget_record(m, "dynamicvit", 50, DynamicViTHeads.for_model(m))["at_limit"]
+    # above the target, but a cheaper setting exists (ToMe at r=1 vs its r = N // 2): not a limit
+    assert not at_limit(m, "tome", 10, count_tome_macs(m, 1), target)

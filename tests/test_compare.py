@@ -196,3 +196,29 @@ def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, 
     timm_model.load_state_dict(last["model"], strict=True)  # and the backbone stays plain timm
     assert run_cli(["--resume", run, "--epochs", 2]) == 0  # heads are restored on resume
     assert [m["epoch"] for m in metrics(run)] == [1, 2]
+
+
+def test_compare_flags_a_method_at_its_limit(runs, tmp_path):
+    """A budget the method cannot reach (EViT on 6 blocks: its only keep layer is the 4th, so
+    even keep_rate 0.001 costs more than Dyna-ViT at K=50) is flagged in compare.csv,
+    compare_groups.csv and compare.md, as `dynatrain flops` flags it; a matched one is not."""
+    from dynavit.trainer.methods.budget import EVIT_STEP
+
+    shallow = {**MODEL_KWARGS, "depth": 6}
+    args = [a if a != json.dumps(MODEL_KWARGS) else json.dumps(shallow) for a in COMMON]
+    assert run_cli(["--shards", runs / "ds", "--out", tmp_path / "evit6", "--method", "evit", *args]) == 0
+    meta = build_meta_model("vit_tiny_patch16_224", num_classes=4, **shallow)
+    # the reference: EViT's cheapest keep rate on this model still costs more than Dyna-ViT at K=50
+    assert count_evit_macs(meta, EVIT_STEP) > count_macs(meta, 50)
+    assert run_budget(tmp_path / "evit6")["at_limit"] and not run_budget(runs / "tome")["at_limit"]
+    out = tmp_path / "table"
+    assert run_cli(["compare", tmp_path / "evit6", runs / "tome", "--out", out, "--batch", 2, "--steps", 1,
+                    "--repeats", 1]) == 0
+    per_run = {r["run"]: r["at_limit"] for r in csv.DictReader(open(out / "compare.csv"))}
+    assert per_run == {"evit6": "True", "tome": "False"}
+    groups = {g["method"]: g["at_limit"] for g in csv.DictReader(open(out / "compare_groups.csv"))}
+    assert groups == {"evit": "True", "tome": "False"}
+    md = (out / "compare.md").read_text().splitlines()
+    flagged = [ln for ln in md if ln.startswith("|") and "limit: cannot go lower" in ln]
+    assert len(flagged) == 2 and all("evit" in ln for ln in flagged)  # its group row and its run row
+    assert any(ln.startswith("limit: cannot go lower:") for ln in md)

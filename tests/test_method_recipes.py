@@ -155,3 +155,61 @@ def test_dynatrain_evit_from_scratch_trains_through_the_schedule(dataset, tmp_pa
     assert len(seen) == 12 and seen[0] == 1.0 and seen[-1] < 1.0
     assert all(a >= b for a, b in zip(seen, seen[1:]))
     assert min(seen) >= final
+
+
+def _cropr_cosine_scheduler(base, final, epochs, niter, warmup_epochs):
+    """benbergner/cropr 2f8b624 cls/utils.py ``cosine_scheduler``, written out here in NumPy
+    (linear warm-up by np.linspace, then final + (base − final)·(1 + cos(π·i/n))/2)."""
+    import math
+
+    import numpy as np
+
+    w = math.ceil(warmup_epochs * niter)
+    warm = np.linspace(0, base, w)
+    warm[0] = warm[1]
+    iters = np.arange(math.ceil(epochs * niter) - w)
+    return np.concatenate((warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+def test_cropr_recipe_is_its_authors_schedule():
+    """Fine-tuning Cropr takes its authors' schedule where the command line leaves it open:
+    layer-wise lr decay 0.75 (block i of D at 0.75^(D-i), cls/utils.py param_groups_lrd), a
+    warm-up over 5/50 of the epochs, then their cosine (min_lr 0 here) step for step; an
+    explicit --layer-decay / --warmup-epochs wins, and from scratch nothing is taken."""
+    from dynavit.trainer.methods.recipes import with_recipe_schedule
+
+    m = vit()
+    heads = make_heads(m, "cropr", 4)
+    base = TrainConfig(lr=1e-3, epochs=20, sched="cosine", method="cropr")
+    cfg, taken = with_recipe_schedule(base, recipe_for("cropr", True))
+    assert taken == {"layer_decay": 0.75, "warmup_epochs": 2.0}
+    assert with_recipe_schedule(base, recipe_for("cropr", False))[1] == {}
+    assert with_recipe_schedule(TrainConfig(lr=1e-3, epochs=20, sched="cosine", layer_decay=0.9, warmup_epochs=1),
+                                recipe_for("cropr", True))[1] == {}
+    steps = 10
+    opt, sched, _ = make_optimizer(cfg, m, heads, None, torch.device("cpu"), steps, recipe_for("cropr", True))
+    depth = len(m.blocks)
+    peak = {}  # each group's rate relative to --lr, read back at the end of warm-up
+    lrs = []
+    for step in range(cfg.epochs * steps):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step(), sched.step()
+    at_peak = lrs[int(cfg.warmup_epochs * steps) - 1]
+    for (names, g), lr in zip(groups_of(opt, m), at_peak):
+        block = {int(n.split(".")[1]) for n in names if n.startswith("blocks.")}
+        if block:
+            (i,) = block
+            peak[f"block{i}"] = lr / cfg.lr
+        elif names == {"heads"}:
+            peak["routers"] = lr / cfg.lr
+    for i in range(depth):
+        assert peak[f"block{i}"] == pytest.approx(0.75 ** (depth - i))
+    assert peak["routers"] == pytest.approx(1.0)
+    # the schedule of a full-rate group (the routers) against the authors' cosine_scheduler
+    router = next(j for j, (names, _) in enumerate(groups_of(opt, m)) if names == {"heads"})
+    ours = [row[router] for row in lrs]
+    ref = _cropr_cosine_scheduler(cfg.lr, 0.0, cfg.epochs, steps, cfg.warmup_epochs)
+    w = int(cfg.warmup_epochs * steps)
+    assert ours[w:] == pytest.approx(list(ref[w:]), rel=1e-9, abs=1e-15)  # the cosine, step for step
+    # the warm-up: linear to the peak at its last step (ours (s+1)/w, theirs linspace(0, peak, w))
+    assert ours[w - 1] == pytest.approx(ref[w - 1]) and ours[0] == pytest.approx(cfg.lr / w)

@@ -100,7 +100,8 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
             for name in LEARNED:
                 rec = budget_record(model, name, k, make_heads(model, name, model.num_classes))
                 learned.append(rec)
-                click.echo(f"{k:>4} {name:<11} {rec['described']}  {rec['macs'] / 1e9:.4f} GMACs")
+                click.echo(f"{k:>4} {name:<11} {rec['described']}  {rec['macs'] / 1e9:.4f} GMACs"
+                           + ("  (limit: cannot go lower)" if rec["at_limit"] else ""))
 
     if json_path:
         doc = dict(model=model_name, dims={**dims, "patch": list(dims["patch"])}, rows=rows,

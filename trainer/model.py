@@ -176,14 +176,17 @@ MAC_COUNTER = "dynavit.trainer.methods.macs/1"
 def budget_record(vit: nn.Module, method: str, k: int, heads: nn.Module | None = None) -> dict:
     """The run's matched budget, computed once on a meta copy of its model (so the same on
     CPU, CUDA and meta, with any weights): {method, k, param, described, macs, dynavit_macs,
-    rel, counter}. Training records it in config.json and summary.json; compare and the
+    rel, counter, at_limit} (at_limit: the parameter is at its cheapest and still above
+    Dyna-ViT's MACs, budget_limit.py). Training records it in config.json and summary.json; compare and the
     reports read it back instead of matching again."""
     meta_vit, meta_heads = meta_copy(vit), meta_copy(heads)
     param, described = match_method(meta_vit, method, k, meta_heads)
     macs = method_macs(meta_vit, method, k, param, meta_heads)
     target = macs if method == "dynavit" else method_macs(meta_vit, "dynavit", k, None)
+    from dynavit.trainer.methods.budget_limit import at_limit
     return {"method": method, "k": int(k), "param": param, "described": described, "macs": int(macs),
-            "dynavit_macs": int(target), "rel": (macs - target) / target, "counter": MAC_COUNTER}
+            "dynavit_macs": int(target), "rel": (macs - target) / target, "counter": MAC_COUNTER,
+            "at_limit": at_limit(meta_vit, method, k, macs, target, meta_heads)}
 
 
 MAX_PARAMS = 4_000_000_000  # 16 GB of fp32 weights: larger is a typo in --model-kwargs, not a model

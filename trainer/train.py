@@ -41,7 +41,7 @@ from dynavit.trainer.config import Checked, ConfigError, TrainConfig, check_conf
 from dynavit.trainer.data import DataError, Loader, TooFewSamples, build_loader
 from dynavit.trainer.mixing import Mixer
 from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_weights, make_heads, training_loss)
-from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
+from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for, with_recipe_schedule
 from dynavit.trainer.rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from dynavit.trainer.epoch import evaluate, train_one_epoch
 from dynavit.trainer.runtime import Dist, init_distributed, resolve_amp, seed_everything, set_rng_state
@@ -70,6 +70,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     fresh: list[str] = []  # classifier keys --checkpoint could not load
     vit = build_model(cfg, info, checked.train.input_size, log, fresh).to(device)
     method_recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
+    cfg, taken = with_recipe_schedule(cfg, method_recipe)
+    if taken:
+        log(f"{cfg.method}'s fine-tuning recipe: " + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in taken.items()))
     teacher = make_teacher(cfg, vit, method_recipe, fresh, log)  # before resume: the start weights
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)

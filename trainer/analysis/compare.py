@@ -24,15 +24,16 @@ import torch
 from dynavit.manifests import atomic_path, k_count
 
 from dynavit.trainer.config import TrainConfig
+from dynavit.trainer.methods.budget_limit import LIMIT_NOTE, at_limit
 from dynavit.trainer.methods.flops import build_meta_model
 from dynavit.trainer.model import make_heads, match_method, method_forward, method_macs  # noqa: F401 (method_macs re-exported)
 from dynavit.trainer.analysis.report import load_run
 from dynavit.trainer.selection import DENSE_K
 
 FIELDS = ("run", "method", "parameter", "seed", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
-          "infer_img_s_max", "best_acc1", "budget_source")
+          "infer_img_s_max", "best_acc1", "budget_source", "at_limit")
 GROUP_FIELDS = ("method", "parameter", "n", "seeds", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
-                "infer_img_s_max", "acc1_mean", "acc1_std", "runs")
+                "infer_img_s_max", "acc1_mean", "acc1_std", "runs", "at_limit")
 
 
 def _model(cfg: TrainConfig, run_meta: dict, device: str = "cpu"):
@@ -56,11 +57,13 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         meta_model = _model(cfg, run.meta, "meta")
         meta_heads = make_heads(meta_model, cfg.method, num_classes)
         param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
+        limit = at_limit(meta_model, cfg.method, k, macs, method_macs(meta_model, "dynavit", k, None), meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
         rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
                      else f"dynavit ({cfg.select})", "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
-                     "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source})
+                     "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source,
+                     "at_limit": limit})
         model = _model(cfg, run.meta, device)
         heads = make_heads(model, cfg.method, num_classes)
         heads = None if heads is None else heads.to(device).eval()
@@ -112,6 +115,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
                     "infer_img_s_max": max(reps), "acc1_mean": statistics.mean(acc),
                     "acc1_std": statistics.stdev(acc) if len(acc) > 1 else None,
                     "runs": " ".join(r["run"] for r in rs),
+                    "at_limit": any(r.get("at_limit", False) for r in rs),
                     "budget_source": "recorded" if all(r.get("budget_source", "recorded") == "recorded" for r in rs)
                     else "re-matched"})
     return out
@@ -132,6 +136,10 @@ def run_budget(run, cfg: TrainConfig, k: int, meta_model, meta_heads) -> tuple[o
     return param, described, method_macs(meta_model, cfg.method, k, param, meta_heads), "re-matched"
 
 
+def _limit_mark(row: dict) -> str:
+    return f" **({LIMIT_NOTE})**" if row.get("at_limit") else ""
+
+
 def write_compare(rows: list[dict], out_dir) -> list[Path]:
     """compare.md (one row per method and parameter, mean ± std over its runs, then one row per
     run), compare.csv (per run), compare_groups.csv and (with matplotlib) acc_vs_gmacs.png."""
@@ -141,7 +149,7 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     lines = ["| method | parameter | runs (seeds) | GMACs | train img/s | inference img/s (median, range) | "
              "best top-1 (mean ± std) |", "|:--|:--|:--|--:|--:|--:|--:|"]
     for g in groups:
-        mark = "" if g["budget_source"] == "recorded" else " †"
+        mark = ("" if g["budget_source"] == "recorded" else " †") + _limit_mark(g)
         std = "n = 1, no std" if g["acc1_std"] is None else f"± {g['acc1_std']:.1f}"
         lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {g['gmacs']:.3f} | "
                      f"{g['train_img_s']:.1f} | {g['infer_img_s']:.1f} ({g['infer_img_s_min']:.1f}–"
@@ -149,7 +157,7 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     lines += ["", "Per run:", "", "| run | method | parameter | seed | GMACs | train img/s | inference img/s | best top-1 |",
               "|:--|:--|:--|--:|--:|--:|--:|--:|"]
     for r in rows:
-        mark = "" if r.get("budget_source", "recorded") == "recorded" else " †"
+        mark = ("" if r.get("budget_source", "recorded") == "recorded" else " †") + _limit_mark(r)
         lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {r['gmacs']:.3f} | "
                      f"{r['train_img_s']:.1f} | "
                      f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
@@ -161,6 +169,9 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     if any(r.get("budget_source", "recorded") != "recorded" for r in rows):
         lines.append("† re-matched here: the run predates recorded budgets, or its recorded MACs differ from "
                      "today's count")
+    if any(r.get("at_limit") for r in rows):
+        lines.append(f"{LIMIT_NOTE}: the method's cheapest parameter still costs more than Dyna-ViT at this K on "
+                     "this model, so the row is not at equal compute (dynavit.trainer.methods.budget_limit)")
     files = [out / "compare.md", out / "compare.csv", out / "compare_groups.csv"]
     with atomic_path(files[0]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -12,6 +12,10 @@ What a recipe sets (each overridable on the command line):
 - ``backbone_frozen_in_warmup``: the backbone stays fixed during ``--warmup-epochs``.
 - ``untrained``: backbone parameters left out of the optimizer altogether.
 - ``teacher``: with ``--teacher auto`` the method distils from its own start weights.
+- ``layer_decay``: layer-wise learning-rate decay (``--layer-decay`` when the command line
+  gives none): block i of D at ``--lr`` × decay^(D−i).
+- ``warmup_share``: linear warm-up over this share of the epochs, when the run uses
+  ``--sched cosine`` and gives no ``--warmup-epochs`` (0).
 
 Sources (read at the pinned commits):
 - DynamicViT (raoyongming/DynamicViT 1322e62): main.py ``--lr_scale`` 0.01 for the backbone,
@@ -30,7 +34,11 @@ Sources (read at the pinned commits):
 - ToMe (facebookresearch/ToMe af95e4b): no recipe of its own (off the shelf, or trained like
   the model); prop_attn as its timm patch.
 - Token Cropr (benbergner/cropr 2f8b624): the whole model with its routers' auxiliary losses
-  (trainer/model.py ``training_loss``); its own schedule is not reproduced.
+  (trainer/model.py ``training_loss``) under its own schedule (cls/main.py, cls/utils.py):
+  AdamW, layer-wise lr decay 0.75 (``param_groups_lrd``, BEiT's: block i of D at
+  0.75^(D−i), embeddings 0.75^(D+1), the rest, routers included, at 1), linear warm-up over
+  5 of 50 epochs then cosine (``cosine_scheduler``; to min_lr 1e-6, here to 0), peak lr
+  1e-3 × batch / 256. The peak lr and the epochs stay the run's ``--lr`` and ``--epochs``.
 - Dyna-ViT: the whole model on the kept patches.
 """
 from __future__ import annotations
@@ -46,6 +54,8 @@ class Recipe:
     untrained: tuple[str, ...] = ()
     teacher: bool = False
     keep_warmup: tuple[float, float] | None = None  # EViT: (start, length) as fractions of the epochs
+    layer_decay: float | None = None
+    warmup_share: float | None = None
     source: str = ""
 
 
@@ -62,7 +72,9 @@ RECIPES = {
                                 "start weights"),
     "tnt": Recipe(backbone_lr_scale=0.0,
                   source="TNT d095619: frozen backbone, alpha heads trained under noise"),
-    "cropr": Recipe(source="Cropr 2f8b624: the whole model + router auxiliary losses"),
+    "cropr": Recipe(layer_decay=0.75, warmup_share=5 / 50,
+                    source="Cropr 2f8b624: the whole model + router auxiliary losses, layer-wise lr "
+                           "decay 0.75, warm-up 5/50 of the epochs then cosine"),
 }
 
 
@@ -96,3 +108,18 @@ def keep_rate_at(recipe: Recipe, final: float, epochs: int, steps_per_epoch: int
         return final + (1.0 - final) * (math.cos((step - start) / length * math.pi) + 1.0) * 0.5
 
     return rate
+
+
+def with_recipe_schedule(cfg, recipe: Recipe):
+    """``cfg`` with the recipe's learning-rate schedule where the command line left it open
+    (``--layer-decay`` not given; ``--warmup-epochs`` 0 under ``--sched cosine``), and the
+    list of what was taken from the recipe (for the log). The run's config.json records the
+    result, so a run says which schedule it trained with."""
+    import dataclasses
+
+    changes = {}
+    if recipe.layer_decay is not None and cfg.layer_decay is None:
+        changes["layer_decay"] = recipe.layer_decay
+    if recipe.warmup_share is not None and cfg.warmup_epochs == 0 and cfg.sched == "cosine":
+        changes["warmup_epochs"] = recipe.warmup_share * cfg.epochs
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), changes
