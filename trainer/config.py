@@ -80,6 +80,8 @@ class TrainConfig:
     val_split: str | None = None
     images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
     trust_dataset_urls: bool = False     # dataset.json / shards.parquet may name URLs and pipe: commands
+    stream: bool = False                 # read the tars front to back (trainer/stream.py), not by offset
+    stream_buffer: int = 1000            # --stream: samples in each worker's shuffle buffer
     resume: str | None = None
     overwrite: bool = False
     # Recipe (recipe.py, augment.py): none of them invalidates the stored kept-patch indices.

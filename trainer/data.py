@@ -233,7 +233,7 @@ class BatchReader:
         t, p, sel = self.table, self.plan, self.plan.selection
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
-            data = read_member(self._fd(shard.images), t, i)  # checks the member's tar header too
+            data = self._image_bytes(i, shard)  # checks the member's tar header too
             flip = draw(_sample_bits(p.seed, epoch, key, _FLIP), p.hflip)
             vflip = draw(_sample_bits(p.seed, epoch, key, _VFLIP), p.vflip)
             if p.external_images:
@@ -284,11 +284,18 @@ class BatchReader:
             scores = np.ascontiguousarray(scores[::-1 if vflip else 1, ::-1 if flip else 1], dtype=np.float32)
         return image, keep, scores
 
+    # The two reads of a sample; trainer/stream.py's reader takes them from a tar stream instead.
+    def _image_bytes(self, i: int, shard: Shard) -> bytes:
+        return read_member(self._fd(shard.images), self.table, i)
+
+    def _index_member(self, i: int, shard: Shard, key: str, ext: str) -> bytes:
+        return shard.layout.read(self._fd(shard.index), int(self.table.pos[i]), key, ext)
+
     def _scores(self, i: int, shard: Shard, key: str) -> np.ndarray:
         """The sample's scores.npy [Gh, Gw]."""
-        t, sel = self.table, self.plan.selection
+        sel = self.plan.selection
         try:
-            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, SCORES_EXT))
+            arr = read_npy(self._index_member(i, shard, key, SCORES_EXT))
             if arr.shape != tuple(sel.grid):
                 raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
             return arr
@@ -301,11 +308,11 @@ class BatchReader:
     def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
         """The stored k{K}.npy; with a crop, top-K re-selected from the window of scores.npy
         (the stored sets refer to the whole grid)."""
-        t, sel = self.table, self.plan.selection
+        sel = self.plan.selection
         member = SCORES_EXT if sel.cropped else k_ext(sel.k)
         where = f"{shard.index}: sample {key!r}"
         try:
-            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, member))
+            arr = read_npy(self._index_member(i, shard, key, member))
             if sel.cropped:
                 if arr.shape != tuple(sel.grid):
                     raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
@@ -436,17 +443,8 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         if self.table.problems and not self.plan.skip_bad:
             raise DataError(self.table.problems[0][0])
-        batches = self.batches(self.epoch)
         pin = self.pin_memory and torch.cuda.is_available()
-        if self.workers > 0:
-            # A generator of its own: DataLoader otherwise draws its workers' base seed from the
-            # global torch RNG, and the model's dropout / drop-path masks would then depend on
-            # --workers (every draw of ours is hashed from the sample; the workers' seeds are unused).
-            it = iter(torch.utils.data.DataLoader(_EpochBatches(self.reader, batches, self.epoch), batch_size=None,
-                                                  num_workers=self.workers, pin_memory=pin,
-                                                  generator=torch.Generator()))
-        else:
-            it = (self.reader(idx, self.epoch) for idx in batches)
+        it = self._batch_iter(pin)
         counts = {"done": 0}
         try:
             try:
@@ -474,6 +472,18 @@ class Loader:
         if self.plan.train and done < self.steps:
             raise DataError(f"rank {self.rank}: only {done} of {self.steps} batches this epoch: every sample "
                             f"of the others was skipped as bad")
+
+    def _batch_iter(self, pin: bool) -> Iterator[Batch]:
+        """This epoch's batches, built by DataLoader workers or in this process."""
+        batches = self.batches(self.epoch)
+        if self.workers > 0:
+            # A generator of its own: DataLoader otherwise draws its workers' base seed from the
+            # global torch RNG, and the model's dropout / drop-path masks would then depend on
+            # --workers (every draw of ours is hashed from the sample; the workers' seeds are unused).
+            return iter(torch.utils.data.DataLoader(_EpochBatches(self.reader, batches, self.epoch), batch_size=None,
+                                                    num_workers=self.workers, pin_memory=pin,
+                                                    generator=torch.Generator()))
+        return (self.reader(idx, self.epoch) for idx in batches)
 
     def _consume(self, it, pin: bool, counts: dict) -> Iterator[Batch]:
         pending = 0
@@ -504,7 +514,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  flip: bool | None = None, hflip: float = 0.5, vflip: float = 0.0, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
                  images_root: str | None = None, trust_urls: bool = False,
-                 with_scores: bool = False) -> Loader:
+                 with_scores: bool = False, stream: bool = False, stream_buffer: int = 1000) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
     `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved (the
@@ -513,7 +523,8 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     `hflip`/`vflip`: per-sample flip probabilities of a train loader (an eval loader never
     flips); `flip=False` turns both off, `flip=True` flips an eval loader too. `with_scores`:
     batches carry the scores of every sample's shown window (Batch.scores; saliency
-    selections only), for re-selection after mixing."""
+    selections only), for re-selection after mixing. `stream`: read the tars front to back
+    instead of by offset (trainer/stream.py; `stream_buffer` samples in its shuffle buffer)."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -527,6 +538,18 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
             selection = resolve_selection(info, None if select == "dense" else k, select, input_size)
         except SelectionError as e:
             raise DataError(f"{dataset_dir}: {e}") from None
+    if not (0 <= hflip <= 1 and 0 <= vflip <= 1):
+        raise DataError(f"flip probabilities must be in [0, 1], got hflip={hflip}, vflip={vflip}")
+    flips = train if flip is None else bool(flip)
+    plan = ReadPlan(selection, tuple(info.image_size), train, float(hflip) if flips else 0.0, int(seed),
+                    skip_bad_samples, info.external_images, recycle_buffers,
+                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
+                    float(vflip) if flips else 0.0, bool(with_scores))
+    if stream:
+        from .stream import build_stream_loader  # here: the random-access path needs none of it
+        return build_stream_loader(dataset_dir, info, split, scorer, plan, batch_size=batch_size, workers=workers,
+                                   rank=rank, world_size=world_size, pin_memory=pin_memory, buffer=stream_buffer,
+                                   images_root=images_root, trust_urls=trust_urls)
     try:
         table = build_table(dataset_dir, info, split, scorer, images_root=images_root, trust_urls=trust_urls)
     except ShardError as e:
@@ -539,13 +562,6 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     if train and len(table) < world_size * batch_size:
         raise DataError(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                         f"(world size {world_size} × batch size {batch_size})")
-    if not (0 <= hflip <= 1 and 0 <= vflip <= 1):
-        raise DataError(f"flip probabilities must be in [0, 1], got hflip={hflip}, vflip={vflip}")
-    flips = train if flip is None else bool(flip)
-    plan = ReadPlan(selection, tuple(info.image_size), train, float(hflip) if flips else 0.0, int(seed),
-                    skip_bad_samples, info.external_images, recycle_buffers,
-                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
-                    float(vflip) if flips else 0.0, bool(with_scores))
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 
