@@ -27,7 +27,7 @@ import numpy as np
 
 from . import locations
 from .inputs import open_regular
-from .io import npy_bytes, read_manifest, read_shards, sha256_file
+from .io import LOADER_COLUMNS, npy_bytes, read_manifest, read_shards, sha256_file
 from .schema import (CLS_EXT, DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, SCORES_EXT, STATUS_OK, DatasetInfo, FormatError, image_shard_name,
                      index_dtype_name, index_shard_name, k_ext)
 from .tar import (BLOCK, TarError, TarWriter, _octal, group_by_keys, header_name, join_fragments,
@@ -304,7 +304,7 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
     one-line notice."""
     try:
         rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
-        manifest = read_manifest(dataset_dir)
+        manifest = read_manifest(dataset_dir, LOADER_COLUMNS)
     except (FormatError, OSError) as e:
         raise ShardError(str(e)) from None
     import pyarrow.compute as pc  # here, not at the top: dynaprep's workers never need it (start-up time)

@@ -222,6 +222,9 @@ def test_locations_are_data(indexed, tmp_path):
     hostile = {**row, "images": "x.tar; touch /tmp/owned"}
     with pytest.raises(stream.locations.UnsafeLocationError, match="pipe"):
         stream.shard_locations(light, info, hostile, "train/topk-l2-000000.tar", "pipe:cat /data", False)
+    with pytest.raises(stream.locations.UnsafeLocationError, match="pipe"):  # the cache-fetch path too
+        stream.locations.under("pipe:cat /data", "x.tar$(touch /tmp/owned)", "shards.parquet")
+    assert stream.locations.under("pipe:cat /data", "train/x-1.tar", "w") == "pipe:cat /data/train/x-1.tar"
     with pytest.raises(stream.locations.UnsafeLocationError, match="outside"):
         stream.shard_locations(light, info, {**row, "images": "../../etc/passwd"}, "x", None, False)
     ext = dataclasses.replace(info, external_images=True, images_root="pipe:cat /data")

@@ -18,6 +18,7 @@ import timm
 import torch
 
 from dynavit.manifests import DatasetInfo, read_manifest
+from dynavit.manifests.io import LOADER_COLUMNS
 from dynavit.manifests.options import ArgumentError
 
 from .data import DataError, open_dataset
@@ -168,7 +169,7 @@ def pick_val_split(cfg: TrainConfig, info: DatasetInfo) -> str:
 
 def _unlabeled(dataset_dir, split: str) -> bool:
     """True when no ok row of the split has a label (e.g. ImageNet-style flat test/)."""
-    m = read_manifest(dataset_dir)
+    m = read_manifest(dataset_dir, LOADER_COLUMNS)  # the loaders' columns: one cached read for all
     rows = m.filter(pc.and_(pc.equal(m["split"], split), pc.equal(m["status"], "ok")))
     return rows.num_rows > 0 and rows["label"].null_count == rows.num_rows
 

@@ -16,9 +16,9 @@ Equal steps: every rank runs `steps = n // (W · B)` steps, as the random-access
 n the split's ok samples in the manifest. Ranks (and workers) hold whole shards, so their
 sample counts differ; the rank's steps are shared among its workers in proportion to the
 samples of their shards, and a worker whose shards hold fewer samples than its quota reads
-them again (another order) until it has. With shards of equal size and n a multiple of
-W · B · shards-per-worker, an epoch visits every sample exactly once, the same set as the
-random-access loader.
+them again (another order) until it has, and one whose shards hold more is cut short. When
+every worker's shards hold exactly its quota (equal shards, each worker's share a multiple of
+B), an epoch visits every sample exactly once: the random-access loader's epoch set.
 
 An epoch is a pure function of (seed, epoch, rank, world size, workers, buffer): resuming at
 an epoch boundary replays it. Unlike the random-access loader's order, it depends on
@@ -28,8 +28,8 @@ Locations are data (manifests/locations.py): the image tars lie under --images-r
 user's own, may be a URL or a pipe: command) or else under the dataset folder (ours) or
 dataset.json's images_root (a user's WebDataset; a URL only with --trust-dataset-urls). A
 `pipe:` command read from the dataset folder is never run here, trusted or not; under a
-pipe: root a shard name must be a plain relative path ([A-Za-z0-9._/-]). Index tars are
-always local, under the dataset folder.
+pipe: root a shard name must be a plain relative path ([A-Za-z0-9._/-]: locations.under).
+Index tars are always local, under the dataset folder.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +48,7 @@ import torch
 
 from dynavit.manifests import DatasetInfo, FormatError, locations
 from dynavit.manifests.inputs import open_regular
-from dynavit.manifests.io import read_manifest, read_shards
+from dynavit.manifests.io import LOADER_COLUMNS, read_manifest, read_shards
 from dynavit.manifests.schema import DATASET_JSON, IMAGE_EXTS, SHARDS_PARQUET, STATUS_OK
 from dynavit.manifests.shards import UNLABELED, SampleTable, Shard
 from dynavit.manifests.tar import split_name
@@ -57,7 +56,6 @@ from dynavit.manifests.tar import split_name
 from .data import Batch, BatchReader, DataError, Loader, ReadPlan
 
 log = logging.getLogger(__name__)
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 @dataclass(frozen=True)
@@ -89,9 +87,6 @@ def shard_locations(dataset_dir, info: DatasetInfo, row: dict, index_rel: str, i
                                                 f"read from a dataset folder (give it as --images-root)")
     else:
         root = folder
-    if root.startswith("pipe:") and (not _SAFE_NAME.fullmatch(rel) or ".." in rel.split("/")):
-        raise locations.UnsafeLocationError(f"{what} names {rel[:80]!r}, which may not be appended to a pipe: "
-                                            f"command (plain relative paths only)")
     images = locations.under(root, rel, what, trust_urls)
     return images, locations.under(folder, index_rel, what)
 
@@ -103,7 +98,7 @@ def stream_table(dataset_dir, info: DatasetInfo, split: str, scorer: str, images
     try:
         rows = sorted((r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split),
                       key=lambda r: r["shard"])
-        manifest = read_manifest(dataset_dir).select(["split", "key", "shard", "label", "status", "image_bytes"])
+        manifest = read_manifest(dataset_dir, LOADER_COLUMNS)  # the random-access loader's: one cached read
     except (FormatError, OSError) as e:
         raise DataError(str(e)) from None
     import pyarrow.compute as pc
