@@ -104,6 +104,8 @@ bench: $(STAMP)
 	$(BIN)/dynatrain bench-report --out docs/BENCHMARKS.md
 	@echo "loader start vs sample count (docs/BENCHMARKS.md, 'Loader start against sample count'):"
 	$(BIN)/python -m dynavit.trainer.bench_start
+	@echo "streaming vs random access (docs/BENCHMARKS.md, 'Streaming against random access'):"
+	$(BIN)/python -m dynavit.trainer.bench_stream
 
 clean:
 	rm -rf out .pytest_cache

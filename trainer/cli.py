@@ -149,7 +149,8 @@ def train_command(ctx, **options):
     Epochs are exact: each visits every training sample once across all ranks and workers,
     in a fresh seeded permutation (samples are read from the shards by byte offset, so any
     shard layout mixes, class-sorted ones too), minus a tail smaller than world size × batch
-    size; the order does not depend on --workers.
+    size; the order does not depend on --workers. --stream reads the tars front to back
+    instead (shard shuffle + sample buffer; see --stream).
 
     Each epoch trains on the `train` split and evaluates top-1 / top-5 on the validation
     split; metrics.jsonl gets one line per epoch (epoch, train_loss, val_loss, acc1, acc5 in
