@@ -44,14 +44,15 @@ def _sync(dev: torch.device) -> None:
 def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
             repeats: int = 3, warmup: int = 1, ref_model: Optional[str] = "vit_base_patch16_224",
             device: str = "cpu", seed: int = 0, model_kwargs: Optional[dict] = None,
-            clock: str = "wall") -> dict:
+            clock: str = "wall", amp: str = "off") -> dict:
     """{'model', 'ref_model', 'batch', 'device', 'dense': row, 'ks': [{K, rows}]}; each row:
     method, param, macs (bench model, per image), ref_param, ref_macs, imgs_per_s (median
     time), speedup (vs dense), best_imgs_per_s / best_speedup (fastest repeat, the steadier
     figure on a shared machine), spread ((max-min)/min time), ideal (dense MACs / MACs),
     times_s (per repeat). ``clock='cpu'`` times with the process CPU clock (CPU devices
     only): on a machine shared with other jobs it measures the work of this process rather
-    than the time it waited for a core (use it with 1 thread)."""
+    than the time it waited for a core (use it with 1 thread). ``amp='bf16'``: every forward
+    under torch.autocast(bfloat16), as training and inference with --amp bf16 run."""
     import timm
 
     now = _clock(clock, device)
@@ -65,7 +66,9 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
     model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
     configs = _configs(model, budgets, refs, batch, gen, dev, ref_model)
-    times = _time_configs(configs, warmup, repeats, steps, dev, now)
+    if amp not in ("off", "bf16"):
+        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
+    times = _time_configs(configs, warmup, repeats, steps, dev, now, torch.bfloat16 if amp == "bf16" else None)
 
     dense_macs = configs[0]["macs"]
     dense = _row(configs[0], times, batch, steps, dense_macs)
@@ -82,7 +85,7 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
         out_ks.append(dict(K=b["K"], rows=rows))
     return dict(model=model_name, ref_model=ref_model, batch=batch, steps=steps,
                 repeats=repeats, device=str(dev), threads=torch.get_num_threads(), clock=clock,
-                dense=dense, ks=out_ks)
+                amp=amp, model_kwargs=model_kwargs, dense=dense, ks=out_ks)
 
 
 def _clock(clock: str, device: str):
@@ -157,11 +160,11 @@ def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
 
 
 def _time_configs(configs: list[dict], warmup: int, repeats: int, steps: int, dev: torch.device,
-                  now) -> dict:
+                  now, dtype: Optional[torch.dtype] = None) -> dict:
     """Seconds of `steps` runs per repeat, per config key. The order is rotated every repeat
     so that drift of the machine spreads over all configurations."""
     times = {c["key"]: [] for c in configs}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
         for c in configs:  # warm-up (allocator, kernels)
             for _ in range(warmup):
                 c["run"]()
@@ -191,7 +194,7 @@ def _row(c: dict, times: dict, batch: int, steps: int, dense_macs) -> dict:
 def format_compare(res: dict) -> str:
     ref = res["ref_model"] or "-"
     lines = [f"{res['model']} on {res['device']} ({res['threads']} threads, {res['clock']} "
-             f"clock), batch {res['batch']}, {res['steps']} batches x {res['repeats']} repeats; "
+             f"clock, amp {res.get('amp', 'off')}), batch {res['batch']}, {res['steps']} batches x {res['repeats']} repeats; "
              f"GMACs per image (exact counts); img/s from the median and the fastest repeat; "
              f"ref = {ref}, its parameter matched there separately"]
     head = (f"{'K':>4} {'method':<8} {'parameter':<16} {'GMACs':>7} {'vs dyna':>8} "

@@ -492,16 +492,26 @@ def bench_infer_command(model, model_kwargs, batch, k, scorers, device, precisio
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
               help="wall: elapsed time; cpu: this process's CPU time (steadier on a machine "
                    "shared with other jobs; use with --threads 1).")
+@click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
+              help="Run every forward under bf16 autocast (as --amp bf16 trains and infers).")
+@click.option("--model-kwargs", default="{}", show_default=True, help="Extra timm.create_model kwargs (JSON).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=_out_file,
               help="Also write the results to this JSON file.")
 def bench_compare_command(model_name, ks, batch, steps, repeats, warmup, ref_model, device, threads, clock,
-                          json_path):
+                          amp, model_kwargs, json_path):
     """Dyna-ViT vs ToMe vs EViT at matched exact MACs: GMACs and inference img/s."""
     if threads:
         torch.set_num_threads(threads)
     try:
+        kwargs = json.loads(model_kwargs)
+    except ValueError as e:
+        raise click.UsageError(f"bad --model-kwargs: {e}") from None
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available", param_hint="--device")
         res = compare_methods(model_name, ks, batch=batch, steps=steps, repeats=repeats,
-                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock)
+                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock, amp=amp,
+                      model_kwargs=kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
         raise click.UsageError(str(e).splitlines()[0])
     click.echo(format_compare(res))
