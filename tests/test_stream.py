@@ -147,6 +147,12 @@ def test_cli_two_epochs_resume_and_class_mix_line(indexed, http_root, tmp_path, 
     assert run_cli([*common, "--out", straight, "--epochs", 2]) == 0
     out = capsys.readouterr().out
     assert out.count("distinct classes per batch of 8") == 2, out
+    # evaluate reads a --stream run's split as a stream too (its images exist only over http)
+    assert run_cli(["evaluate", straight, "--trust-dataset-urls", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out
+    best = max(read_metrics(straight), key=lambda m: m["acc1"])
+    assert f"(epoch {best['epoch']})" in line and f"{CLASSES * VAL_PER_CLASS} images" in line, line
+    assert f"top-1 {best['acc1']:.2f}%" in line and f"loss {best['val_loss']:.4f}" in line, line
     assert run_cli([*common, "--out", interrupted, "--epochs", 1]) == 0
     assert run_cli(["--resume", interrupted, "--epochs", 2]) == 0
     a, b = read_metrics(straight), read_metrics(interrupted)
