@@ -15,7 +15,7 @@ FIGS   ?= $(DEMO)/figures
 DEMO_TRAIN = --model vit_tiny_patch16_224 --model-kwargs '{"depth": 6}' --epochs 5 --batch-size 32 \
              --lr 2e-3 --sched cosine --warmup-epochs 1 --workers 2 --seed 42
 
-.PHONY: venv test test-latest test-lowest lock demo compare-demo figures bench bench-kernels clean
+.PHONY: venv test test-latest test-lowest lock demo compare-demo figures bench bench-kernels bench-gpu clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -104,6 +104,32 @@ bench: $(STAMP)
 	$(BIN)/dynatrain bench-report --out docs/BENCHMARKS.md
 	@echo "loader start vs sample count (docs/BENCHMARKS.md, 'Loader start against sample count'):"
 	$(BIN)/python -m dynavit.trainer.bench.start
+	@echo "streaming vs random access (docs/BENCHMARKS.md, 'Streaming against random access'):"
+	$(BIN)/python -m dynavit.trainer.bench.stream
+
+# One command for a lent GPU (issue 25): index BENCH_GPU_N demo images at 224 px, then `dynatrain bench`
+# (train step, inference, loader-fed steps) and `dynatrain bench-compare` (the six methods at matched
+# exact MACs) on ViT-B/16 bf16 at K=100/70/50/25; writes docs/BENCHMARKS.md's GPU section. Under 8 min
+# on one H100 by design (never run on one yet). A dry run of the plumbing on CPU with a tiny model:
+#   make bench-gpu BENCH_GPU_DEVICE=cpu BENCH_GPU_MODEL_KWARGS='{"depth": 4}' BENCH_GPU_N=256 \
+#       BENCH_GPU_SIZE=64 BENCH_GPU_BATCH=8 BENCH_GPU_STEPS=2 BENCH_GPU_REPEATS=1 BENCH_GPU_DOC=out/bench-gpu/dry.md
+BENCH_GPU_DEVICE       ?= cuda
+BENCH_GPU_AMP          ?= bf16
+BENCH_GPU_MODEL        ?= vit_base_patch16_224
+BENCH_GPU_MODEL_KWARGS ?= {}
+BENCH_GPU_N            ?= 4000
+BENCH_GPU_SIZE         ?= 224
+BENCH_GPU_K            ?= 100,70,50,25
+BENCH_GPU_BATCH        ?= 128
+BENCH_GPU_STEPS        ?= 10
+BENCH_GPU_REPEATS      ?= 3
+BENCH_GPU_OUT          ?= out/bench-gpu
+BENCH_GPU_DOC          ?= docs/BENCHMARKS.md
+bench-gpu: $(STAMP)
+	$(BIN)/python -m dynavit.trainer.bench.gpu --device $(BENCH_GPU_DEVICE) --amp $(BENCH_GPU_AMP) \
+		--model $(BENCH_GPU_MODEL) --model-kwargs '$(BENCH_GPU_MODEL_KWARGS)' --n $(BENCH_GPU_N) \
+		--image-size $(BENCH_GPU_SIZE) --k $(BENCH_GPU_K) --batch-size $(BENCH_GPU_BATCH) --steps $(BENCH_GPU_STEPS) \
+		--repeats $(BENCH_GPU_REPEATS) --out $(BENCH_GPU_OUT) --doc $(BENCH_GPU_DOC)
 
 clean:
 	rm -rf out .pytest_cache

@@ -77,9 +77,11 @@ def write_shards(out_dir, rows) -> pa.Table:
     return write_table_atomic(Path(out_dir) / SHARDS_PARQUET, rows, SHARDS_SCHEMA)
 
 
-def _read_table(path: Path, schema: pa.Schema, older: pa.Schema | None = None) -> pa.Table:
+def _read_table(path: Path, schema: pa.Schema, older: pa.Schema | None = None,
+                columns: tuple[str, ...] | None = None) -> pa.Table:
     """The table at `path`, checked against `schema`. A table with the `older` schema (the
     contract before its last columns were added) is returned with those columns null.
+    `columns`: only these are read (the file's whole schema is still checked).
 
     Read once per process while the file stays the same (same inode, size and mtime): a
     training run asks for the manifest from its config check and from each loader, and
@@ -88,24 +90,35 @@ def _read_table(path: Path, schema: pa.Schema, older: pa.Schema | None = None) -
         st = os.stat(path)
     except FileNotFoundError:
         raise FormatError(f"{path}: missing") from None
-    return _read_table_cached(str(Path(path).absolute()), (st.st_ino, st.st_size, st.st_mtime_ns), schema, older)
+    return _read_table_cached(str(Path(path).absolute()), (st.st_ino, st.st_size, st.st_mtime_ns), schema, older,
+                              columns)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_table_cached(path: str, _stamp: tuple, schema: pa.Schema, older: pa.Schema | None) -> pa.Table:
-    table = pq.read_table(path)
-    if older is not None and table.schema.equals(older, check_metadata=False):
-        for f in schema:
-            if f.name not in older.names:
-                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-    if not table.schema.equals(schema, check_metadata=False):
-        raise FormatError(f"{path}: schema differs from the contract:\n{table.schema}\nexpected:\n{schema}")
-    return table
+def _read_table_cached(path: str, _stamp: tuple, schema: pa.Schema, older: pa.Schema | None,
+                       columns: tuple[str, ...] | None = None) -> pa.Table:
+    found = pq.read_schema(path)
+    is_older = older is not None and found.equals(older, check_metadata=False)
+    if not is_older and not found.equals(schema, check_metadata=False):
+        raise FormatError(f"{path}: schema differs from the contract:\n{found}\nexpected:\n{schema}")
+    names = schema.names if columns is None else list(columns)
+    table = pq.read_table(path, columns=[c for c in names if c in found.names])
+    for name in names:
+        if name not in table.schema.names:  # a column the older contract did not have
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(names)
 
 
-def read_manifest(out_dir) -> pa.Table:
-    """manifest.parquet; one written before the offset columns existed has them null."""
-    return _read_table(Path(out_dir) / MANIFEST_PARQUET, MANIFEST_SCHEMA, MANIFEST_SCHEMA_NO_OFFSETS)
+# What the trainer's loaders and config check read of manifest.parquet: a third of an
+# ImageNet manifest's bytes (source paths, class names and sha256 digests are the rest).
+LOADER_COLUMNS = ("split", "key", "shard", "label", "status", "image_offset", "image_bytes")
+
+
+def read_manifest(out_dir, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """manifest.parquet (only `columns` if given, in that order); one written before the
+    offset columns existed has them null."""
+    return _read_table(Path(out_dir) / MANIFEST_PARQUET, MANIFEST_SCHEMA, MANIFEST_SCHEMA_NO_OFFSETS,
+                       None if columns is None else tuple(columns))
 
 
 def read_shards(out_dir) -> pa.Table:

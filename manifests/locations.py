@@ -24,6 +24,7 @@ from pathlib import Path
 from .atomic import atomic_path
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
+_PLAIN = re.compile(r"[A-Za-z0-9._/-]+")  # a shard name that may follow a user's pipe: root
 FSSPEC_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
 
 
@@ -69,6 +70,9 @@ def under(root: str, rel: str, what: str, trusted: bool = False) -> str:
         parts = local_path(rel).split("/")
         if rel.startswith("/") or ".." in parts:
             raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which is not under {root}")
+        if root.startswith("pipe:") and not _PLAIN.fullmatch(rel):  # it is appended to a shell command
+            raise UnsafeLocationError(f"{what} names {rel[:80]!r}, which may not be appended to a pipe: command "
+                                      f"(plain relative paths only: letters, digits, . _ - /)")
         return root.rstrip("/") + "/" + rel
     base = os.path.abspath(local_path(root) if root else ".")
     path = os.path.normpath(os.path.join(base, local_path(rel)))

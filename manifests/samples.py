@@ -16,7 +16,7 @@ import numpy as np
 
 from . import locations
 from .inputs import open_regular
-from .io import read_manifest, read_shards
+from .io import LOADER_COLUMNS, read_manifest, read_shards
 from .schema import (DATASET_JSON, SHARDS_PARQUET, STATUS_OK, DatasetInfo, FormatError)
 from .tar import (BLOCK, TarError, _octal, header_name, split_name)
 
@@ -110,7 +110,7 @@ def build_table(dataset_dir, info: DatasetInfo, split: str, scorer: str,
     one-line notice."""
     try:
         rows = [r for r in read_shards(dataset_dir).to_pylist() if r["split"] == split]
-        manifest = read_manifest(dataset_dir)
+        manifest = read_manifest(dataset_dir, LOADER_COLUMNS)
     except (FormatError, OSError) as e:
         raise ShardError(str(e)) from None
     import pyarrow.compute as pc  # here, not at the top: dynaprep's workers never need it (start-up time)

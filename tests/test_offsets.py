@@ -98,8 +98,22 @@ def test_manifest_and_shards_are_read_once_per_process(two_sizes, monkeypatch):
     reads = count_calls(monkeypatch, mio.pq, "read_table")
     for split, train in (("train", True), ("val", False)):
         build_loader(two_sizes[10], split, k=50, batch_size=4, train=train)
-    mio.read_manifest(two_sizes[10])
+    mio.read_manifest(two_sizes[10], mio.LOADER_COLUMNS)  # as the config check reads it
     assert reads["n"] == 2
+
+
+def test_the_loader_reads_only_the_manifest_columns_it_needs(two_sizes, monkeypatch):
+    """Source paths, class names and sha256 digests are most of an ImageNet manifest's
+    bytes and the trainer uses none of them: they are not read (nor kept in the cache)."""
+    mio._read_table_cached.cache_clear()
+    columns = []
+    real = mio.pq.read_table
+    monkeypatch.setattr(mio.pq, "read_table", lambda *a, **kw: columns.append(kw.get("columns")) or real(*a, **kw))
+    build_loader(two_sizes[10], "train", k=50, batch_size=4)
+    manifest_reads = [c for c in columns if c is None or "key" in c]
+    assert manifest_reads == [list(mio.LOADER_COLUMNS)]
+    full = mio.read_manifest(two_sizes[10])
+    assert full.select(list(mio.LOADER_COLUMNS)).equals(mio.read_manifest(two_sizes[10], mio.LOADER_COLUMNS))
 
 
 def test_a_rewritten_manifest_is_read_again(tmp_path):

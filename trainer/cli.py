@@ -138,7 +138,9 @@ def cli():
 @click.option("--device", type=DeviceType(resolve=False, index=False), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
 @click.option("--skip-bad-samples/--fail-on-bad-samples", default=False, show_default=True, help="Skip samples that fail to decode (counted as `skipped` in metrics.jsonl) instead of stopping.")
 @click.option("--val-split", help="Split evaluated after every epoch. [default: val, else test]")
-@click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256. [default: dataset.json's images_root]")
+@click.option("--images-root", metavar="DIR|URL", help="A dataset indexed in place (dynaprep --data wds): where the user's tars are now, if they moved since indexing. Remote tars (http(s)://, s3://, pipe:) are copied once into $DYNAVIT_CACHE (default ~/.cache/dynavit) and checked against their indexed sha256, or streamed with --stream. With --stream it also names where a dynaprep dataset's own image tars are (train/images-*.tar under it: the folder synced to a bucket), the rest of the folder staying local. [default: dataset.json's images_root]")
+@click.option("--stream", is_flag=True, help="Read the image tars front to back, once per epoch, without a local copy (http(s)://, s3://, gs://, local files, a pipe: --images-root), on the webdataset library: per-epoch seeded shard shuffle, shards split by rank then by worker, a --stream-buffer sample shuffle buffer, and the same steps per epoch on every rank (whole shards per rank: a short share is read again, a long one cut). Not automatic for URLs: without it a remote tar is copied into the cache and read by offset (a global permutation, every sample once per epoch, independent of --workers). Epochs are exact to resume; the order depends on --workers. README 'Scaling out'.")
+@click.option("--stream-buffer", type=click.IntRange(1), default=1000, show_default=True, help="--stream: samples held in each worker's shuffle buffer (filled before the first batch).")
 @click.option(TRUST_OPTION, "trust_dataset_urls", is_flag=True, help="Let dataset.json / shards.parquet name remote URLs and pipe: commands for the image tars. Without it a dataset folder may only name local paths under itself or its images root (a downloaded folder could otherwise run commands); --images-root may always be a URL.")
 @click.option("--resume", is_flag=False, flag_value="", default=None, type=click.Path(file_okay=False), metavar="[RUN]", help="Continue the run in --out (or in RUN) from its last.pt with its saved options; options given again override them (e.g. --epochs).")
 @click.option("--overwrite", is_flag=True, help="Allow a non-empty --out: its run files are replaced (other files are left alone).")
@@ -150,7 +152,8 @@ def train_command(ctx, **options):
     Epochs are exact: each visits every training sample once across all ranks and workers,
     in a fresh seeded permutation (samples are read from the shards by byte offset, so any
     shard layout mixes, class-sorted ones too), minus a tail smaller than world size × batch
-    size; the order does not depend on --workers.
+    size; the order does not depend on --workers. --stream reads the tars front to back
+    instead (shard shuffle + sample buffer; see --stream).
 
     Each epoch trains on the `train` split and evaluates top-1 / top-5 on the validation
     split; metrics.jsonl gets one line per epoch (epoch, train_loss, val_loss, acc1, acc5 in

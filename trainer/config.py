@@ -18,6 +18,7 @@ import timm
 import torch
 
 from dynavit.manifests import DatasetInfo, read_manifest
+from dynavit.manifests.io import LOADER_COLUMNS
 
 from dynavit.trainer.data import DataError, open_dataset
 from dynavit.trainer.errors import ConfigError  # noqa: F401 (raised here; imported from here by callers)
@@ -77,6 +78,8 @@ class TrainConfig:
     val_split: str | None = None
     images_root: str | None = None       # where a wds dataset's own tars are now (default: dataset.json's)
     trust_dataset_urls: bool = False     # dataset.json / shards.parquet may name URLs and pipe: commands
+    stream: bool = False                 # read the tars front to back (trainer/stream.py), not by offset
+    stream_buffer: int = 1000            # --stream: samples in each worker's shuffle buffer
     resume: str | None = None
     overwrite: bool = False
     # Recipe (recipe.py, augment.py): none of them invalidates the stored kept-patch indices.
@@ -163,7 +166,7 @@ def pick_val_split(cfg: TrainConfig, info: DatasetInfo) -> str:
 
 def _unlabeled(dataset_dir, split: str) -> bool:
     """True when no ok row of the split has a label (e.g. ImageNet-style flat test/)."""
-    m = read_manifest(dataset_dir)
+    m = read_manifest(dataset_dir, LOADER_COLUMNS)  # the loaders' columns: one cached read for all
     rows = m.filter(pc.and_(pc.equal(m["split"], split), pc.equal(m["status"], "ok")))
     return rows.num_rows > 0 and rows["label"].null_count == rows.num_rows
 

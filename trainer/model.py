@@ -14,6 +14,7 @@ from dynavit.trainer.config import ConfigError, TrainConfig
 from dynavit.trainer.recipe import model_kwargs
 from dynavit.trainer.rundir import load_error
 from dynavit.trainer.selection import METHODS  # noqa: F401 (re-exported for the CLI)
+from dynavit.trainer.methods.counts import method_macs  # noqa: F401 (callers import it from here too)
 from dynavit.trainer.methods.sparse import check_model, sparse_forward
 
 
@@ -131,28 +132,6 @@ def match_method(vit: nn.Module, method: str, k: int, heads: nn.Module | None = 
         from dynavit.trainer.methods.cropr import match_cropr_budget
         m, name = match_cropr_budget(vit, k, heads), "r"
     return m[name], f"{name}={m[name]} ({m['rel']:+.1%} MACs vs K={k})"
-
-
-def method_macs(model: nn.Module, method: str, k: int, param, heads: nn.Module | None = None) -> int:
-    """Exact MACs (``macs.MacCounter``) of one inference forward of `method` at its parameter,
-    its own heads included; Dyna-ViT: the sparse forward at K."""
-    if method == "tome":
-        from dynavit.trainer.methods.budget import count_tome_macs
-        return count_tome_macs(model, param)
-    if method == "evit":
-        from dynavit.trainer.methods.budget import count_evit_macs
-        return count_evit_macs(model, param)
-    if method == "dynamicvit":
-        from dynavit.trainer.methods.dynamicvit import count_dynamicvit_macs
-        return count_dynamicvit_macs(model, heads, param)
-    if method == "tnt":
-        from dynavit.trainer.methods.tnt import count_tnt_macs
-        return count_tnt_macs(model, heads, param)
-    if method == "cropr":
-        from dynavit.trainer.methods.cropr import count_cropr_macs
-        return count_cropr_macs(model, heads, param)
-    from dynavit.trainer.methods.flops import count_macs
-    return count_macs(model, k)
 
 
 def meta_copy(module: nn.Module | None) -> nn.Module | None:

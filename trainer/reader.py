@@ -103,7 +103,7 @@ class BatchReader:
         t, p, sel = self.table, self.plan, self.plan.selection
         shard, key = t.shards[t.shard[i]], t.keys[i]
         try:
-            data = read_member(self._fd(shard.images), t, i)  # checks the member's tar header too
+            data = self._image_bytes(i, shard)  # checks the member's tar header too
             flip = draw(_sample_bits(p.seed, epoch, key, _FLIP), p.hflip)
             vflip = draw(_sample_bits(p.seed, epoch, key, _VFLIP), p.vflip)
             if p.external_images:
@@ -154,11 +154,18 @@ class BatchReader:
             scores = np.ascontiguousarray(scores[::-1 if vflip else 1, ::-1 if flip else 1], dtype=np.float32)
         return image, keep, scores
 
+    # The two reads of a sample; trainer/stream.py's reader takes them from a tar stream instead.
+    def _image_bytes(self, i: int, shard: Shard) -> bytes:
+        return read_member(self._fd(shard.images), self.table, i)
+
+    def _index_member(self, i: int, shard: Shard, key: str, ext: str) -> bytes:
+        return shard.layout.read(self._fd(shard.index), int(self.table.pos[i]), key, ext)
+
     def _scores(self, i: int, shard: Shard, key: str) -> np.ndarray:
         """The sample's scores.npy [Gh, Gw]."""
-        t, sel = self.table, self.plan.selection
+        sel = self.plan.selection
         try:
-            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, SCORES_EXT))
+            arr = read_npy(self._index_member(i, shard, key, SCORES_EXT))
             if arr.shape != tuple(sel.grid):
                 raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")
             return arr
@@ -171,11 +178,11 @@ class BatchReader:
     def _saliency(self, i: int, shard: Shard, key: str, r0: int, c0: int) -> np.ndarray:
         """The stored k{K}.npy; with a crop, top-K re-selected from the window of scores.npy
         (the stored sets refer to the whole grid)."""
-        t, sel = self.table, self.plan.selection
+        sel = self.plan.selection
         member = SCORES_EXT if sel.cropped else k_ext(sel.k)
         where = f"{shard.index}: sample {key!r}"
         try:
-            arr = read_npy(shard.layout.read(self._fd(shard.index), int(t.pos[i]), key, member))
+            arr = read_npy(self._index_member(i, shard, key, member))
             if sel.cropped:
                 if arr.shape != tuple(sel.grid):
                     raise ValueError(f"scores.npy has shape {list(arr.shape)}, expected {list(sel.grid)}")

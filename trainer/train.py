@@ -112,6 +112,8 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, cfg, ctx, amp_dtype, epoch,
                                 ema=ema, aug=aug, raw=(vit, heads), mixer=mixer, teacher=teacher,
                                 param_at=keep_rate_at(method_recipe, param, cfg.epochs, train_loader.steps))
+        if getattr(train_loader, "class_mix_line", None) and train_loader.class_mix_line():
+            log(train_loader.class_mix_line())  # --stream: how mixed its batches were
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
@@ -188,7 +190,8 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
                             hflip=cfg.hflip, vflip=cfg.vflip, with_scores=with_scores and is_train,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
-                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
+                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls,
+                            stream=cfg.stream, stream_buffer=cfg.stream_buffer)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except TooFewSamples as e:

@@ -29,7 +29,7 @@ from dynavit.trainer.methods.sparse import sparse_forward
 from dynavit.trainer.methods.tome import tome_forward
 import click
 import json
-from dynavit.pipeline.cli_types import DeviceType, renamed
+from dynavit.pipeline.cli_types import AmpType, DeviceType, json_object, renamed, resolve_amp_name
 from dynavit.pipeline.cli_types import k_list
 import os
 from dynavit.pipeline.cli_types import out_file
@@ -51,14 +51,15 @@ def _sync(dev: torch.device) -> None:
 def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
             repeats: int = 3, warmup: int = 1, ref_model: Optional[str] = "vit_base_patch16_224",
             device: str = "cpu", seed: int = 0, model_kwargs: Optional[dict] = None,
-            clock: str = "wall") -> dict:
+            clock: str = "wall", amp: str = "off") -> dict:
     """{'model', 'ref_model', 'batch', 'device', 'dense': row, 'ks': [{K, rows}]}; each row:
     method, param, macs (bench model, per image), ref_param, ref_macs, imgs_per_s (median
     time), speedup (vs dense), best_imgs_per_s / best_speedup (fastest repeat, the steadier
     figure on a shared machine), spread ((max-min)/min time), ideal (dense MACs / MACs),
     times_s (per repeat). ``clock='cpu'`` times with the process CPU clock (CPU devices
     only): on a machine shared with other jobs it measures the work of this process rather
-    than the time it waited for a core (use it with 1 thread)."""
+    than the time it waited for a core (use it with 1 thread). ``amp='bf16'``: every forward
+    under torch.autocast(bfloat16), as training and inference with --amp bf16 run."""
     import timm
 
     now = _clock(clock, device)
@@ -72,7 +73,9 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
     model = timm.create_model(model_name, pretrained=False, **model_kwargs).to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
     configs = _configs(model, budgets, refs, batch, gen, dev, ref_model)
-    times = _time_configs(configs, warmup, repeats, steps, dev, now)
+    if amp not in ("off", "bf16"):
+        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
+    times = _time_configs(configs, warmup, repeats, steps, dev, now, torch.bfloat16 if amp == "bf16" else None)
 
     dense_macs = configs[0]["macs"]
     dense = _row(configs[0], times, batch, steps, dense_macs)
@@ -89,7 +92,7 @@ def compare(model_name: str, ks: list[int], batch: int = 32, steps: int = 3,
         out_ks.append(dict(K=b["K"], rows=rows))
     return dict(model=model_name, ref_model=ref_model, batch=batch, steps=steps,
                 repeats=repeats, device=str(dev), threads=torch.get_num_threads(), clock=clock,
-                dense=dense, ks=out_ks)
+                amp=amp, model_kwargs=model_kwargs, dense=dense, ks=out_ks)
 
 
 def _clock(clock: str, device: str):
@@ -164,11 +167,11 @@ def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
 
 
 def _time_configs(configs: list[dict], warmup: int, repeats: int, steps: int, dev: torch.device,
-                  now) -> dict:
+                  now, dtype: Optional[torch.dtype] = None) -> dict:
     """Seconds of `steps` runs per repeat, per config key. The order is rotated every repeat
     so that drift of the machine spreads over all configurations."""
     times = {c["key"]: [] for c in configs}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
         for c in configs:  # warm-up (allocator, kernels)
             for _ in range(warmup):
                 c["run"]()
@@ -198,7 +201,7 @@ def _row(c: dict, times: dict, batch: int, steps: int, dense_macs) -> dict:
 def format_compare(res: dict) -> str:
     ref = res["ref_model"] or "-"
     lines = [f"{res['model']} on {res['device']} ({res['threads']} threads, {res['clock']} "
-             f"clock), batch {res['batch']}, {res['steps']} batches x {res['repeats']} repeats; "
+             f"clock, amp {res.get('amp', 'off')}), batch {res['batch']}, {res['steps']} batches x {res['repeats']} repeats; "
              f"GMACs per image (exact counts); img/s from the median and the fastest repeat; "
              f"ref = {ref}, its parameter matched there separately"]
     head = (f"{'K':>4} {'method':<8} {'parameter':<16} {'GMACs':>7} {'vs dyna':>8} "
@@ -248,16 +251,25 @@ def format_compare(res: dict) -> str:
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
               help="wall: elapsed time; cpu: this process's CPU time (steadier on a machine "
                    "shared with other jobs; use with --threads 1).")
+@click.option("--amp", type=AmpType(), default="off", show_default=True,
+              help="Run every forward under bf16 autocast (as --amp bf16 trains and infers); auto: bf16 on "
+                   "CUDA, off on CPU; fp16 is not measured here.")
+@click.option("--model-kwargs", default=None, callback=json_object, metavar="JSON",
+              help="Extra timm.create_model kwargs, e.g. '{\"depth\": 6}'.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=out_file,
               help="Also write the results to this JSON file.")
 def bench_compare_command(model_name, ks, batch_size, steps, repeats, warmup, ref_model, device, threads, clock,
-                          json_path):
+                          amp, model_kwargs, json_path):
     """Dyna-ViT vs ToMe vs EViT at matched exact MACs: GMACs and inference img/s."""
     if threads:
         torch.set_num_threads(threads)
+    amp = resolve_amp_name(amp, device)
+    if amp == "fp16":
+        raise click.BadParameter("fp16 is not measured by bench-compare; use bf16", param_hint="--amp")
     try:
         res = compare(model_name, ks, batch=batch_size, steps=steps, repeats=repeats,
-                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock)
+                      warmup=warmup, ref_model=ref_model or None, device=device, clock=clock, amp=amp,
+                      model_kwargs=model_kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
         raise click.UsageError(str(e).splitlines()[0])
     click.echo(format_compare(res))

@@ -112,8 +112,10 @@ def bench_real_steps(dataset_dir, model_name, model_kwargs, ks, scorer, batch, w
     dtype = {"off": None, "bf16": torch.bfloat16}[amp]
     out = []
     for k in ks:
+        # As the training loop reads it: pinned batches on CUDA, so that the non_blocking copy
+        # below overlaps the step (from pageable memory it would be a synchronous copy).
         loader = build_loader(dataset_dir, "train", k=k, scorer=scorer, batch_size=batch, workers=workers, seed=0,
-                              recycle_buffers=True)
+                              recycle_buffers=True, pin_memory=dev.type == "cuda")
         loader.set_epoch(0)
         it = iter(loader)
         n, t0 = 0, None

@@ -273,7 +273,8 @@ def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConf
     """The eval loader of `split`; a split whose samples are all unlabelled is refused.
     The run's config.json is data like a dataset folder: an images_root URL or command in
     it is used only with --trust-dataset-urls."""
-    images_root = cfg.images_root if str(dataset) == str(cfg.shards) else None
+    own = str(dataset) == str(cfg.shards)
+    images_root = cfg.images_root if own else None
     try:
         locations.check_root(images_root, f"{run or 'the run'}/config.json", trust_urls)
     except locations.UnsafeLocationError as e:
@@ -283,7 +284,8 @@ def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConf
     loader = build_loader(dataset, split, selection=sel, scorer=loader_scorer,
                           batch_size=batch_size or cfg.batch_size,
                           workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed,
-                          images_root=images_root, trust_urls=trust_urls)
+                          images_root=images_root, trust_urls=trust_urls,
+                          stream=own and cfg.stream)  # a --stream run's images may exist only as a stream
     stored_labels = getattr(getattr(loader, "table", None), "label", None)  # -1 = unlabelled
     if stored_labels is not None and len(stored_labels) and bool((np.asarray(stored_labels) < 0).all()):
         raise EvaluateError(f"split {split!r} of {dataset} has no labels; name a labelled split", "--split")

@@ -33,7 +33,7 @@ def at_limit(vit: nn.Module, method: str, k: int, macs: int, target: int,
              heads: nn.Module | None = None) -> bool:
     """True when ``macs`` (the matched parameter's) is above ``target`` and the method's
     cheapest parameter costs no less: the budget cannot be reached on this model."""
-    from dynavit.trainer.methods.model import method_macs
+    from dynavit.trainer.methods.counts import method_macs
 
     if method == "dynavit" or macs <= target:
         return False
