@@ -107,8 +107,9 @@ def cli():
 @click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,
               help="Token reduction: dynavit (the K%% saliency patches, before the encoder), or inside the encoder "
                    "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
-                   "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
-                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
+                   "learned dynamicvit, tnt, cropr, svit (their heads trained with the model; svit keeps the "
+                   "tokens it skips and its rate is dynamic per image). Their parameter (r, keep "
+                   "rate, rho, ...; svit: its expected MACs) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
                    "code does and, when fine-tuning (--checkpoint/--pretrained), with their recipe: dynamicvit "
                    "backbone lr x0.01 held in warm-up + distillation from the start weights, tnt frozen backbone, "
                    "evit/tome/cropr/dynavit the whole model (evit from scratch: its keep-rate warm-up). Sources and "

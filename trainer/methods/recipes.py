@@ -63,6 +63,7 @@ RECIPES = {
     "tnt": Recipe(backbone_lr_scale=0.0,
                   source="TNT d095619: frozen backbone, alpha heads trained under noise"),
     "cropr": Recipe(source="Cropr 2f8b624: the whole model + router auxiliary losses"),
+    "svit": Recipe(source="SViT 0d81069: the whole model + 4 x its dynamic ratio loss"),
 }
 
 
