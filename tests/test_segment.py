@@ -191,3 +191,15 @@ def test_segment_refuses_a_dataset_without_masks(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "mask" in err[-1]
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_show_draws_the_stored_mask_beside_the_kept_patches(voc, tmp_path):
+    pytest.importorskip("matplotlib")
+    from dynavit.pipeline.show import render_show
+
+    res = render_show(voc["ds"], "val", 2, [50], tmp_path / "fig.png")
+    assert res["columns"][:2] == ["image", "seg"] and (tmp_path / "fig.png").is_file()
+    samples = tar_samples(voc["ds"], "val")
+    for s in res["samples"]:
+        want = np.asarray(Image.open(io.BytesIO(samples[s["key"]]["mask.png"])))
+        assert np.array_equal(s["seg"], want)
