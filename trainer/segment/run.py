@@ -70,16 +70,47 @@ def evaluate_segment(cfg, vit, heads, seg, param, loader, masks, info, device) -
         heads.eval()
     n = len(info.classes)
     conf = torch.zeros(n, n, dtype=torch.long)
+    shares = _KeptShares(vit, heads) if cfg.method == "svit" else None
     for batch in loader:
         x = normalize(batch.images.to(device), info.mean, info.std)
         keep = batch.keep_idx.to(device) if cfg.method == "dynavit" and batch.keep_idx is not None else None
         grid = forward_dense(vit, x, cfg.method, param, heads, keep, preserve=cfg.preserve)
+        if shares is not None:
+            shares.add(x.shape[0] * (vit.patch_embed.num_patches + vit.num_prefix_tokens))
         pred = seg(grid, x.shape[-2:]).argmax(1)
         conf += confusion(pred, masks(batch.keys, device), n)
     iou = iou_per_class(conf.numpy())
     total = int(conf.sum())
+    extra = {} if shares is None else {"kept_share": shares.close()}
     return {"miou": mean_iou(conf.numpy()), "iou": [None if math.isnan(v) else float(v) for v in iou],
-            "confusion": conf.tolist(), "pixel_acc": float(conf.diag().sum()) / total if total else float("nan")}
+            "confusion": conf.tolist(), "pixel_acc": float(conf.diag().sum()) / total if total else float("nan"),
+            **extra}
+
+
+class _KeptShares:
+    """SViT's realised rate: the share of tokens (prefix included) each selected block really
+    processed over an evaluation, from the sequence lengths entering it (its inference runs
+    each image's kept tokens through the block, or the whole batch when all are kept)."""
+
+    def __init__(self, vit, heads):
+        self.seen = {layer: [0, 0] for layer in heads.layers}
+        self.hooks = [vit.blocks[layer - 1].norm1.register_forward_pre_hook(self._hook(layer))
+                      for layer in heads.layers]
+        self.total = 0
+
+    def _hook(self, layer):
+        def hook(_mod, args):
+            self.seen[layer][0] += args[0].shape[0] * args[0].shape[1]
+        return hook
+
+    def add(self, tokens: int) -> None:
+        for v in self.seen.values():
+            v[1] += tokens
+
+    def close(self) -> list[float]:
+        for h in self.hooks:
+            h.remove()
+        return [a / b if b else float("nan") for a, b in self.seen.values()]
 
 
 def _loaders(cfg, checked, info):
@@ -108,6 +139,13 @@ def _check(cfg: TrainConfig, info, train_loader) -> None:
 def _save(out: Path, name: str, vit, heads, seg) -> None:
     torch.save({"model": vit.state_dict(), "method_state": None if heads is None else heads.state_dict(),
                 "seg_head": seg.state_dict()}, out / name)
+
+
+def _svit_targets(cfg, heads, param) -> dict:
+    if cfg.method != "svit":
+        return {}
+    from dynavit.trainer.methods.svit import svit_targets
+    return {"kept_share_targets": svit_targets(heads, param)}
 
 
 def train_segment(cfg: TrainConfig, log=print) -> dict[str, Any]:
@@ -147,7 +185,8 @@ def train_segment(cfg: TrainConfig, log=print) -> dict[str, Any]:
             losses.append(float(loss.detach()))
         val = evaluate_segment(cfg, vit, heads, seg, param, val_loader, masks_val, info, device)
         rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "step_losses": losses,
-               "miou": val["miou"], "pixel_acc": val["pixel_acc"], "iou": val["iou"]}
+               "miou": val["miou"], "pixel_acc": val["pixel_acc"], "iou": val["iou"],
+               **({"kept_share": val["kept_share"]} if "kept_share" in val else {})}
         history.append(rec)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -159,7 +198,7 @@ def train_segment(cfg: TrainConfig, log=print) -> dict[str, Any]:
     summary = {"task": "segment", "method": cfg.method, "k": k, "method_param": budget["described"],
                "macs": budget["macs"], "dynavit_macs": budget["dynavit_macs"], "preserve": cfg.preserve,
                "classes": list(info.classes), "best_miou": best, "best": best_val,
-               "final_miou": history[-1]["miou"], "train_loss": [h["train_loss"] for h in history],
+               "final_miou": history[-1]["miou"], **_svit_targets(cfg, heads, param), "train_loss": [h["train_loss"] for h in history],
                "seconds": time.time() - t0}
     write_json_atomic(out / "summary.json", summary)
     return summary
