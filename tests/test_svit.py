@@ -233,3 +233,40 @@ def test_refusals():
     with pytest.raises(ValueError, match="rho"):
         svit_loss(torch.zeros(1, 5), {"decisions": [torch.ones(1, 4)], "stages": (1,)},
                   torch.zeros(1, dtype=torch.long), 1.5)
+
+
+# ---- golden: the authors' own forward and loss (tests/golden/make_golden.py svit) -------------
+
+def test_matches_authors_svit_golden():
+    """uzh-rpg/svit d2472c1 (classification/selective_vit.py) on a seeded 4-block ViT with 196
+    patches (their forward hard-codes 196), selectors before blocks 2, 3, 4, rho 0.7: inference
+    logits and the tokens each selected block processed (their argmin decisions, kept tokens
+    preserved), the training path under the same Gumbel draws (global RNG seeded as theirs was),
+    its kept counts and their ratio loss (ratio_per_sample=False)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from golden.common import images as g_images, load, seeded_
+
+    g = load("svit")
+    cfg = dict(g["model"])
+    m = seeded_(VisionTransformer(**cfg).eval(), g["seed"])
+    heads = SViTSelectors(cfg["embed_dim"], g["layers"])
+    seeded_(heads.selectors, g["heads_seed"])
+    x = g_images(g["image_seed"], g["batch"], cfg["img_size"])
+    seen = {layer: [] for layer in g["layers"]}
+    hooks = [m.blocks[layer - 1].norm1.register_forward_pre_hook(
+        lambda mod, a, layer=layer: seen[layer].extend([a[0].shape[1]] * a[0].shape[0])) for layer in g["layers"]]
+    with torch.no_grad():
+        ours = svit_forward(m, heads, x)
+    for h in hooks:
+        h.remove()
+    assert [seen[layer] for layer in g["layers"]] == g["kept"]
+    assert torch.allclose(ours, torch.tensor(g["logits"]), atol=1e-4, rtol=0)
+    m.train()
+    torch.manual_seed(g["gumbel_seed"])
+    with torch.no_grad():
+        logits, aux = svit_forward(m, heads, x, training=True)
+    assert [(d.sum(1) + 1).tolist() for d in aux["decisions"]] == g["train_kept"]  # + the CLS
+    assert torch.allclose(logits, torch.tensor(g["train_logits"]), atol=1e-4, rtol=0)
+    targets = [g["rho"] ** s for s in aux["stages"]]
+    assert svit_ratio_loss(aux, targets).item() == pytest.approx(g["ratio_loss"], abs=1e-6)
