@@ -203,3 +203,16 @@ def test_show_draws_the_stored_mask_beside_the_kept_patches(voc, tmp_path):
     for s in res["samples"]:
         want = np.asarray(Image.open(io.BytesIO(samples[s["key"]]["mask.png"])))
         assert np.array_equal(s["seg"], want)
+
+
+@pytest.mark.slow
+def test_report_lists_miou_overall_and_per_class(voc, tmp_path):
+    s = run_segment(voc, "dynavit", tmp_path / "dv", "--epochs", "1")
+    assert run_cli(["report", tmp_path / "dv", "--out", tmp_path / "rep"]) == 0
+    md = (tmp_path / "rep" / "segment.md").read_text()
+    assert f"{100 * s['best_miou']:.1f}" in md and "background" in md
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "segment.csv")))
+    assert len(rows) == 21
+    bg = next(r for r in rows if r["class"] == "background")
+    assert float(bg["iou"]) == pytest.approx(s["best"]["iou"][0])
