@@ -216,3 +216,33 @@ def test_report_lists_miou_overall_and_per_class(voc, tmp_path):
     assert len(rows) == 21
     bg = next(r for r in rows if r["class"] == "background")
     assert float(bg["iou"]) == pytest.approx(s["best"]["iou"][0])
+
+
+def test_voc_seg_source_refuses_bad_masks_per_sample(tmp_path):
+    from dynavit.pipeline.decode import DecodeError
+    from dynavit.pipeline.seg_mask import fit_mask, read_mask
+    from dynavit.pipeline.sources import SourceError, open_source
+
+    voc = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    rgb = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(40, 30, 3)
+    good = np.zeros((40, 30), np.uint8)
+    good[10:30, 5:25] = 8
+    masks = {"a": Image.fromarray(good), "b": None, "c": Image.fromarray(np.full((40, 30), 42, np.uint8)),
+             "d": Image.fromarray(good).convert("RGB")}
+    for name, m in masks.items():
+        Image.fromarray(rgb).save(voc / "JPEGImages" / f"{name}.jpg")
+        if m is not None:
+            m.save(voc / "SegmentationClass" / f"{name}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("a\nb\nc\nd\n")
+    src = open_source("voc-seg", str(tmp_path))
+    got = {r.source.split("/")[-1]: r for r in src.read_unit(src.units("train", 10)[0])}
+    assert got["a.jpg"].ok and got["a.jpg"].label == 8 and got["a.jpg"].mask
+    assert got["b.jpg"].error == "mask: missing file"
+    assert "value 42" in got["c.jpg"].error and "mode RGB" in got["d.jpg"].error
+    with pytest.raises(DecodeError, match="30×40 but the image is 40×30"):
+        fit_mask(read_mask(got["a.jpg"].mask, 21), 32, "center-crop", 0.875, 4, (40, 30))
+    (voc / "ImageSets/Segmentation/train.txt").write_text("../x\n")
+    with pytest.raises(SourceError, match="not an image id"):
+        open_source("voc-seg", str(tmp_path)).entries("train")
