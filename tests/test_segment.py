@@ -23,6 +23,7 @@ from dynavit.trainer.segment.metrics import confusion, iou_per_class, mean_iou
 pytest.importorskip("skimage")
 
 SIZE, PATCH = 32, 4
+HEAD_MACS = 32 * 21  # the timm classifier (D x classes): in the budget, not in a dense forward
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
          json.dumps({"img_size": SIZE, "patch_size": PATCH, "embed_dim": 32, "depth": 4, "num_heads": 2}),
          "--batch-size", "5", "--workers", "0", "--lr", "3e-3", "--weight-decay", "0"]
@@ -170,6 +171,8 @@ def test_dynavit_segment_trains_and_reports_the_true_miou(voc, tmp_path):
     assert s["best_miou"] == max(json.loads(ln)["miou"] for ln in open(tmp_path / "dv" / "metrics.jsonl"))
     assert math.isclose(s["best_miou"], numpy_miou(voc, tmp_path / "dv", s["method_param"]), rel_tol=1e-9)
     assert len(s["best"]["iou"]) == 21 and s["best"]["iou"][0] is not None  # background is scored
+    # Dyna-ViT's dense forward does exactly its budget, less the classifier it does not run
+    assert s["best"]["measured_macs"] + HEAD_MACS == s["macs"]
 
 
 @pytest.mark.slow
@@ -177,6 +180,8 @@ def test_dynavit_segment_trains_and_reports_the_true_miou(voc, tmp_path):
 def test_svit_and_tome_segment_train(voc, tmp_path, method):
     s = run_segment(voc, method, tmp_path / method)
     assert s["train_loss"][-1] < s["train_loss"][0]
+    if method == "tome":  # a fixed schedule: the measured MACs are the matched ones (no classifier)
+        assert s["best"]["measured_macs"] + HEAD_MACS == s["macs"]
     assert 0 < s["best_miou"] <= 1 and abs(s["macs"] / s["dynavit_macs"] - 1) < 0.1
 
 

@@ -7,7 +7,8 @@ carry to the end by one rule (all maps are after the model's final norm):
 - ``dynavit`` (``preserve=True``): a pruned patch keeps its *preserved* embedding, the patch
   embedding + its position row as the stem made it (SViT's "preserve" applied to pruning
   before the encoder); ``preserve=False``: pruned positions are 0 (the zero-padding SViT's
-  paper compares against). Kept positions hold the encoder's output.
+  paper compares against). Kept positions hold the encoder's output. One patch embedding
+  serves both, so the MACs are the sparse forward's minus its classifier.
 - ``svit``: nothing to do: its unselected tokens stay in the sequence (preserved).
 - ``tome``: each merged token is copied back to every patch it contains, from ToMe's own
   ``source`` map (``trace_source=True``).
@@ -30,8 +31,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from dynavit.trainer.methods.sparse import check_model, sparse_forward_features
-from dynavit.trainer.methods.tokens import stem
+from dynavit.trainer.methods.learned import gather_tokens
+from dynavit.trainer.methods.sparse import _check_keep_idx as check_keep_idx
+from dynavit.trainer.methods.sparse import check_model
+from dynavit.trainer.methods.tokens import check_images, stem
 
 __all__ = ["forward_dense", "DENSE_METHODS", "to_grid"]
 
@@ -45,19 +48,21 @@ def to_grid(m, patches: torch.Tensor) -> torch.Tensor:
 
 
 def _dynavit(m, images, keep_idx, preserve: bool) -> torch.Tensor:
+    """One patch embedding for both: the stem's tokens are the preserved ones, and the kept
+    ones gathered from them run through the blocks (the sparse forward's values: gathering
+    commutes with the per-token add of the positions, norm_pre and eval-mode patch_drop)."""
     P = m.num_prefix_tokens
-    pre = sparse_forward_features(m, images, keep_idx, norm=False)
+    x0 = stem(m, images)
     if keep_idx is None:
-        return m.norm(pre)[:, P:]
-    keep_idx = keep_idx.long().to(images.device)
-    base = stem(m, images)[:, P:] if preserve else pre.new_zeros(
-        pre.shape[0], m.patch_embed.num_patches, pre.shape[-1])
-    idx = keep_idx.unsqueeze(-1).expand(-1, -1, pre.shape[-1])
-    patches = m.norm(base.scatter(1, idx, pre[:, P:]))
+        return m.norm(m.blocks(x0))[:, P:]
+    keep_idx = check_keep_idx(keep_idx, images.shape[0], x0.shape[1] - P, True).to(images.device)
+    kept = m.blocks(torch.cat([x0[:, :P], gather_tokens(x0[:, P:], keep_idx)], dim=1))
+    base = x0[:, P:] if preserve else torch.zeros_like(x0[:, P:])
+    idx = keep_idx.unsqueeze(-1).expand(-1, -1, kept.shape[-1])
+    patches = m.norm(base.scatter(1, idx, kept[:, P:]))
     if not preserve:  # the zero-padded map: pruned positions are 0 after the norm too
-        kept = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        kept.scatter_(1, keep_idx, True)
-        patches = patches * kept.unsqueeze(-1).to(patches.dtype)
+        on = torch.zeros(patches.shape[:2], dtype=patches.dtype, device=patches.device)
+        patches = patches * on.scatter(1, keep_idx, 1.0).unsqueeze(-1)
     return patches
 
 
@@ -161,6 +166,7 @@ def forward_dense(model: nn.Module, images: torch.Tensor, method: str = "dynavit
     learned module. ``training=True`` returns (features, aux): SViT's training forward and
     its aux for the ratio loss; the other methods run their inference forward (aux None)."""
     m = check_model(model)
+    check_images(m, images)
     if method not in DENSE_METHODS:
         raise ValueError(f"forward_dense: unknown method {method!r}; choose from "
                          f"{', '.join(DENSE_METHODS)}")

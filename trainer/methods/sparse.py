@@ -188,13 +188,12 @@ def _pos_embed_sparse(m: VisionTransformer, x: torch.Tensor,
 
 def sparse_forward_features(model: nn.Module, images: torch.Tensor,
                             keep_idx: Optional[torch.Tensor] = None, *,
-                            validate: bool = True, norm: bool = True) -> torch.Tensor:
+                            validate: bool = True) -> torch.Tensor:
     """Pre-head tokens [B, num_prefix + k, D] of ``model`` run on the kept patches only.
 
     ``keep_idx`` [B, k]: integer raster indices into the model's patch grid, strictly
     increasing per row; ``None`` keeps every token (dense). ``validate=False`` skips the
-    value checks (range, order), which cost a device sync on CUDA. ``norm=False``: before
-    the final norm (dense.py puts them back on the grid first).
+    value checks (range, order), which cost a device sync on CUDA.
     """
     m = check_model(model)
     _check_images(m, images)
@@ -211,7 +210,7 @@ def sparse_forward_features(model: nn.Module, images: torch.Tensor,
         x = checkpoint_seq(m.blocks, x)
     else:
         x = m.blocks(x)
-    return m.norm(x) if norm else x
+    return m.norm(x)
 
 
 def sparse_forward(model: nn.Module, images: torch.Tensor,

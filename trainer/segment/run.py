@@ -28,6 +28,7 @@ from dynavit.manifests import write_json_atomic
 from dynavit.trainer.config import ConfigError, TrainConfig, check_config
 from dynavit.trainer.data import build_loader, normalize
 from dynavit.trainer.methods.dense import forward_dense
+from dynavit.trainer.methods.macs import MacCounter
 from dynavit.trainer.model import budget_record, build_model, make_heads
 from dynavit.trainer.runtime import resolve_device, seed_everything
 from dynavit.trainer.segment.head import SegHead
@@ -64,24 +65,31 @@ def _step_loss(cfg, vit, heads, seg, param, batch, masks, info, device):
 
 @torch.no_grad()
 def evaluate_segment(cfg, vit, heads, seg, param, loader, masks, info, device) -> dict[str, Any]:
-    """{'miou', 'iou' (per class, None where undefined), 'confusion', 'pixel_acc'} on ``loader``."""
+    """{'miou', 'iou' (per class, None where undefined), 'confusion', 'pixel_acc',
+    'measured_macs' (mean MACs per image the forward really did, macs.MacCounter; the head's
+    not counted), SViT: 'kept_share'} on ``loader``."""
     vit.eval(), seg.eval()
     if heads is not None:
         heads.eval()
     n = len(info.classes)
     conf = torch.zeros(n, n, dtype=torch.long)
     shares = _KeptShares(vit, heads) if cfg.method == "svit" else None
+    macs = images = 0
     for batch in loader:
         x = normalize(batch.images.to(device), info.mean, info.std)
         keep = batch.keep_idx.to(device) if cfg.method == "dynavit" and batch.keep_idx is not None else None
-        grid = forward_dense(vit, x, cfg.method, param, heads, keep, preserve=cfg.preserve)
+        with MacCounter() as mc:  # the MACs this forward really did on these images (SViT's vary)
+            grid = forward_dense(vit, x, cfg.method, param, heads, keep, preserve=cfg.preserve)
+        macs, images = macs + mc.total, images + x.shape[0]
         if shares is not None:
             shares.add(x.shape[0] * (vit.patch_embed.num_patches + vit.num_prefix_tokens))
         pred = seg(grid, x.shape[-2:]).argmax(1)
         conf += confusion(pred, masks(batch.keys, device), n)
     iou = iou_per_class(conf.numpy())
     total = int(conf.sum())
-    extra = {} if shares is None else {"kept_share": shares.close()}
+    extra = {"measured_macs": macs / images if images else float("nan")}
+    if shares is not None:
+        extra["kept_share"] = shares.close()
     return {"miou": mean_iou(conf.numpy()), "iou": [None if math.isnan(v) else float(v) for v in iou],
             "confusion": conf.tolist(), "pixel_acc": float(conf.diag().sum()) / total if total else float("nan"),
             **extra}
@@ -186,6 +194,7 @@ def train_segment(cfg: TrainConfig, log=print) -> dict[str, Any]:
         val = evaluate_segment(cfg, vit, heads, seg, param, val_loader, masks_val, info, device)
         rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "step_losses": losses,
                "miou": val["miou"], "pixel_acc": val["pixel_acc"], "iou": val["iou"],
+               "measured_macs": val["measured_macs"],
                **({"kept_share": val["kept_share"]} if "kept_share" in val else {})}
         history.append(rec)
         with open(out / "metrics.jsonl", "a") as f:
