@@ -68,14 +68,17 @@ class ShardPairWriter:
         self.count = 0
 
     def add(self, key: str, image: bytes | None, label: int | None,
-            scores: dict[str, np.ndarray], indices: dict[str, dict[int, np.ndarray]]) -> tuple[int, int] | None:
+            scores: dict[str, np.ndarray], indices: dict[str, dict[int, np.ndarray]],
+            extra: dict[str, bytes] | None = None) -> tuple[int, int] | None:
         """Write one sample; returns (byte offset, size) of its image member in the image
-        tar (in the piece's fragment for a piece), None when the images are the user's."""
+        tar (in the piece's fragment for a piece), None when the images are the user's.
+        ``extra``: more members of the image tar after the image (voc-seg: KEY.mask.png)."""
         where = None
         if self._images is not None:
             members = {self.image_ext: image}
             if label is not None:
                 members[CLS_EXT] = str(int(label)).encode()
+            members.update(extra or {})
             where = (self._images.write(key, members)[self.image_ext], len(image))
         for scorer, writer in self._index.items():
             members = {SCORES_EXT: npy_bytes(np.asarray(scores[scorer], dtype=np.float16))}

@@ -125,7 +125,8 @@ def main():
 @main.command(short_help="Index every split of a dataset into shards.")
 @click.option("--data", type=click.Choice(sorted(SOURCES)), required=True,
               help="Dataset layout of --src: imagenet/imagefolder (SRC/{train,val}/<class>/*), cifar100 "
-                   "(official python pickles), tinyimagenet, voc5 (VOC2012, 5-class subset), wds (an existing "
+                   "(official python pickles), tinyimagenet, voc5 (VOC2012, 5-class subset), voc-seg (VOC2012 "
+                   "segmentation: masks stored beside the images, docs/SEGMENTATION.md), wds (an existing "
                    "WebDataset: only index shards are written), demo (generated, no --src).")
 @click.option("--src", "srcs", type=str, multiple=True,
               help="Dataset root. wds: a tar, a {000..099} brace pattern, a glob, a folder, or a URL "

@@ -2,7 +2,8 @@
 
     dynaprep show OUT --split val --n 8 --k 70,50,25 --out fig.png
 
-Columns of a row: the stored image; the patch-score heatmap of every scorer in the dataset
+Columns of a row: the stored image; for a `voc-seg` dataset its stored segmentation mask
+(VOC's colours, void white); the patch-score heatmap of every scorer in the dataset
 (nearest-upsampled to the image, own colour bar: the scorers have different units); then,
 for each K and the first selected scorer, the image with pruned patches dimmed to 25 %
 and the binary keep mask (white kept, black pruned), titled "K=25 (k kept of N)".
@@ -187,8 +188,39 @@ def load_samples(plan: ShowPlan) -> list[dict]:
             finally:
                 os.close(fd)
         sample["indices"] = sample["kept_by"][plan.scorers[0]]
+        if _with_masks(plan.info):
+            sample["seg"] = _read_seg(first, i, shard.images, key, plan.info)
         out.append(sample)
     return out
+
+
+def _with_masks(info) -> bool:
+    from dynavit.pipeline.seg_mask import has_masks
+    return has_masks(info)
+
+
+def _read_seg(table, i: int, images: str, key: str, info) -> np.ndarray:
+    """The sample's stored segmentation mask (voc-seg), uint8 [H, W]."""
+    from dynavit.pipeline.decode import DecodeError
+    from dynavit.pipeline.seg_mask import MaskMemberError, decode_mask, read_mask_member
+
+    fd = open_regular(images)
+    try:
+        data = read_mask_member(fd, int(table.offset[i]), int(table.size[i]), key, images)
+        return decode_mask(data, tuple(info.image_size))
+    except (MaskMemberError, DecodeError) as e:
+        raise FormatError(str(e)) from None
+    finally:
+        os.close(fd)
+
+
+def seg_colours(mask: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3]: VOC's colour map; void (255) white."""
+    from dynavit.pipeline.seg_photo_data import voc_palette
+
+    pal = np.asarray(voc_palette(), np.uint8).reshape(256, 3).copy()
+    pal[255] = 255
+    return pal[mask]
 
 
 def flat_check(samples: list[dict], plan: "ShowPlan") -> dict:
@@ -257,7 +289,8 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
     main_scorer = plan.scorers[0]
     flat = flat_check(samples, plan)
 
-    columns = ["image"] + [f"score:{s}" for s in plan.scorers]
+    seg = _with_masks(info)
+    columns = ["image"] + (["seg"] if seg else []) + [f"score:{s}" for s in plan.scorers]
     for k in plan.ks:
         columns += [f"kept:{k}", f"mask:{k}"]
     nrows, ncols = len(samples), len(columns)
@@ -285,6 +318,11 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
         row[0].imshow(rgb, interpolation="nearest")
         row[0].set_title(f"{s['key']}" + (f" · {name}" if name else ""), fontsize=8)
         c = 1
+        if seg:  # the stored mask beside the image: its classes, patch by patch against the kept ones
+            row[1].imshow(seg_colours(s["seg"]), interpolation="nearest")
+            present = [info.classes[v] for v in np.unique(s["seg"]) if v < len(info.classes)]
+            row[1].set_title("mask: " + ", ".join(present), fontsize=7)
+            c = 2
         for scorer in plan.scorers:
             heat = upsample(s["scores"][scorer], patch)
             im = row[c].imshow(heat, cmap="viridis", interpolation="nearest")
@@ -294,7 +332,7 @@ def render_show(out_dir, split, n, ks, png_path, keys=None, seed=0, scorers=None
         masks, kept = _draw_kept(row, c, s, rgb, plan.ks, grid, patch, n_patches, mask_images, r)
         out_samples.append({"key": s["key"], "label": s["label"], "class_name": name or None, "masks": masks,
                             "kept": kept, "indices": {k: v.copy() for k, v in s["indices"].items()},
-                            "mask_boxes": {}})
+                            "mask_boxes": {}, "seg": s.get("seg")})
 
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:

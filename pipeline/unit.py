@@ -98,6 +98,7 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                              image_ext=cfg.image_format, external_images=external, piece=piece)
     rows: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
+    seg_masks: dict[str, bytes] = {}  # voc-seg: key -> the fitted mask's PNG (KEY.mask.png)
     flat = _FlatSample(cfg)
     try:
         for raw in source.read_unit(unit):
@@ -121,13 +122,21 @@ def process_unit(cfg: IndexConfig, unit, source=None, progress=None) -> tuple[in
                     progress(1)
                 continue
             row["orig_width"], row["orig_height"] = decoded.orig_width, decoded.orig_height
+            if raw.mask is not None:
+                try:
+                    seg_masks[raw.key] = _fitted_mask(cfg, raw.mask, decoded, len(source.classes()))
+                except DecodeError as e:
+                    row.update(status=STATUS_FAILED, error=str(e))
+                    if progress:
+                        progress(1)
+                    continue
             if external is not None and raw.member is not None:  # where it is in the user's tar
                 row["image_offset"], row["image_bytes"] = raw.member
             box = _content_box(cfg, decoded, raw.meta, kept=external is not None) if cfg.pad_aware else None
             pending.append((row, decoded.rgb, box))
             if len(pending) == BATCH:
-                _flush(cfg, writer, pending, progress, flat)
-        _flush(cfg, writer, pending, progress, flat)
+                _flush(cfg, writer, pending, progress, flat, seg_masks)
+        _flush(cfg, writer, pending, progress, flat, seg_masks)
         flat.measure()
         if external is not None and piece is None:
             writer.images_digest = source.image_digest(unit)
@@ -198,6 +207,15 @@ def _content_box(cfg: IndexConfig, decoded, meta, kept: bool):
     return found
 
 
+def _fitted_mask(cfg: IndexConfig, data: bytes, decoded, num_classes: int) -> bytes:
+    """The sample's mask under its image's resize plan, as PNG bytes (pipeline/seg_mask.py)."""
+    from dynavit.pipeline.seg_mask import encode_mask, fit_mask, read_mask
+
+    mask = fit_mask(read_mask(data, num_classes), cfg.image_size, cfg.resize, cfg.crop_pct,
+                    cfg.patch_size, (decoded.orig_width, decoded.orig_height))
+    return encode_mask(mask)
+
+
 def _sha256(data) -> str:
     return hashlib.sha256(data.tobytes() if isinstance(data, np.ndarray) else data).hexdigest()
 
@@ -214,9 +232,10 @@ def _batch_buffer(n: int, shape: tuple) -> np.ndarray:
     return _batch[:n]
 
 
-def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat=None) -> None:
-    """Score a batch of decoded images, select every K from one ranking, write in key order;
-    add the batch's sampled images to the flat-patch counts."""
+def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, flat=None,
+           seg_masks: dict | None = None) -> None:
+    """Score a batch of decoded images, select every K from one ranking, write in key order
+    (with its mask member, voc-seg); add the batch's sampled images to the flat-patch counts."""
     if not pending:
         return
     batch = np.stack([rgb for _, rgb, _ in pending], out=_batch_buffer(len(pending), pending[0][1].shape))
@@ -235,12 +254,20 @@ def _flush(cfg: IndexConfig, writer: ShardPairWriter, pending: list, progress, f
         image = None if external else encode_image(rgb, cfg.image_format, cfg.quality)
         where = writer.add(row["key"], image, row["label"],
                            {s: scores[s][i] for s in cfg.scorers},
-                           {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers})
+                           {s: {k: indices[s][k][i] for k in cfg.ks} for s in cfg.scorers},
+                           extra=_mask_member(seg_masks, row["key"]))
         if where is not None:  # our image tar (a piece: in its fragment; join_unit shifts it)
             row["image_offset"], row["image_bytes"] = where
     if progress is not None:
         progress(len(pending))
     pending.clear()
+
+
+def _mask_member(seg_masks: dict | None, key: str) -> dict | None:
+    if not seg_masks or key not in seg_masks:
+        return None
+    from dynavit.pipeline.seg_mask import MASK_EXT
+    return {MASK_EXT: seg_masks.pop(key)}
 
 
 class _FlatSample:

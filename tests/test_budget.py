@@ -99,6 +99,7 @@ def test_bench_compare_smoke():
                   ref_model=None, model_kwargs=dict(img_size=64, depth=2))
     methods = [r["method"] for r in res["ks"][0]["rows"]]
     assert methods[:3] == ["dynavit", "tome", "evit"]  # then the learned methods the model allows
+    assert "svit" in methods  # 2 blocks: one selector, before block 2
     assert all(r["imgs_per_s"] > 0 for r in res["ks"][0]["rows"])
     out = format_compare(res)
     assert "dense" in out and "tome" in out and "evit" in out

@@ -164,7 +164,7 @@ def test_method_argument_errors_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dynamicvit", "tnt", "cropr"])
+@pytest.mark.parametrize("method", ["dynamicvit", "tnt", "cropr", "svit"])
 def test_learned_methods_train_at_the_budget_and_save_their_heads(runs, method, tmp_path):
     import torch
 

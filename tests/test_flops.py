@@ -164,5 +164,5 @@ def test_flops_cli_prints_the_same_macs_on_cpu_and_meta_for_every_method(tmp_pat
     assert docs["cpu"].pop("device") == "cpu" and docs["meta"].pop("device") == "meta"
     assert docs["cpu"] == docs["meta"]
     assert outs["cpu"] == outs["meta"]
-    assert {e["method"] for e in docs["cpu"]["learned"]} == {"dynamicvit", "tnt", "cropr"}
+    assert {e["method"] for e in docs["cpu"]["learned"]} == {"dynamicvit", "tnt", "cropr", "svit"}
     assert all(r["attn_macs"] > 0 for r in docs["cpu"]["rows"])

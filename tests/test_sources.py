@@ -56,7 +56,7 @@ def check_enumeration(source, split, expected_sources):
 
 
 def test_registry_and_unknown_names():
-    assert set(SOURCES) == {"imagenet", "imagefolder", "cifar100", "tinyimagenet", "voc5", "wds", "demo"}
+    assert set(SOURCES) == {"imagenet", "imagefolder", "cifar100", "tinyimagenet", "voc5", "voc-seg", "wds", "demo"}
     with pytest.raises(ValueError, match="valid: cifar100, demo, imagefolder"):
         open_source("mnist", "/x")
     with pytest.raises(ValueError, match="n_train"):

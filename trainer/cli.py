@@ -108,8 +108,9 @@ def cli():
 @click.option("--method", type=click.Choice(METHODS), default="dynavit", show_default=True,
               help="Token reduction: dynavit (the K % most salient patches, before the encoder), or inside the encoder "
                    "from every patch: tome (ToMe merging), evit (EViT top-attention tokens at blocks 4/7/10), and the "
-                   "learned dynamicvit, tnt, cropr (their heads trained with the model). Their parameter (r, keep "
-                   "rate, rho, ...) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
+                   "learned dynamicvit, tnt, cropr, svit (their heads trained with the model; svit keeps the "
+                   "tokens it skips and its rate is dynamic per image). Their parameter (r, keep "
+                   "rate, rho, ...; svit: its expected MACs) is chosen so that their exact MACs match Dyna-ViT's at --k. Each runs as its authors' "
                    "code does and, when fine-tuning (--checkpoint/--pretrained), with their recipe: dynamicvit "
                    "backbone lr x0.01 held in warm-up + distillation from the start weights, tnt frozen backbone, "
                    "evit/tome/cropr/dynavit the whole model (evit from scratch: its keep-rate warm-up). Sources and "
@@ -133,6 +134,13 @@ def cli():
 @click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True, help="Label smoothing of the training loss (evaluation loss is plain cross-entropy).")
 @click.option("--teacher", default="auto", show_default=True, metavar="auto|none|RUN|CKPT", help="Distil from a dense teacher: a weights file or a run directory (its best.pt), same model, same classes. DynamicViT then adds its KL + token distillation (weights 0.5, 0.5), any other method 0.5 x KL of the logits. auto: the method's recipe (DynamicViT distils from its own start weights when fine-tuning and the classifier was loaded; the others none). See docs/BASELINES.md.")
 @click.option("--backbone-lr-scale", type=FiniteFloat(0), help="The timm backbone's learning rate is --lr x this (0 = frozen); the method's own modules and a fresh classifier train at --lr. [default: the method's recipe when fine-tuning (--checkpoint/--pretrained): dynamicvit 0.01 and fixed during --warmup-epochs, tnt 0, others 1; 1 from scratch]")
+@click.option("--task", type=click.Choice(["classify", "segment"]), default="classify", show_default=True,
+              help="segment: semantic segmentation on a `--data voc-seg` dataset: the method's dense patch features "
+                   "(trainer/methods/dense.py) + a 1x1-conv head, per-pixel CE ignoring 255, mIoU per class in "
+                   "summary.json (docs/SEGMENTATION.md). One process, constant --lr, no flips/crops/resume.")
+@click.option("--preserve/--no-preserve", default=True, show_default=True,
+              help="--task segment with dynavit: pruned patches keep their embedding in the feature map (SViT's "
+                   "preserved tokens); --no-preserve: they are 0.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seeds Python, NumPy, torch and the data order (reseeded per epoch from seed and epoch).")
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the training forward.")
 @click.option("--device", type=DeviceType(resolve=False, index=False), default="auto", show_default=True, help="auto = CUDA if available, else CPU. Under torchrun each rank uses cuda:LOCAL_RANK.")
@@ -178,6 +186,9 @@ def train_command(ctx, **options):
                            f"from an uninterrupted run", err=True)
         else:
             cfg = TrainConfig(**options)
+        if cfg.task == "segment":
+            from dynavit.trainer.segment.run import train_segment
+            return train_segment(cfg)
         return train(cfg)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None

@@ -128,7 +128,19 @@ def flops_command(model_name: str, ks: list[int], json_path: Optional[str], meth
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data loading workers.")
 def report_command(runs, out_dir, confusion, split, shards, device, batch_size, workers):
     """Summarise training runs: K-sweep table (sweep.md/.csv), accuracy/time plots, learning
-    curves, and per-run confusion matrices with per-class precision/recall/F1."""
+    curves, and per-run confusion matrices with per-class precision/recall/F1. Runs of
+    `--task segment`: segment.md/.csv with mIoU overall and per class."""
+    from dynavit.trainer.analysis.seg_report import SegReportError, is_segment_run, segment_report
+
+    if all(is_segment_run(r) for r in runs):
+        try:
+            result = segment_report(runs, out_dir)
+        except SegReportError as e:
+            raise click.BadParameter(str(e), param_hint="RUN") from None
+        best = max(result["rows"], key=lambda r: r["best_miou"])
+        click.echo(f"dynatrain report: {len(result['rows'])} segmentation runs → {out_dir}/segment.md "
+                   f"(best mIoU {100 * best['best_miou']:.1f}% by {best['run']})")
+        return
     try:
         loaded = [load_run(r) for r in runs]
     except ReportError as e:

@@ -97,6 +97,8 @@ class TrainConfig:
     cutmix: float = 0.0                  # CutMix alpha (patch-aligned box; kept set re-selected)
     mixup_prob: float = 1.0              # probability of mixing a batch
     mixup_switch_prob: float = 0.5       # probability of CutMix when both are on
+    task: str = "classify"               # classify | segment (trainer/segment/, a voc-seg dataset)
+    preserve: bool = True                # segment + dynavit: pruned patches keep their embedding
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +182,8 @@ def check_config(cfg: TrainConfig) -> Checked:
     check_recipe(cfg)
     _check_runtime(cfg)
     _check_out(cfg)
+    if cfg.task not in ("classify", "segment"):
+        raise ConfigError(f"unknown task {cfg.task!r}; choose classify or segment", "--task")
     return _selections(cfg, info, val_split)
 
 

@@ -56,6 +56,9 @@ def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str =
     if method == "cropr":
         from dynavit.trainer.methods.cropr import cropr_forward
         return cropr_forward(vit, heads, images, param, training=training)
+    if method == "svit":  # param (rho) only sets the training targets: the rate is dynamic
+        from dynavit.trainer.methods.svit import svit_forward
+        return svit_forward(vit, heads, images, training=training)
     return sparse_forward(vit, images, keep_idx, validate=validate)
 
 
@@ -74,7 +77,7 @@ def teacher_outputs(teacher: nn.Module | None, images: torch.Tensor):
 def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teacher=None) -> torch.Tensor:
     """The method's training objective on the forward's output: the task loss, plus
     DynamicViT's keep-ratio loss (weight 2, as its code) or Token Cropr's auxiliary-head
-    losses. TNT's training forward adds its noise and needs nothing more. ``teacher``:
+    losses, or SViT's dynamic ratio loss (weight 4, its paper). TNT's training forward adds its noise and needs nothing more. ``teacher``:
     (logits, tokens) of a dense teacher (``teacher_outputs``): DynamicViT adds its
     distillation (KL of the logits + MSE of the kept tokens, 0.5 each, losses.py), the other
     methods 0.5 x KL of the logits."""
@@ -84,7 +87,11 @@ def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teac
         t_logits, t_tokens = teacher if teacher is not None else (None, None)
         return dynamicvit_loss(logits, aux, labels, param, teacher_logits=t_logits,
                                teacher_tokens=t_tokens, criterion=criterion)
-    if method == "cropr":
+    if method == "svit":
+        from dynavit.trainer.methods.svit import svit_loss
+        logits, aux = out
+        loss = svit_loss(logits, aux, labels, param, criterion=criterion)
+    elif method == "cropr":
         logits, aux_logits = out
         loss = criterion(logits, labels) + sum(criterion(a, labels) for a in aux_logits)
     else:
@@ -104,6 +111,9 @@ def make_heads(vit: nn.Module, method: str, num_classes: int) -> nn.Module | Non
     if method == "tnt":
         from dynavit.trainer.methods.tnt import TNTHeads
         return TNTHeads.for_model(vit)
+    if method == "svit":
+        from dynavit.trainer.methods.svit import SViTSelectors
+        return SViTSelectors.for_model(vit)
     if method == "cropr":
         from dynavit.trainer.methods.cropr import CroprRouters
         return CroprRouters.for_model(vit, num_classes=num_classes)
@@ -125,6 +135,9 @@ def match_method(vit: nn.Module, method: str, k: int, heads: nn.Module | None = 
     if method == "dynamicvit":
         from dynavit.trainer.methods.dynamicvit import match_dynamicvit_budget
         m, name = match_dynamicvit_budget(vit, k, heads), "rho"
+    elif method == "svit":
+        from dynavit.trainer.methods.svit import match_svit_budget
+        m, name = match_svit_budget(vit, k, heads), "rho"
     elif method == "tnt":
         from dynavit.trainer.methods.tnt import match_tnt_budget
         m, name = match_tnt_budget(vit, k, heads), "keep"

@@ -13,8 +13,8 @@ from dynavit.manifests import DatasetInfo, k_count
 MODES = ("saliency", "random", "center", "dense")
 # Where tokens are reduced: Dyna-ViT before the encoder (with a MODE); ToMe and EViT inside it
 # without parameters; DynamicViT, TNT and Token Cropr inside it with learned heads.
-METHODS = ("dynavit", "tome", "evit", "dynamicvit", "tnt", "cropr")
-LEARNED = ("dynamicvit", "tnt", "cropr")
+METHODS = ("dynavit", "tome", "evit", "dynamicvit", "tnt", "cropr", "svit")
+LEARNED = ("dynamicvit", "tnt", "cropr", "svit")
 DENSE_K = 100
 
 

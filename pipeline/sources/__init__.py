@@ -9,6 +9,7 @@ from .demo import DemoSource
 from .imagefolder import ImageFolderSource, ImageNetSource
 from .tinyimagenet import TinyImageNetSource
 from .voc import Voc5Source
+from .vocseg import VocSegSource
 from .wds import WdsSource
 
 SOURCES: dict[str, type[Source]] = {
@@ -17,6 +18,7 @@ SOURCES: dict[str, type[Source]] = {
     "cifar100": Cifar100Source,
     "tinyimagenet": TinyImageNetSource,
     "voc5": Voc5Source,
+    "voc-seg": VocSegSource,
     "wds": WdsSource,
     "demo": DemoSource,
 }

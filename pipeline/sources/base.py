@@ -43,6 +43,8 @@ class RawSample:
     # wds: (byte offset, size) of the image member's data in the user's uncompressed tar,
     # recorded in manifest.parquet so the trainer reads it without scanning; None otherwise
     member: tuple[int, int] | None = None
+    # voc-seg: the class-index PNG of the image's segmentation mask (pipeline/seg_mask.py)
+    mask: bytes | None = None
 
     @property
     def ok(self) -> bool:

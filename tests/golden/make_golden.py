@@ -13,6 +13,8 @@ Methods, repositories and commits:
     cropr       benbergner/cropr           2f8b624   cls/vision_transformer.py (with and without LLF)
     dynamicvit  raoyongming/DynamicViT     1322e62   models/dyvit.py, losses.py (inference,
                                                      training forward and its loss)
+    svit        uzh-rpg/svit               d2472c1   classification/selective_vit.py (inference,
+                                                     training forward, its ratio loss)
 
 The model is timm's VisionTransformer (the timm of this venv; the authors pinned older
 ones) with the weights of ``common.seeded_``; where an author's code builds its own modules,
@@ -235,5 +237,70 @@ def cropr(root):
                train_aux=[a.tolist() for a in out[1:]])
 
 
+SVIT_NAMES = {"norm.weight": "norm.weight", "norm.bias": "norm.bias", "mlp.fc1.weight": "mlp.fc1.weight",
+              "mlp.fc1.bias": "mlp.fc1.bias", "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias"}
+
+
+def svit_timm_to_theirs(dense, theirs) -> None:
+    """Copy a timm ViT's weights into their SelectiveVisionTransformer (nn.TransformerEncoderLayer
+    blocks: in_proj = timm's qkv (q, k, v rows in the same order), out_proj = proj, linear1/2 =
+    the MLP)."""
+    sd = {k: v for k, v in dense.state_dict().items() if not k.startswith("blocks.")}
+    for i, blk in enumerate(dense.blocks):
+        p = f"blocks.{i}.TransformerEncoderLayer."
+        sd.update({p + "self_attn.in_proj_weight": blk.attn.qkv.weight, p + "self_attn.in_proj_bias": blk.attn.qkv.bias,
+                   p + "self_attn.out_proj.weight": blk.attn.proj.weight, p + "self_attn.out_proj.bias": blk.attn.proj.bias,
+                   p + "linear1.weight": blk.mlp.fc1.weight, p + "linear1.bias": blk.mlp.fc1.bias,
+                   p + "linear2.weight": blk.mlp.fc2.weight, p + "linear2.bias": blk.mlp.fc2.bias,
+                   p + "norm1.weight": blk.norm1.weight, p + "norm1.bias": blk.norm1.bias,
+                   p + "norm2.weight": blk.norm2.weight, p + "norm2.bias": blk.norm2.bias})
+    missing, unexpected = theirs.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("selective_modules") for k in missing), (missing, unexpected)
+
+
+def svit(root):
+    sys.path.insert(0, root + "/classification")
+    # selective_vit.py imports timm's old _init_vit_weights (only used by init code it never
+    # calls here): stub it on the current timm.
+    import timm.models.vision_transformer as tv
+    tv._init_vit_weights = None
+    from selective_vit import SelectiveVisionTransformer
+
+    img, depth, rho = 56, 4, 0.7  # their forward hard-codes 196 patches (select_mask, version 1)
+    cfg = {"depth": depth, **BASE, "img_size": img}
+    dense = timm_vit(depth, img_size=img)
+    # svit_s scaled to 4 blocks: a selector before blocks 2, 3, 4, targets rho, rho^2, rho^3;
+    # version 1 at every selector (CLS always kept: svit_s's last_version=0 may drop it)
+    layers, keep = [2, 3, 4], [rho, rho ** 2, rho ** 3]
+    m = SelectiveVisionTransformer(img_size=img, patch_size=PATCH, num_classes=10, embed_dim=96, depth=depth,
+                                   num_heads=3, select_loc=layers, select_model_id=[0, 1, 2], ratio_loss=True,
+                                   keep_ratio=keep, version=1, statistics=False)
+    svit_timm_to_theirs(dense, m)
+    for blk in m.blocks:  # adapted: timm's blocks use LayerNorm eps 1e-6, theirs nn's default 1e-5
+        blk.TransformerEncoderLayer.norm1.eps = blk.TransformerEncoderLayer.norm2.eps = 1e-6
+    heads_names = {f"{j}.{k}": f"{j}.{v}" for j in range(3) for k, v in SVIT_NAMES.items()}
+    seeded_(m.selective_modules, SEED + 1, names=heads_names)
+    x = images(IMG_SEED, BATCH, img)
+    kept = []
+    hooks = [s.register_forward_hook(lambda mod, a, out: kept.append(out[0].sum(1).tolist()))
+             for s in m.selective_modules]
+    m.eval()
+    m.set_all_inference_to(True)  # their argmin decisions
+    with torch.no_grad():
+        logits, _ = m(x)
+    m.train()
+    m.set_all_inference_to(False)
+    torch.manual_seed(SEED + 2)  # their Gumbel noise comes from the global RNG
+    with torch.no_grad():
+        train_logits, ratio = m(x)
+    for h in hooks:
+        h.remove()
+    record("svit", "uzh-rpg/svit d2472c1 (classification/selective_vit.py SelectiveVisionTransformer, "
+           "version=1, ratio_per_sample=False)", "make_golden.py svit <checkout>  # rho 0.7, select_loc [2, 3, 4]",
+           cfg, logits, [], layers=layers, rho=rho, heads_seed=SEED + 1, gumbel_seed=SEED + 2,
+           kept=kept[:3], train_kept=kept[3:], train_logits=train_logits.tolist(), ratio_loss=float(ratio))
+
+
 if __name__ == "__main__":
-    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit, "evit": evit, "cropr": cropr}[sys.argv[1]](sys.argv[2])
+    {"tome": tome, "tnt": tnt, "dynamicvit": dynamicvit, "evit": evit, "cropr": cropr,
+     "svit": svit}[sys.argv[1]](sys.argv[2])

@@ -141,7 +141,7 @@ def _configs(model, budgets: list[dict], refs: list, batch: int, gen: torch.Gene
 
 
 def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
-    """DynamicViT, TNT and Token Cropr at K's budget (their heads randomly initialised: the
+    """DynamicViT, TNT, Token Cropr and SViT at K's budget (their heads randomly initialised: the
     cost of a forward does not depend on the weights; exact MACs include the heads)."""
     from dynavit.trainer.model import budget_record, make_heads, method_forward
     from dynavit.trainer.selection import LEARNED
@@ -162,8 +162,20 @@ def _learned_configs(model, x: torch.Tensor, k: int, ref_model) -> list[dict]:
         out.append(dict(key=(k, method), method=method, param=rec["described"].split(" (")[0],
                         macs=rec["macs"], ref_param="-" if ref_param is None else f"{ref_param}",
                         ref_macs=ref_macs,
-                        run=lambda m=method, p=param, h=heads: method_forward(model, x, None, m, p, heads=h)))
+                        run=_learned_run(model, x, method, param, heads)))
     return out
+
+
+def _learned_run(model, x: torch.Tensor, method: str, param, heads):
+    """The timed forward. SViT's rate is dynamic (its random selectors would keep about half
+    of the tokens): it is timed with every image at its targets, the forward its MACs count."""
+    from dynavit.trainer.model import method_forward
+
+    if method == "svit":
+        from dynavit.trainer.methods.svit import svit_forward, svit_keep_counts
+        counts = svit_keep_counts(model.patch_embed.num_patches, heads, param)
+        return lambda: svit_forward(model, heads, x, counts=counts)
+    return lambda: method_forward(model, x, None, method, param, heads=heads)
 
 
 def _time_configs(configs: list[dict], warmup: int, repeats: int, steps: int, dev: torch.device,

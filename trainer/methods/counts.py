@@ -21,6 +21,9 @@ def method_macs(model: nn.Module, method: str, k: int, param, heads: nn.Module |
     if method == "tnt":
         from dynavit.trainer.methods.tnt import count_tnt_macs
         return count_tnt_macs(model, heads, param)
+    if method == "svit":  # expected MACs: every image at its targets
+        from dynavit.trainer.methods.svit import count_svit_macs
+        return count_svit_macs(model, heads, param)
     if method == "cropr":
         from dynavit.trainer.methods.cropr import count_cropr_macs
         return count_cropr_macs(model, heads, param)

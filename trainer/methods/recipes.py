@@ -75,6 +75,7 @@ RECIPES = {
     "cropr": Recipe(layer_decay=0.75, warmup_share=5 / 50,
                     source="Cropr 2f8b624: the whole model + router auxiliary losses, layer-wise lr "
                            "decay 0.75, warm-up 5/50 of the epochs then cosine"),
+    "svit": Recipe(source="SViT 0d81069: the whole model + 4 x its dynamic ratio loss"),
 }
 
 
