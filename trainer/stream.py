@@ -45,6 +45,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds  # here, not in the workers: imported once before they fork, not once each
 
 from dynavit.manifests import DatasetInfo, FormatError, locations
 from dynavit.manifests.inputs import open_regular
@@ -159,8 +160,6 @@ def open_tar(location: str):
 def tar_samples(stream, url: str) -> Iterator[dict]:
     """webdataset's reading of a tar stream: members grouped into samples by key (our
     split_name is webdataset's base_plus_ext rule, metadata members left out)."""
-    import webdataset as wds
-
     files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(stream))
     return wds.tariterators.group_by_keys(files, keys=split_name)
 
@@ -381,8 +380,6 @@ class StreamLoader(Loader):
         """The worker's shards through webdataset's shuffle buffer (filled before the first
         sample leaves it), pass after pass in another order while its quota lasts. Each
         pass is drained before the next starts, so a pass delivers each sample once."""
-        import webdataset as wds
-
         rng = random.Random(_seed(self.plan.seed, epoch, self.rank, worker))
         order = list(mine)
         while True:
