@@ -338,10 +338,13 @@ class StreamLoader(Loader):
         return iter(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        distinct = []
-        for batch in super().__iter__():
-            distinct.append(len(set(batch.labels.tolist()) - {UNLABELED}))
-            yield batch
+        distinct, batches = [], super().__iter__()
+        try:
+            for batch in batches:
+                distinct.append(len(set(batch.labels.tolist()) - {UNLABELED}))
+                yield batch
+        finally:
+            batches.close()  # stopped early (--accum-steps): its workers stop now
         if self.plan.train and distinct:
             labels = self.table.label[self.table.label >= 0]
             self.class_mix = {"epoch": self.epoch, "batches": len(distinct), "batch_size": self.batch_size,
