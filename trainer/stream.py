@@ -324,6 +324,10 @@ class StreamLoader(Loader):
         mine = len(range(rank, len(shards), world_size))
         # Whole shards per worker: no more workers than the rank's fewest shards.
         self.workers = min(workers, len(shards) // world_size if plan.train else mine)
+        if plan.train and self.workers < workers and rank == 0:
+            log.warning("notice: --stream runs %d of the %d workers asked for: each reads whole shards, and each "
+                        "of the %d rank(s) has %d or more of the %d", self.workers, workers, world_size,
+                        len(shards) // world_size, len(shards))
         if not plan.train:  # every sample of the rank's shards once, a partial batch per worker
             self.steps = sum(math.ceil(sum(shards[s].count for s in split_shards(list(range(len(shards))), rank,
                                                                                  world_size, w, self.workers))
