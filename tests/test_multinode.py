@@ -157,3 +157,39 @@ def test_two_nodes_match_one_node_and_resume(dataset, tmp_path):
     # The job rescheduled onto two nodes: --resume continues to the uninterrupted run's weights.
     launch(2, ["--resume", resumed, "--epochs", 2], tmp_path / "log_resume")
     assert_same_run(two_nodes, resumed)
+
+
+@pytest.mark.slow
+def test_stream_over_http_two_ranks_equal_steps(dataset, tmp_path):
+    """--stream in a real 2-process DDP run (torchrun, gloo), the image tars over a loopback
+    http server and absent from the folder the ranks read: 5 uneven shards (10,10,10,10,4)
+    give the ranks 3 and 2 whole shards, yet both take 44 // (2 × 8) = 2 steps per epoch
+    (unequal steps would hang the all-reduce, and metrics record every rank's count)."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    light = tmp_path / "light"
+    shutil.copytree(dataset, light, ignore=shutil.ignore_patterns("images-*.tar"))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        run = tmp_path / "run"
+        results = launch(1, ["--shards", light, "--images-root", url, "--stream", "--stream-buffer", 8, "--k", 50,
+                             "--seed", 3, *TINY, "--workers", 1, "--epochs", 2, "--out", run], tmp_path / "log")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    metrics = read_metrics(run)
+    assert [m["steps_per_rank"] for m in metrics] == [[2, 2], [2, 2]]
+    assert all(m["train_images"] == 32 and m["val_images"] == 8 for m in metrics)
+    assert sum(r.stdout.count("distinct classes per batch of 8") for r in results) == 2  # rank 0, each epoch

@@ -45,6 +45,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds  # here, not in the workers: imported once before they fork, not once each
 
 from dynavit.manifests import DatasetInfo, FormatError, locations
 from dynavit.manifests.inputs import open_regular
@@ -162,8 +163,6 @@ def open_tar(location: str):
 def tar_samples(stream, url: str) -> Iterator[dict]:
     """webdataset's reading of a tar stream: members grouped into samples by key (our
     split_name is webdataset's base_plus_ext rule, metadata members left out)."""
-    import webdataset as wds
-
     files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(stream))
     return wds.tariterators.group_by_keys(files, keys=split_name)
 
@@ -328,6 +327,10 @@ class StreamLoader(Loader):
         mine = len(range(rank, len(shards), world_size))
         # Whole shards per worker: no more workers than the rank's fewest shards.
         self.workers = min(workers, len(shards) // world_size if plan.train else mine)
+        if plan.train and self.workers < workers and rank == 0:
+            log.warning("notice: --stream runs %d of the %d workers asked for: each reads whole shards, and each "
+                        "of the %d rank(s) has %d or more of the %d", self.workers, workers, world_size,
+                        len(shards) // world_size, len(shards))
         if not plan.train:  # every sample of the rank's shards once, a partial batch per worker
             self.steps = sum(math.ceil(sum(shards[s].count for s in split_shards(list(range(len(shards))), rank,
                                                                                  world_size, w, self.workers))
@@ -342,10 +345,13 @@ class StreamLoader(Loader):
         return iter(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
-        distinct = []
-        for batch in super().__iter__():
-            distinct.append(len(set(batch.labels.tolist()) - {UNLABELED}))
-            yield batch
+        distinct, batches = [], super().__iter__()
+        try:
+            for batch in batches:
+                distinct.append(len(set(batch.labels.tolist()) - {UNLABELED}))
+                yield batch
+        finally:
+            batches.close()  # stopped early (--accum-steps): its workers stop now
         if self.plan.train and distinct:
             labels = self.table.label[self.table.label >= 0]
             self.class_mix = {"epoch": self.epoch, "batches": len(distinct), "batch_size": self.batch_size,
@@ -384,8 +390,6 @@ class StreamLoader(Loader):
         """The worker's shards through webdataset's shuffle buffer (filled before the first
         sample leaves it), pass after pass in another order while its quota lasts. Each
         pass is drained before the next starts, so a pass delivers each sample once."""
-        import webdataset as wds
-
         rng = random.Random(_seed(self.plan.seed, epoch, self.rank, worker))
         order = list(mine)
         while True:

@@ -4,7 +4,8 @@
 
 Writes a synthetic dataset per size into a scratch folder (shards of 1000 samples, as
 dynaprep writes by default; each sample a 1-byte .jpg and its .cls in real tar bytes, so a
-header scan reads what it reads on ImageNet: one 512-byte header per member), then builds
+header scan reads what it reads on ImageNet: one 512-byte header per member; manifest.parquet
+with a source path, a wnid and a sha256 per row, as an ImageNet one has them), then builds
 the train loader in a fresh process and reports the wall time of `build_loader`, the
 growth of peak RSS over the process before it, and the number of `os.pread` calls. Sizes
 up to --scan-up-to are measured again with manifest.parquet in the older format (no
