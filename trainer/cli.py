@@ -21,6 +21,7 @@ from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, FiniteFloat, json_object, out_dir
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
+from dynavit.trainer.analysis.explain import explain_command
 from dynavit.trainer.bench import compare as bench_compare, infer as bench_infer, report as bench_report
 from dynavit.trainer.bench import step as bench_step, throughput as bench_throughput
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
@@ -182,7 +183,7 @@ for _command in (cli_tools.flops_command, cli_tools.report_command, cli_tools.pr
                  cli_tools.evaluate_command, cli_tools.compare_command,
                  bench_throughput.bench_command, bench_step.bench_step_command,
                  bench_report.bench_report_command, bench_infer.bench_infer_command,
-                 bench_compare.bench_compare_command):
+                 bench_compare.bench_compare_command, explain_command):
     cli.add_command(_command)
 
 
