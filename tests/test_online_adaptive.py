@@ -83,3 +83,20 @@ def test_predict_k_rule_writes_kept(tmp_path):
     assert all(4 <= int(v["kept"]) <= 16 for v in rows.values())
     bad = CliRunner().invoke(predict_command, args + ["--out", str(tmp_path / "q.csv"), "--k-rule", "budget:25"])
     assert bad.exit_code == 2 and not (tmp_path / "q.csv").exists()
+
+
+def test_bench_infer_adaptive_row():
+    from dynavit.trainer.bench.infer import format_table, run_bench, synthetic_images
+    from dynavit.trainer.infer.scoring import score as torch_score
+    rule = parse_k_rule("mass:0.5,floor=10")
+    res = run_bench("vit_tiny_patch16_224", batch=3, ks=[50], scorers=["contrast"], device="cpu", round_to=0,
+                    reps=1, iters=1, warmup=0, latency=False, model_kwargs={"depth": 1, "img_size": 64},
+                    k_rules=(rule,))
+    row = next(r for r in res["rows"] if r["key"].startswith("adaptive-"))
+    pixels = synthetic_images(3, 64, 64, seed=0)
+    s = torch_score(torch.from_numpy(pixels).permute(0, 3, 1, 2), 16, "contrast").double().numpy()
+    assert row["S"] == round(1 + rule_counts(rule, s).mean(), 1)
+    assert "online adaptive (packed)" in format_table(res)
+    bad = CliRunner().invoke(__import__("dynavit.trainer.bench.infer", fromlist=["x"]).bench_infer_command,
+                             ["--k-rule", "budget:20"])
+    assert bad.exit_code == 2
