@@ -15,6 +15,7 @@ from dynavit.trainer.recipe import model_kwargs
 from dynavit.trainer.rundir import load_error
 from dynavit.trainer.selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from dynavit.trainer.methods.sparse import check_model, sparse_forward
+from dynavit.trainer.methods.packing import RaggedKeep, packed_forward
 
 
 class SparseViT(nn.Module):
@@ -55,6 +56,8 @@ def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str =
     if method == "cropr":
         from dynavit.trainer.methods.cropr import cropr_forward
         return cropr_forward(vit, heads, images, param, training=training)
+    if isinstance(keep_idx, RaggedKeep):  # adaptive K: each sample its own count, run packed
+        return packed_forward(vit, images, keep_idx.idx, keep_idx.counts)
     return sparse_forward(vit, images, keep_idx, validate=validate)
 
 

@@ -27,6 +27,7 @@ from dynavit.trainer.config import TrainConfig
 from dynavit.trainer.methods.flops import build_meta_model
 from dynavit.trainer.model import make_heads, match_method, method_forward, method_macs  # noqa: F401 (method_macs re-exported)
 from dynavit.trainer.analysis.report import load_run
+from dynavit.trainer.analysis.adaptive import adaptive_keep_batch, adaptive_parameter
 from dynavit.trainer.selection import DENSE_K
 
 FIELDS = ("run", "method", "parameter", "seed", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
@@ -55,10 +56,14 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         num_classes = run.meta["dataset"]["num_classes"]
         meta_model = _model(cfg, run.meta, "meta")
         meta_heads = make_heads(meta_model, cfg.method, num_classes)
-        param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
+        if cfg.k_rule is not None:  # adaptive K: its recorded mean MACs (analysis/adaptive.py)
+            param, source = None, "recorded"
+            described, macs = adaptive_parameter(cfg.k_rule, run.metrics[-1])
+        else:
+            param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
-        rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
-                     else f"dynavit ({cfg.select})", "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
+        method = cfg.method if cfg.select == "saliency" or cfg.method != "dynavit" else f"dynavit ({cfg.select})"
+        rows.append({"run": run.name, "method": method + (" adaptive" if cfg.k_rule else ""), "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
                      "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source})
         model = _model(cfg, run.meta, device)
@@ -66,7 +71,9 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         heads = None if heads is None else heads.to(device).eval()
         n = model.patch_embed.num_patches
         keep = None
-        if cfg.method == "dynavit" and k != DENSE_K:
+        if cfg.k_rule is not None:
+            keep = adaptive_keep_batch(run.metrics[-1], batch, n, device)
+        elif cfg.method == "dynavit" and k != DENSE_K:
             gen = torch.Generator().manual_seed(0)
             keep = torch.stack([torch.randperm(n, generator=gen)[:k_count(k, n)].sort().values
                                 for _ in range(batch)]).to(device)

@@ -28,7 +28,32 @@ import torch.nn as nn
 
 from dynavit.trainer.methods.sparse import _embed_tokens, _pos_embed_sparse, _check_images, check_model
 
-__all__ = ["Packing", "pack", "packed_forward", "packed_macs", "pad_keep"]
+__all__ = ["Packing", "RaggedKeep", "pack", "packed_forward", "packed_macs", "pad_keep"]
+
+
+@dataclass(frozen=True)
+class RaggedKeep:
+    """Kept indices of samples that keep different numbers of patches: idx [B, kmax] (row b's
+    first counts[b] entries, ascending; the rest padding) and counts [B]. Travels where a
+    keep_idx tensor travels (``.to``, ``.pin_memory``); counts stay on the host, where the
+    packing layout is computed."""
+
+    idx: torch.Tensor
+    counts: torch.Tensor
+
+    def to(self, *args, **kwargs) -> "RaggedKeep":
+        return RaggedKeep(self.idx.to(*args, **kwargs), self.counts)
+
+    def pin_memory(self) -> "RaggedKeep":
+        return RaggedKeep(self.idx.pin_memory(), self.counts)
+
+    @property
+    def shape(self):
+        return self.idx.shape
+
+    @classmethod
+    def from_list(cls, keeps: list) -> "RaggedKeep":
+        return cls(*pad_keep(keeps))
 
 
 @dataclass(frozen=True)
