@@ -304,6 +304,9 @@ def predict_command(checkpoint, images, out, k, k_rule, scorer, round_to, device
 @click.option("--k", type=click.IntRange(1, 100), default=None,
               help="Percent of patches kept (100 = dense). Without --online it must be indexed in the "
                    "dataset. [default: the run's eval K]")
+@click.option("--k-rule", default=None, metavar="mass:TAU|budget:K[,floor=F,ceil=C]",
+              help="Adaptive K from the stored scores (each image its own count, run packed); the JSON records "
+                   "every sample's count and the mean GMACs. [default: the run's --k-rule, unless --k]")
 @click.option("--scorer", type=click.Choice(SCORERS), default=None,
               help="Saliency scorer: online, computed on the device; otherwise the stored index shards "
                    "of that scorer. [default: the run's]")
@@ -324,7 +327,7 @@ def predict_command(checkpoint, images, out, k, k_rule, scorer, round_to, device
 @click.option(TRUST_OPTION, "trust_urls", is_flag=True,
               help="Let the run's config.json and the dataset's dataset.json / shards.parquet name remote URLs "
                    "and pipe: commands for the image tars (without it: local paths only).")
-def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, workers, round_to, json_path,
+def evaluate_command(run, online, k, k_rule, scorer, split, shards, device, batch_size, workers, round_to, json_path,
                      progress, trust_urls):
     """Top-1 / top-5 / loss of RUN's best.pt on a split, with the stored kept-patch indices
     (the training path) or, with --online, with the patches scored and selected on the fly.
@@ -340,7 +343,7 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
     try:
         result = evaluate_run(run, online=online, k=k, scorer=scorer, split=split, shards=shards, device=device,
                               batch_size=batch_size, workers=workers, round_to=round_to, progress=progress,
-                              trust_urls=trust_urls)
+                              trust_urls=trust_urls, k_rule=k_rule)
     except EvaluateError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
     except DataError as e:

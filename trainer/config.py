@@ -200,9 +200,8 @@ def _selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
 
 
 def _adaptive_selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
-    """--k-rule: the kept sets come from scores.npy (any K), so the selection is resolved at a
-    nominal K that every indexed-K check accepts: the budget's K, else the rule's ceiling. What
-    each image keeps is the rule's (the loader applies it, evaluation records it)."""
+    """--k-rule: each image's kept set comes from its scores.npy under the rule (the loader
+    applies it, evaluation records it); the selection is a nominal one (adaptive_loader)."""
     from dynavit.trainer.adaptive_k import parse_k_rule
     try:
         rule = parse_k_rule(cfg.k_rule)
@@ -215,9 +214,8 @@ def _adaptive_selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) ->
     if cfg.mixup or cfg.cutmix or cfg.reprob:
         raise ConfigError("--k-rule does not combine with --mixup/--cutmix/--reprob yet (they re-select or "
                           "erase fixed-size kept sets)", "--k-rule")
-    nominal = int(rule.value) if rule.kind == "budget" else rule.ceil
-    sel = resolve_selection(info, nominal, "random", cfg.input_size, param="--k-rule")
-    sel = dataclasses.replace(sel, mode="saliency")  # "random" only skipped the indexed-K check
+    from dynavit.trainer.adaptive_loader import nominal_selection
+    sel = nominal_selection(info, rule, cfg.input_size)
     return Checked(info, val_split, sel, sel)
 
 

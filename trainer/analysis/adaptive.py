@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynavit.trainer.methods.packing import RaggedKeep, packed_macs
+from dynavit.trainer.methods.packing import RaggedKeep, sample_macs
 
 __all__ = ["adaptive_parameter", "adaptive_keep_batch", "mean_sample_macs"]
 
@@ -20,7 +20,7 @@ __all__ = ["adaptive_parameter", "adaptive_keep_batch", "mean_sample_macs"]
 def mean_sample_macs(model, counts) -> float:
     """Mean over images of each image's own sparse-forward MACs (kept counts `counts`)."""
     counts = [int(c) for c in counts]
-    return packed_macs(model, counts)["useful"] / len(counts)
+    return sample_macs(model, counts) / len(counts)
 
 
 def adaptive_parameter(rule_text: str, record: dict) -> tuple[str, float]:

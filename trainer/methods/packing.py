@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from dynavit.trainer.methods.sparse import _embed_tokens, _pos_embed_sparse, _check_images, check_model
 
-__all__ = ["Packing", "RaggedKeep", "pack", "packed_forward", "packed_macs", "pad_keep"]
+__all__ = ["Packing", "RaggedKeep", "pack", "packed_forward", "packed_macs", "pad_keep", "sample_macs"]
 
 
 @dataclass(frozen=True)
@@ -165,25 +165,37 @@ def packed_forward(model: nn.Module, images: torch.Tensor, keep_idx: torch.Tenso
     return m.head(m.head_drop(m.fc_norm(pooled)))
 
 
+def _cost(m):
+    """(cost of one row of t tokens -> (MACs, attention MACs), embed MACs per image, head MACs
+    per image) of a timm ViT: the closed form of methods/flops.py per row."""
+    n, dim = int(m.patch_embed.num_patches), m.embed_dim
+    hidden, depth = m.blocks[0].mlp.fc1.out_features, len(m.blocks)
+    classes = m.head.out_features if isinstance(m.head, nn.Linear) else 0
+    ph, pw = m.patch_embed.patch_size
+
+    def row(t: int) -> tuple[int, int]:
+        attn = depth * 2 * t * t * dim
+        return depth * t * (4 * dim * dim + 2 * dim * hidden) + attn, attn
+    return row, n * dim * ph * pw * m.in_chans, dim * classes
+
+
+def sample_macs(model: nn.Module, counts) -> int:
+    """Σ over samples of each one's own sparse-forward MACs (kept counts `counts`), i.e.
+    what they cost one by one, unpacked."""
+    m = check_model(model)
+    row, embed, head = _cost(m)
+    ks, freq = torch.unique(torch.as_tensor([int(k) for k in counts]), return_counts=True)
+    return sum(int(f) * (row(m.num_prefix_tokens + int(k))[0] + embed + head) for k, f in zip(ks, freq))
+
+
 def packed_macs(model: nn.Module, counts, budget: int | None = None) -> dict:
     """Closed-form MACs of ``packed_forward`` for these kept counts: {'total', 'attention',
     'rows', 'budget', 'useful'} ('useful': what the samples would cost one by one)."""
     m = check_model(model)
-    n, prefix, dim = int(m.patch_embed.num_patches), m.num_prefix_tokens, m.embed_dim
-    lengths = [prefix + int(k) for k in counts]
-    p = pack(lengths, budget or prefix + n)
-    hidden = m.blocks[0].mlp.fc1.out_features
-    depth = len(m.blocks)
-    classes = m.head.out_features if isinstance(m.head, nn.Linear) else 0
-    ph, pw = m.patch_embed.patch_size
-    embed = len(lengths) * n * dim * ph * pw * m.in_chans
-    head = len(lengths) * dim * classes
-
-    def blocks(rows: int, t: int) -> tuple[int, int]:
-        attn = depth * rows * 2 * t * t * dim
-        return depth * rows * t * (4 * dim * dim + 2 * dim * hidden) + attn, attn
-
-    packed, attn = blocks(p.rows, p.budget)
-    useful = sum(blocks(1, L)[0] for L in lengths)
-    return dict(total=embed + packed + head, attention=attn, rows=p.rows, budget=p.budget,
-                useful=embed + useful + head)
+    row, embed, head = _cost(m)
+    lengths = [m.num_prefix_tokens + int(k) for k in counts]
+    p = pack(lengths, budget or m.num_prefix_tokens + int(m.patch_embed.num_patches))
+    packed, attn = row(p.budget)
+    b = len(lengths)
+    return dict(total=b * (embed + head) + p.rows * packed, attention=p.rows * attn, rows=p.rows, budget=p.budget,
+                useful=sample_macs(m, counts))
