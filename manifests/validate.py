@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardError, UnsafeRowError, image_shard_path, index_shard_path, moved_hint
+from .samples import ShardError, UnsafeRowError, image_shard_path, index_shard_path, moved_hint
 from .io import iter_tar_samples, npy_load, read_dataset_info, read_manifest, read_shards, sha256_file
 from .schema import (
     DATASET_JSON,

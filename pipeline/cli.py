@@ -199,31 +199,10 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
     """Decode, resize, score and index every split of a dataset into shards + manifests."""
     from dynavit.pipeline.index import IndexConfig, LabelError, RunError, UnitError, run_index
 
-    if len(srcs) > 1 and data != "wds":
-        raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
-    if data == "wds":  # local paths absolute (a resume from elsewhere reads the same files); URLs verbatim
-        src = [_absolute_spec(s) for s in srcs]
-        src = src[0] if len(src) == 1 else (src or None)
-    else:
-        src = srcs[0] if srcs else None
+    src = _index_source_arg(data, srcs)
+    _check_index_args(image_size, patch_size, rank, world_size, overwrite, executor, ray_address, max_retries)
     if pad_aware is None:
         pad_aware = data == "wds"
-    if image_size % patch_size:
-        raise click.BadParameter(f"{image_size} is not a multiple of --patch-size {patch_size}", param_hint="--image-size")
-    if rank >= world_size:
-        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
-    if world_size > 1 and overwrite:
-        raise click.UsageError("--overwrite with --world-size > 1 would delete other ranks' shards")
-    if executor != "ray" and (ray_address is not None or max_retries is not None):
-        raise click.UsageError("--ray-address and --max-retries need --executor ray")
-    if executor == "ray":
-        from dynavit.pipeline.ray_executor import RayUnavailable, check_address, require_ray
-
-        try:
-            require_ray()
-            check_address(ray_address)
-        except RayUnavailable as e:
-            raise _ExitTwo(str(e)) from None
     if data == "demo":
         options.setdefault("image_size", image_size)
     elif not src:
@@ -255,6 +234,45 @@ def index(data, srcs, out, ks, scorers, image_size, patch_size, resize, crop_pct
         raise click.ClickException(str(e)) from None
     except OSError as e:  # writing the run state or the merged manifests (disk full, ...)
         raise click.ClickException(_os_error(e)) from None
+    _report_index(result, source, out, data, rank, world_size, strict)
+
+def _index_source_arg(data: str, srcs: tuple) -> str | list | None:
+    """--src as the source reads it: several only for wds; wds' local paths made absolute
+    (a resume from elsewhere reads the same files), URLs verbatim."""
+    if len(srcs) > 1 and data != "wds":
+        raise click.BadParameter(f"--data {data} takes one --src (several are for wds splits)", param_hint="--src")
+    if data == "wds":
+        src = [_absolute_spec(s) for s in srcs]
+        src = src[0] if len(src) == 1 else (src or None)
+    else:
+        src = srcs[0] if srcs else None
+    return src
+
+
+def _check_index_args(image_size: int, patch_size: int, rank: int, world_size: int, overwrite: bool, executor: str,
+                      ray_address, max_retries) -> None:
+    """The argument checks that need no source: a usage error (exit 2) before anything is written."""
+    if image_size % patch_size:
+        raise click.BadParameter(f"{image_size} is not a multiple of --patch-size {patch_size}", param_hint="--image-size")
+    if rank >= world_size:
+        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
+    if world_size > 1 and overwrite:
+        raise click.UsageError("--overwrite with --world-size > 1 would delete other ranks' shards")
+    if executor != "ray" and (ray_address is not None or max_retries is not None):
+        raise click.UsageError("--ray-address and --max-retries need --executor ray")
+    if executor == "ray":
+        from dynavit.pipeline.ray_executor import RayUnavailable, check_address, require_ray
+
+        try:
+            require_ray()
+            check_address(ray_address)
+        except RayUnavailable as e:
+            raise _ExitTwo(str(e)) from None
+
+
+def _report_index(result, source, out, data: str, rank: int, world_size: int, strict: bool) -> None:
+    """The run's summary lines; exit 1 when a split has no usable sample, or under --strict
+    when an input failed or the source reported a problem."""
     for warning in getattr(source, "warnings", lambda: [])():
         click.echo(f"warning: {warning}", err=True)
     rate = (result.ok + result.failed) / result.seconds if result.seconds else 0.0

@@ -26,7 +26,8 @@ from dynavit.manifests import FormatError, atomic_path, read_dataset_info, read_
 from dynavit.manifests.inputs import open_regular
 from dynavit.manifests.options import ArgumentError, check_output_file
 from dynavit.manifests.schema import SCORES_EXT, k_ext
-from dynavit.manifests.shards import UNLABELED, MemberError, MismatchError, ShardError, build_table, read_member
+from dynavit.manifests.samples import MemberError, ShardError, build_table, read_member
+from dynavit.manifests.shards import UNLABELED, MismatchError
 
 DIM = 0.25  # brightness factor of pruned patches in the "kept" panels
 PANEL_INCHES = 2.0

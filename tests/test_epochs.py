@@ -126,14 +126,25 @@ def test_a_killed_loader_worker_is_a_one_line_data_error_not_a_hang(sorted_ds):
 
     from dynavit.trainer.data import DataError
 
+    def children() -> set[int]:
+        me = str(os.getpid())
+        out = set()
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                    out.add(int(p.name))
+            except OSError:  # gone meanwhile
+                pass
+        return out
+
+    # Only this loader's workers: earlier tests of the session may leave children of their own.
+    before = children()
     loader = build_loader(sorted_ds, "train", k=50, batch_size=4, workers=2, seed=3)
     it = iter(loader)
     next(it)
-    me = os.getpid()
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
-                (p / "stat").exists() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(me)]
-    assert children
-    os.kill(children[0], signal.SIGKILL)
+    workers = sorted(children() - before)
+    assert workers
+    os.kill(workers[0], signal.SIGKILL)
     t0 = time.time()
     with pytest.raises(DataError) as e:
         for _ in it:

@@ -264,7 +264,7 @@ def test_duplicate_keys_are_failed_rows_for_every_copy(tmp_path):
     assert dynaprep("verify", out).exit_code == 0
     # What the trainer reads for each key is that key's own image and label (webdataset as reference).
     from dynavit.manifests import read_dataset_info
-    from dynavit.manifests.shards import build_table
+    from dynavit.manifests.samples import build_table
 
     table = build_table(out, read_dataset_info(out), "train", read_dataset_info(out).scorers[0])
     assert table.keys == ["b", "c", "d", "e"]
@@ -402,7 +402,7 @@ def test_a_gif_in_a_users_tar_is_an_image_as_in_folders_and_predict(tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in manifest(out)] == ["ok"] * 4
     from dynavit.manifests import read_dataset_info
-    from dynavit.manifests.shards import build_table
+    from dynavit.manifests.samples import build_table
 
     table = build_table(out, read_dataset_info(out), "train", read_dataset_info(out).scorers[0])
     data = tar.read_bytes()

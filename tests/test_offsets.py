@@ -19,6 +19,7 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from dynavit.manifests import io as mio
+from dynavit.manifests import samples as msamples
 from dynavit.manifests import shards as mshards
 from dynavit.manifests import validate_dataset
 from dynavit.manifests.schema import MANIFEST_SCHEMA
@@ -260,8 +261,8 @@ def test_the_read_check_accepts_every_tar_dialect_and_catches_another_member(tmp
     for m in members:
         key = m.name.rsplit(".", 1)[0]  # webdataset's key: no other dot in these names
         header = data[m.offset_data - 512:m.offset_data]
-        assert mshards.member_problem(header, key, 3) is None, (fmt, m.name)
-        assert "bytes" in mshards.member_problem(header, key, 4)
+        assert msamples.member_problem(header, key, 3) is None, (fmt, m.name)
+        assert "bytes" in msamples.member_problem(header, key, 4)
     a = data[members[0].offset_data - 512:members[0].offset_data]
-    assert "'a.jpg'" in mshards.member_problem(a, "b", 3)
-    assert mshards.member_problem(bytes(512), "a", 3) == "no tar member header there"
+    assert "'a.jpg'" in msamples.member_problem(a, "b", 3)
+    assert msamples.member_problem(bytes(512), "a", 3) == "no tar member header there"

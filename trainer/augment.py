@@ -9,7 +9,7 @@ flips (--hflip/--vflip) and the patch-aligned crop of --input-size (data.py).
 
 Both run on the model's device on the whole batch, after the uint8 batch arrived there.
 Every per-sample draw comes from (seed, epoch, sample key, purpose), as the loader's draws
-do (data._sample_bits): the same for any --workers count, rank layout or resume.
+do (patches._sample_bits): the same for any --workers count, rank layout or resume.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dynavit.trainer.data import Batch, _sample_bits, normalize
+from dynavit.trainer.batch import Batch, normalize
+from dynavit.trainer.patches import _sample_bits
 from dynavit.trainer.errors import ConfigError
 
-_JITTER, _ERASE, _TRIVIAL = 5, 6, 8  # purposes beside data.py's (1..4) and mixing.py's (7)
+_JITTER, _ERASE, _TRIVIAL = 5, 6, 8  # purposes beside patches.py's (1..4) and mixing.py's (7)
 
 # TrivialAugmentWide's ops that move no pixel (Müller & Hutter 2021; torchvision's op table
 # and 31 magnitude bins). Left out: ShearX/Y, TranslateX/Y, Rotate (they move content between

@@ -29,7 +29,8 @@ from dynavit.trainer.selection import METHODS
 from dynavit.trainer.runtime import AMP_MODES, DEVICES
 from dynavit.trainer.augment import ERASE_MODES, parse_jitter
 from dynavit.trainer.augment import HELP as AUGMENT_HELP
-from dynavit.trainer.train import NonFiniteLoss, RunWriteError, train
+from dynavit.trainer.epoch import NonFiniteLoss
+from dynavit.trainer.train import RunWriteError, train
 
 
 MAX_LR = 10.0        # AdamW's rate: anything above is a typo, and 1e308 overflows the weights

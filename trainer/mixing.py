@@ -29,10 +29,10 @@ import torch
 
 from dynavit.pipeline.topk import select_topk
 
-from dynavit.trainer.data import _sample_bits
+from dynavit.trainer.patches import _sample_bits
 from dynavit.trainer.errors import ConfigError
 
-_MIX = 7  # purpose beside data.py's (1..4) and augment.py's (5, 6)
+_MIX = 7  # purpose beside patches.py's (1..4) and augment.py's (5, 6)
 
 
 def check_mixing(cfg) -> None:

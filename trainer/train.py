@@ -20,9 +20,7 @@ import copy
 import dataclasses
 import math
 import platform
-import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -33,21 +31,19 @@ from timm.optim import param_groups_weight_decay
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from dynavit.manifests import write_json_atomic
 
 from dynavit.trainer import recipe
-from dynavit.trainer.augment import Augment, train_inputs
+from dynavit.trainer.augment import Augment
 from dynavit.trainer.config import Checked, ConfigError, TrainConfig, check_config, teacher_weights
 from dynavit.trainer.data import DataError, Loader, build_loader
 from dynavit.trainer.mixing import Mixer
-from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_weights, make_heads, method_forward, teacher_outputs,
-                    training_loss)
+from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_weights, make_heads, training_loss)
 from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
 from dynavit.trainer.rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
-from dynavit.trainer.runtime import Dist, autocast, init_distributed, resolve_amp, seed_everything, set_rng_state, to_device
+from dynavit.trainer.epoch import evaluate, train_one_epoch
+from dynavit.trainer.runtime import Dist, init_distributed, resolve_amp, seed_everything, set_rng_state
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -115,46 +111,58 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
-        record = EpochRecord(
-            epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
-            acc5=val["acc5"], epoch_seconds=time.perf_counter() - epoch_start, images_per_s=stats["images_per_s"],
-            seq_len=sel.seq_len, eval_seq_len=eval_sel.seq_len, k=budget_k,
-            eval_k=eval_sel.k if cfg.method == "dynavit" else budget_k, lr=stats["lr"],
-            skipped=stats["skipped"], val_skipped=val["val_skipped"], steps=stats["steps"],
-            steps_per_rank=stats["steps_per_rank"], train_images=stats["train_images"],
-            val_images=val["val_images"], method=cfg.method, method_param=described,
-            ema_acc1=None if ema_val is None else ema_val["acc1"])
+        record = epoch_record(epoch, epoch_start, stats, val, ema_val, cfg, sel, eval_sel, budget_k, described)
         history.append(record)
         is_best = record.acc1 > best_acc1
         if is_best:
             best_acc1, best_epoch = record.acc1, epoch + 1
         rngs = ctx.gather_rng()
         if ctx.main:
-            try:
-                _save_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler,
-                            rngs, heads, is_best, ema)
-            except OSError as e:  # disk full, quota, a removed folder: one line, exit 1
-                raise RunWriteError(f"cannot write the checkpoint of epoch {epoch + 1} in {out}: "
-                                    f"{e.strerror or e}; last.pt holds the last epoch written, so free space and "
-                                    f"--resume {out}") from None
-            log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record.train_loss:.4f}  val_loss "
-                f"{record.val_loss:.4f}  acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  "
-                + ("" if ema_val is None else f"ema_acc1 {ema_val['acc1']:.2f}%  ") +
-                f"{record.images_per_s:.0f} img/s  {record.epoch_seconds:.1f}s")
+            _save_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler,
+                        rngs, heads, is_best, ema)
+            log(epoch_line(record, cfg.epochs))
 
     if not val:  # resumed a run that had already finished: report its last evaluation
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
-    speeds = [m.images_per_s for m in history]
-    summary = {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
-               "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
-               "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": budget_k, "eval_k": eval_sel.k,
-               "seq_len": sel.seq_len, "method": cfg.method, "method_param": described, "budget": budget,
-               "per_class_acc1": dict(zip(info.classes, val["per_class_acc1"]))}
+    summary = run_summary(out, history, best_acc1, best_epoch, val, cfg, sel, eval_sel, budget_k, budget,
+                          info.classes)
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
         log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {len(history)} epochs · "
             f"{summary['images_per_s']:.0f} img/s · {cfg.method} {described} S={sel.seq_len} → {out}")
     return summary
+
+
+def epoch_record(epoch: int, epoch_start: float, stats: dict, val: dict, ema_val: dict | None, cfg: TrainConfig,
+                 sel, eval_sel, budget_k: int, described: str) -> EpochRecord:
+    """One line of metrics.jsonl."""
+    return EpochRecord(
+        epoch=epoch + 1, train_loss=stats["train_loss"], val_loss=val["val_loss"], acc1=val["acc1"],
+        acc5=val["acc5"], epoch_seconds=time.perf_counter() - epoch_start, images_per_s=stats["images_per_s"],
+        seq_len=sel.seq_len, eval_seq_len=eval_sel.seq_len, k=budget_k,
+        eval_k=eval_sel.k if cfg.method == "dynavit" else budget_k, lr=stats["lr"],
+        skipped=stats["skipped"], val_skipped=val["val_skipped"], steps=stats["steps"],
+        steps_per_rank=stats["steps_per_rank"], train_images=stats["train_images"],
+        val_images=val["val_images"], method=cfg.method, method_param=described,
+        ema_acc1=None if ema_val is None else ema_val["acc1"])
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    ema = "" if record.ema_acc1 is None else f"ema_acc1 {record.ema_acc1:.2f}%  "
+    return (f"epoch {record.epoch}/{epochs}  train_loss {record.train_loss:.4f}  val_loss {record.val_loss:.4f}  "
+            f"acc1 {record.acc1:.2f}%  acc5 {record.acc5:.2f}%  {ema}{record.images_per_s:.0f} img/s  "
+            f"{record.epoch_seconds:.1f}s")
+
+
+def run_summary(out: Path, history: list, best_acc1: float, best_epoch: int, val: dict, cfg: TrainConfig, sel,
+                eval_sel, budget_k: int, budget: dict, classes: list) -> dict[str, Any]:
+    """summary.json: the run's outcome in one object."""
+    speeds = [m.images_per_s for m in history]
+    return {"out": str(out), "epochs": len(history), "best_acc1": best_acc1, "best_epoch": best_epoch,
+            "final_acc1": val["acc1"], "final_acc5": val["acc5"], "final_val_loss": val["val_loss"],
+            "images_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "k": budget_k, "eval_k": eval_sel.k,
+            "seq_len": sel.seq_len, "method": cfg.method, "method_param": budget["described"], "budget": budget,
+            "per_class_acc1": dict(zip(classes, val["per_class_acc1"]))}
 
 
 # --- set-up pieces, in the order run() uses them ------------------------------------------------
@@ -323,7 +331,19 @@ class RunWriteError(RuntimeError):
 def _save_epoch(out: Path, record: EpochRecord, epoch: int, best_acc1: float, best_epoch: int, cfg: TrainConfig,
                 info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool, ema=None) -> None:
     """metrics.jsonl's line of the epoch, then its checkpoints (rank 0); the EMA weights, if
-    any, beside the raw ones."""
+    any, beside the raw ones. A failed write (disk full, quota, a removed folder) is one line,
+    exit 1."""
+    try:
+        _write_epoch(out, record, epoch, best_acc1, best_epoch, cfg, info, vit, optimizer, scheduler, scaler, rngs,
+                     heads, is_best, ema)
+    except OSError as e:
+        raise RunWriteError(f"cannot write the checkpoint of epoch {epoch + 1} in {out}: "
+                            f"{e.strerror or e}; last.pt holds the last epoch written, so free space and "
+                            f"--resume {out}") from None
+
+
+def _write_epoch(out: Path, record: EpochRecord, epoch: int, best_acc1: float, best_epoch: int, cfg: TrainConfig,
+                 info, vit, optimizer, scheduler, scaler, rngs, heads, is_best: bool, ema=None) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(record.line())
     ckpt = Checkpoint(epoch=epoch + 1, best_acc1=best_acc1, best_epoch=best_epoch, acc1=record.acc1,
@@ -384,127 +404,3 @@ def dataset_summary(info, cfg: TrainConfig) -> dict[str, Any]:
             "splits": {name: dataclasses.asdict(c) for name, c in info.splits.items()},
             "ks": info.k_values(), "scorers": list(info.scorers),
             "mean": list(info.mean), "std": list(info.std)}
-
-
-# --- one epoch of training, one evaluation ------------------------------------------------------
-
-NONFINITE_CHECK = 20  # steps between looks at the loss's finiteness
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged: one line, exit 1; no checkpoint of the diverged epoch is written."""
-
-
-def train_one_epoch(model, loader: Loader, optimizer, scheduler, scaler, loss_fn, cfg: TrainConfig, ctx: Dist,
-                    amp_dtype, epoch: int, ema=None, aug: Augment | None = None, raw=(None, None),
-                    mixer: Mixer | None = None, teacher: nn.Module | None = None,
-                    param_at: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """One epoch. --accum-steps A: the loss of each loader batch is divided by A and the
-    gradients of A batches add up before one optimizer step (the mean over A·B samples, as
-    one batch of A·B); the schedule and the EMA advance once per optimizer step.
-    ``param_at(global step)``, if given, sets the method's parameter for each step (EViT's
-    keep-rate warm-up); evaluation always uses the final one. ``teacher``: a frozen dense
-    model whose outputs the method's loss distils from."""
-    model.train()
-    loader.set_epoch(epoch)  # reseeds the order and every per-sample draw
-    device, mean, std = ctx.device, loader.info.mean, loader.info.std
-    accum = cfg.accum_steps
-    micro_total = recipe.optimizer_steps(cfg, loader.steps) * accum
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen, skipped, steps, lr = 0, 0, 0, max(g["lr"] for g in optimizer.param_groups)
-    bar = tqdm(total=micro_total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-               disable=not ctx.main or not sys.stderr.isatty(), dynamic_ncols=True)
-    start = time.perf_counter()
-    # Non-finite losses are counted on the device and looked at every NONFINITE_CHECK steps
-    # (a host sync per step would cost the GPU its lead); all ranks look at the same step.
-    nonfinite = torch.zeros((), dtype=torch.float64, device=device)
-    method_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    method_model = getattr(method_model, "_orig_mod", method_model)  # under --compile
-    for batch in recipe.epoch_batches(loader, micro_total):
-        images, keep_idx, labels = train_inputs(batch, device, mean, std, aug, epoch)  # colour ops, if any
-        if mixer is not None:  # labels become soft targets [B, C]
-            images, keep_idx, labels = mixer(images, keep_idx, labels, batch.scores, batch.keys, epoch)
-        if param_at is not None:
-            method_model.param = param_at(epoch * loader.steps + steps)
-        last = (steps + 1) % accum == 0
-        # DDP all-reduces gradients on the last micro-batch of an accumulation only.
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, amp_dtype):
-                # Index checks cost a device sync (and a graph break under --compile); the loader
-                # has checked the stored indices, so one eager check per epoch is enough.
-                out = model(images, keep_idx, validate=steps == 0 and not cfg.compile)
-                loss = loss_fn(out, labels, teacher=teacher_outputs(teacher, images))  # the teacher sees every patch
-            nonfinite += (~torch.isfinite(loss.detach())).double()
-            if (steps + 1) % NONFINITE_CHECK == 0 or steps + 1 == micro_total:
-                if ctx.all_reduce(nonfinite.clone()).item() > 0:
-                    bar.close()
-                    raise NonFiniteLoss(f"the training loss is not finite (NaN or inf) in epoch {epoch + 1}, by step "
-                                        f"{steps + 1}; training stopped, and last.pt / best.pt are those of the last "
-                                        f"finite epoch ({epoch}). Lower --lr, or set --clip-grad")
-            if steps % accum == 0:
-                optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss / accum if accum > 1 else loss).backward()
-        if last:
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            lr = max(g["lr"] for g in optimizer.param_groups)  # this step's peak rate, before the schedule moves
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(*raw)
-
-
-        loss_sum += loss.detach().double() * labels.shape[0]
-        seen, skipped, steps = seen + labels.shape[0], skipped + batch.skipped, steps + 1
-        if not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * ctx.world_size / (time.perf_counter() - start):.0f}")
-            bar.update()
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-
-    # Step counts of every rank: they must agree (a rank with extra steps would hang DDP).
-    steps_per_rank = torch.zeros(ctx.world_size, dtype=torch.float64, device=device)
-    steps_per_rank[ctx.rank] = steps
-    totals = ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(seen), device=device, dtype=torch.float64),
-                                         torch.tensor(float(skipped), device=device, dtype=torch.float64)]))
-    ctx.all_reduce(steps_per_rank)
-    images_total = int(totals[1].item())
-    return {"train_loss": totals[0].item() / max(1, images_total), "train_images": images_total,
-            "images_per_s": images_total / seconds if seconds > 0 else 0.0, "skipped": int(totals[2].item()),
-            "steps": steps, "steps_per_rank": [int(s) for s in steps_per_rank.tolist()], "lr": lr}
-
-
-@torch.no_grad()
-def evaluate(vit, loader: Loader, ctx: Dist, amp_dtype, num_classes: int, method: str = "dynavit",
-             param=None, heads: nn.Module | None = None) -> dict[str, Any]:
-    """Top-1 / top-min(5, C) accuracy (percent), mean CE loss and per-class top-1 over the
-    split, each sample counted once across ranks. Runs on the bare ViT, not through DDP:
-    per-rank eval step counts may differ and DDP's forward would then wait on collectives."""
-    vit.eval()
-    if heads is not None:
-        heads.eval()
-    device, top = ctx.device, min(5, num_classes)
-    sums = torch.zeros(4 + 2 * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, skipped, per class
-    for batch in loader:
-        images, keep_idx, labels = to_device(batch, device, loader.info.mean, loader.info.std)
-        with autocast(device, amp_dtype):
-            logits = method_forward(vit, images, keep_idx, method, param, heads=heads)
-        logits = logits.float()
-        pred = logits.topk(top, dim=1).indices
-        correct1 = (pred[:, 0] == labels).double()
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += correct1.sum()
-        sums[2] += (pred == labels[:, None]).any(dim=1).double().sum()
-        sums[3] += batch.skipped
-        sums[4:4 + num_classes].index_add_(0, labels, torch.ones_like(correct1))
-        sums[4 + num_classes:].index_add_(0, labels, correct1)
-    stats = ctx.all_reduce(sums).tolist()
-    class_total, class_hits = stats[4:4 + num_classes], stats[4 + num_classes:]
-    n = sum(class_total)
-    return {"val_loss": stats[0] / n if n else float("nan"), "acc1": 100.0 * stats[1] / n if n else 0.0,
-            "acc5": 100.0 * stats[2] / n if n else 0.0, "val_images": int(n), "val_skipped": int(stats[3]),
-            "per_class_acc1": [100.0 * h / t if t else None for h, t in zip(class_hits, class_total)]}
