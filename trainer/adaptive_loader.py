@@ -67,3 +67,23 @@ def sample_keep(reader, i: int, shard, key: str, r0: int, c0: int) -> np.ndarray
     sel = reader.plan.selection
     s = reader._scores(i, shard, key)[r0:r0 + sel.window[0], c0:c0 + sel.window[1]]
     return adaptive_keep(reader.plan.k_rule, s)
+
+
+def eval_record(vit, loader) -> dict:
+    """EpochRecord fields of an adaptive run's evaluation split (constant over epochs: the
+    rule and its τ are fixed, eval has no random crop or flip): mean kept count, mean GMACs
+    per image, histogram of counts. {} for a fixed-K loader."""
+    rule = loader.plan.k_rule
+    if rule is None:
+        return {}
+    from dynavit.trainer.adaptive_k import rule_counts
+    from dynavit.trainer.infer.adaptive import kept_summary
+    s = kept_summary(vit, rule, rule_counts(rule, split_scores(loader.reader, loader.plan.skip_bad)))
+    return {"eval_mean_kept": s["mean_kept"], "eval_mean_gmacs": s["mean_gmacs"], "eval_kept_hist": s["kept_hist"]}
+
+
+def describe(train_loader, val_loader) -> str:
+    """'mass:0.5,floor=1,ceil=100 τ=0.5' (a budget: τ* of the train and the eval split)."""
+    t, v = train_loader.plan.k_rule, val_loader.plan.k_rule
+    taus = f"τ={t.tau:.4g}" if t.tau == v.tau else f"τ*={t.tau:.4g} (train), {v.tau:.4g} (eval)"
+    return f"{t.text} {taus}"

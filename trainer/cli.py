@@ -102,6 +102,10 @@ def cli():
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
 @click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
+@click.option("--k-rule", "k_rule", default=None, metavar="mass:TAU|budget:K[,floor=F,ceil=C]",
+              help="Adaptive K per image from the stored scores instead of --k: mass:TAU keeps the fewest patches "
+                   "holding TAU of the image's score mass; budget:K calibrates TAU so the mean kept count is K's; "
+                   "floor/ceil in percent. Samples run packed (docs/ADAPTIVE_K.md).")
 @click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense; any 1..100 with --select random/center or a cropping --input-size). [default: --k]")
 @click.option("--scorer", default=None, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy, contrast, distinct; must be in the dataset; definitions in docs/FORMAT.md). [default: the dataset's first scorer]")
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,

@@ -50,6 +50,7 @@ from dynavit.trainer.selection import Selection, SelectionError, resolve_selecti
 from dynavit.trainer.patches import center_indices, hflip_indices, vflip_indices
 from dynavit.trainer.batch import Batch, DataError, normalize  # noqa: F401 (the loader's API)
 from dynavit.trainer.reader import BatchReader, ReadPlan, _EpochBatches
+from dynavit.trainer.adaptive_loader import resolve_rule
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  flip: bool | None = None, hflip: float = 0.5, vflip: float = 0.0, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
                  images_root: str | None = None, trust_urls: bool = False,
-                 with_scores: bool = False) -> Loader:
+                 with_scores: bool = False, k_rule=None) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
     `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved (the
@@ -200,7 +201,9 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     `hflip`/`vflip`: per-sample flip probabilities of a train loader (an eval loader never
     flips); `flip=False` turns both off, `flip=True` flips an eval loader too. `with_scores`:
     batches carry the scores of every sample's shown window (Batch.scores; saliency
-    selections only), for re-selection after mixing."""
+    selections only), for re-selection after mixing. `k_rule` (a --k-rule text or KRule):
+    adaptive K from scores.npy with ragged batches (adaptive_loader.py); a budget rule is
+    calibrated on this split here."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -233,6 +236,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                     skip_bad_samples, info.external_images, recycle_buffers,
                     (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
                     float(vflip) if flips else 0.0, bool(with_scores))
+    if k_rule is not None:
+        try:
+            rule, _ = resolve_rule(k_rule, BatchReader(table, plan), skip_bad_samples)
+        except ValueError as e:
+            raise DataError(f"{dataset_dir}: split {split!r}: {e}") from None
+        plan = dataclasses.replace(plan, k_rule=rule)
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 

@@ -43,6 +43,7 @@ from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_w
 from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for
 from dynavit.trainer.rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from dynavit.trainer.epoch import evaluate, train_one_epoch
+from dynavit.trainer.adaptive_loader import describe, eval_record
 from dynavit.trainer.runtime import Dist, init_distributed, resolve_amp, seed_everything, set_rng_state
 
 
@@ -83,6 +84,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
     mixer = Mixer.from_config(cfg, len(info.classes), info.patch_size, None if sel.dense else sel.k)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel, with_scores=mixer is not None)
+    adaptive = eval_record(vit, val_loader)  # --k-rule: the eval split's kept counts and mean MACs
+    if adaptive:
+        described = describe(train_loader, val_loader)
     opt_steps = recipe.optimizer_steps(cfg, train_loader.steps)  # per epoch, with --accum-steps
     optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps,
                                                   method_recipe, fresh)
@@ -112,6 +116,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
         record = epoch_record(epoch, epoch_start, stats, val, ema_val, cfg, sel, eval_sel, budget_k, described)
+        record = dataclasses.replace(record, **adaptive)
         history.append(record)
         is_best = record.acc1 > best_acc1
         if is_best:
@@ -126,6 +131,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
     summary = run_summary(out, history, best_acc1, best_epoch, val, cfg, sel, eval_sel, budget_k, budget,
                           info.classes)
+    summary.update(adaptive, **({"k_rule": described} if adaptive else {}))
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
         log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {len(history)} epochs · "
@@ -184,7 +190,7 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
                             world_size=ctx.world_size, skip_bad_samples=cfg.skip_bad_samples,
                             hflip=cfg.hflip, vflip=cfg.vflip, with_scores=with_scores and is_train,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
-                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls)
+                            images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls, k_rule=cfg.k_rule)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except DataError as e:  # e.g. fewer samples than one step of world_size × batch_size

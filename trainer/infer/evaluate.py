@@ -155,7 +155,8 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
         "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "batch_size": loader.batch_size,
     }
-    if rule is not None:
+    if rule is not None:  # each image has its own K: no single k / kept / seq_len
+        result.update(k=None, select="saliency", scorer=scorer, kept=None, seq_len=None)
         result.update(kept_summary(vit, loader.plan.k_rule, tally["kept"], tally["kept_keys"]))
     if predictions:
         cat = (lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64))
@@ -385,10 +386,11 @@ def format_result(r: dict[str, Any]) -> str:
     else:
         how = r["select"]
     rounding = f" round-to {r['round_to']}" if r.get("round_to") else ""
+    size = f"K={r['k']}{rounding} (S={r['seq_len']})"
     if r.get("k_rule"):
-        how += f" k-rule {r['k_rule']} (τ={r['tau']:.4g}, mean kept {r.get('mean_kept', 0):.1f}, " \
+        size = f"k-rule {r['k_rule']} (τ={r['tau']:.4g}, mean kept {r.get('mean_kept', 0):.1f}, " \
                f"{r.get('mean_gmacs', 0):.4f} GMACs/image)"
     return (f"evaluate: {r['run']} best.pt (epoch {r['epoch']}) on {r['split']} · {r['mode']} {how} "
-            f"K={r['k']}{rounding} (S={r['seq_len']}) · {r['images']} images · top-1 {r['acc1']:.2f}% · "
+            f"{size} · {r['images']} images · top-1 {r['acc1']:.2f}% · "
             f"top-5 {r['acc5']:.2f}% · loss {r['loss']:.4f} · {r['device']} {r['seconds']:.1f}s "
             f"({r['images_per_s']:.0f} img/s)")
