@@ -139,6 +139,11 @@ def run_budget(run, cfg: TrainConfig, k: int, meta_model, meta_heads) -> tuple[o
     return param, described, method_macs(meta_model, cfg.method, k, param, meta_heads), "re-matched"
 
 
+def _gm(gmacs: float) -> str:
+    """GMACs with 4 significant digits: tiny test models cost a few MMACs."""
+    return f"{gmacs:.3f}" if gmacs >= 1 else f"{gmacs:.4g}"
+
+
 def write_compare(rows: list[dict], out_dir) -> list[Path]:
     """compare.md (one row per method and parameter, mean ± std over its runs, then one row per
     run), compare.csv (per run), compare_groups.csv and (with matplotlib) acc_vs_gmacs.png."""
@@ -150,14 +155,14 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     for g in groups:
         mark = "" if g["budget_source"] == "recorded" else " †"
         std = "n = 1, no std" if g["acc1_std"] is None else f"± {g['acc1_std']:.1f}"
-        lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {g['gmacs']:.3f} | "
+        lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {_gm(g['gmacs'])} | "
                      f"{g['train_img_s']:.1f} | {g['infer_img_s']:.1f} ({g['infer_img_s_min']:.1f}–"
                      f"{g['infer_img_s_max']:.1f}) | {g['acc1_mean']:.1f} % {std} |")
     lines += ["", "Per run:", "", "| run | method | parameter | seed | GMACs | train img/s | inference img/s | best top-1 |",
               "|:--|:--|:--|--:|--:|--:|--:|--:|"]
     for r in rows:
         mark = "" if r.get("budget_source", "recorded") == "recorded" else " †"
-        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {r['gmacs']:.3f} | "
+        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {_gm(r['gmacs'])} | "
                      f"{r['train_img_s']:.1f} | "
                      f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
     lines.append("")
