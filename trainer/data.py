@@ -50,7 +50,8 @@ from dynavit.trainer.selection import Selection, SelectionError, resolve_selecti
 from dynavit.trainer.patches import center_indices, hflip_indices, vflip_indices
 from dynavit.trainer.batch import Batch, DataError, normalize  # noqa: F401 (the loader's API)
 from dynavit.trainer.reader import BatchReader, ReadPlan, _EpochBatches
-from dynavit.trainer.adaptive_loader import resolve_rule
+from dynavit.trainer.adaptive_loader import nominal_selection, resolve_rule
+from dynavit.trainer.adaptive_k import parse_k_rule
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad loader arguments: batch_size={batch_size}, workers={workers}, "
                         f"rank={rank}, world_size={world_size}")
+    if selection is None and k_rule is not None:  # adaptive: a nominal selection (adaptive_loader)
+        try:
+            selection = nominal_selection(info, parse_k_rule(k_rule) if isinstance(k_rule, str) else k_rule,
+                                          input_size)
+        except (SelectionError, ValueError) as e:
+            raise DataError(f"{dataset_dir}: {e}") from None
     if selection is None:
         try:
             selection = resolve_selection(info, None if select == "dense" else k, select, input_size)
