@@ -104,3 +104,35 @@ def test_train_and_evaluate_with_a_k_rule(dataset, tmp_path):
     with pytest.raises(SystemExit) as e:  # --k with --k-rule: one-line error, exit 2
         main(["--shards", str(dataset), "--k-rule", "mass:0.5", "--k", "25", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_compare_puts_adaptive_and_fixed_k_in_one_table(dataset, tmp_path):
+    from dynavit.trainer.analysis.compare import compare_runs, write_compare
+    from dynavit.trainer.methods.macs import count
+    from dynavit.trainer.methods.sparse import sparse_forward
+    import timm
+    runs = []
+    for name, sel in (("fixed", ["--k", "25"]), ("adaptive", ["--k-rule", "budget:25"])):
+        with pytest.raises(SystemExit) as e:
+            main(["--shards", str(dataset), *sel, "--scorer", "contrast", "--out", str(tmp_path / name),
+                  "--epochs", "1", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(KW),
+                  "--batch-size", "8", "--workers", "0"])
+        assert e.value.code == 0
+        runs.append(tmp_path / name)
+    rows = compare_runs(runs, batch=4, steps=1, repeats=1)
+    write_compare(rows, tmp_path / "cmp")
+    fixed, adaptive = rows
+    assert adaptive["method"] == "dynavit adaptive" and adaptive["parameter"].startswith("budget:25")
+    # mean GMACs: each val image's own sparse forward, counted by our counter
+    hist = json.loads((runs[1] / "metrics.jsonl").read_text().splitlines()[-1])["eval_kept_hist"]
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, **KW).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    per = {int(c): count(lambda c=c: sparse_forward(vit, x, torch.arange(int(c))[None])).total for c in hist}
+    n = sum(hist.values())
+    assert adaptive["gmacs"] == pytest.approx(sum(per[int(c)] * f for c, f in hist.items()) / n / 1e9, rel=1e-12)
+    assert sum(int(c) * f for c, f in hist.items()) / n == pytest.approx(4, abs=0.1)  # = k_count(25, 16)
+    fixed_macs = count(lambda: sparse_forward(vit, x, torch.arange(4)[None])).total
+    assert fixed["gmacs"] == pytest.approx(fixed_macs / 1e9, rel=1e-12)
+    assert adaptive["gmacs"] >= fixed["gmacs"]  # same mean kept count; MACs are convex in S
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "dynavit adaptive" in table and "| dynavit | K=25" in table

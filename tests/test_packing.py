@@ -67,6 +67,10 @@ def test_packed_macs_counted_equal_closed_form():
         mc = count(lambda: packed_forward(m, images, keep_idx, c, budget))
         want = packed_macs(m, counts, budget)
         assert (mc.total, mc.attention) == (want["total"], want["attention"])
+    # 'useful' (sample_macs) is the sum of the per-sample sparse forwards, counted
+    keeps = random_keeps(counts)
+    each = sum(count(lambda k=k: sparse_forward(m, images[:1], k[None])).total for k in keeps)
+    assert packed_macs(m, counts)["useful"] == each
     # one sample per row with its own length is the per-sample cost
     one = count(lambda: sparse_forward(m, images[:1], keep_idx[:1, :3]))
     assert packed_macs(m, [3], budget=2 + 3)["total"] == one.total == packed_macs(m, [3])["useful"]
