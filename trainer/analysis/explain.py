@@ -41,6 +41,8 @@ def _load_run(run: Path):
     if cfg.get("method", "dynavit") != "dynavit":
         raise click.BadParameter(f"{run}: method {cfg.get('method')!r} keeps no patch set before the encoder; "
                                  f"explain draws Dyna-ViT runs", param_hint="RUN")
+    if cfg.get("k_rule"):  # adaptive: no single K to draw unless --k names one
+        return vit, classes, info, None
     k = cfg.get("eval_k") or cfg.get("k") or 100
     return vit, classes, info, int(k)
 
@@ -105,6 +107,8 @@ def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int,
     from dynavit.trainer.analysis.lime import superpixels
     from dynavit.trainer.infer.predict import _decode
     loaded = [(run, *_load_run(run)) for run in runs]
+    if not ks and any(k is None for *_, k in loaded):
+        raise click.BadParameter("an adaptive-K run (--k-rule) has no single K: pass --k", param_hint="--k")
     size = loaded[0][3]["image_size"]
     if any(info["image_size"] != size for _, _, _, info, _ in loaded):
         raise click.BadParameter("the runs take different input sizes; explain them separately", param_hint="RUN")
