@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from dynavit.trainer.methods.sparse import _embed_tokens, _pos_embed_sparse, _check_images, check_model
 
@@ -158,8 +159,11 @@ def packed_forward(model: nn.Module, images: torch.Tensor, keep_idx: torch.Tenso
     x = m.norm_pre(m.patch_drop(x.view(p.rows, p.budget, d)))
     seg = _segments(p, seq.device)
     mask = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)  # [R, 1, T, T], True = may attend
-    for blk in m.blocks:
-        x = blk(x, attn_mask=mask)
+    for blk in m.blocks:  # with set_grad_checkpointing(), as timm's forward_features does
+        if m.grad_checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask=mask, use_reentrant=False)
+        else:
+            x = blk(x, attn_mask=mask)
     x = m.norm(x).reshape(p.rows * p.budget, d)[dest]
     pooled = torch.cat([m.pool(s[None]) for s in torch.split(x, list(p.length))])
     return m.head(m.head_drop(m.fc_norm(pooled)))
