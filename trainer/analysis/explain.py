@@ -83,19 +83,23 @@ def _draw(path: Path, rgb: np.ndarray, rows: list[dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    shade = rgb.astype(float) / 255
+    tint = 0.35 * shade + 0.65 * np.array([0.15, 0.25, 0.6])  # outside the mask: blue, visible on black too
+
+    def masked(mask):
+        return np.where(mask[..., None], shade, tint)
     for ax_row, r in zip(axes, rows):
-        shade = rgb.astype(float) / 255
         ax_row[0].imshow(rgb)
         ax_row[0].set_title(f"{r['run']}  K={r['k']}\n{r['class']} ({r['prob']:.2f})", fontsize=8)
-        ax_row[1].imshow(np.where(r["kept"][..., None], shade, shade * 0.25))
+        ax_row[1].imshow(masked(r["kept"]))
         ax_row[1].set_title(f"kept patches ({100 * r['kept_share']:.0f} %)", fontsize=8)
-        ax_row[2].imshow(np.where(r["mask"][..., None], shade, shade * 0.25))
+        ax_row[2].imshow(masked(r["mask"]))
         ov = "n/a" if math.isnan(r["overlap"]) else f"{r['overlap']:.2f}"
         ax_row[2].set_title(f"LIME top superpixels\noverlap with kept {ov}", fontsize=8)
         for a in ax_row:
             a.set_xticks([])
             a.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title + "\nblue: not kept / not among the top superpixels", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
