@@ -134,7 +134,9 @@ def packed_forward(model: nn.Module, images: torch.Tensor, keep_idx: torch.Tenso
                    budget: int | None = None) -> torch.Tensor:
     """Logits [B, classes]: sample b keeps keep_idx[b, :counts[b]] (ascending raster indices;
     the rest of the row is padding and ignored). ``budget``: tokens per packed row, default
-    the dense length num_prefix + N (any sample fits)."""
+    the batch's longest sample: with a dense mask a row of T tokens pays T² attention
+    whoever fills it, so the tightest rows that fit every sample cost least; shorter samples
+    still share a row when they fit together."""
     m = check_model(model)
     _check_images(m, images)
     if m.global_pool not in ("token", "avg", "avgmax", "max"):
@@ -144,7 +146,8 @@ def packed_forward(model: nn.Module, images: torch.Tensor, keep_idx: torch.Tenso
     n = int(m.patch_embed.num_patches)
     ks = _check_counts(keep_idx, counts, n)
     prefix = m.num_prefix_tokens
-    p = pack([prefix + k for k in ks], budget or prefix + n)
+    lengths = [prefix + k for k in ks]
+    p = pack(lengths, budget or max(lengths))
     keep = keep_idx.long().to(images.device)
     # Padded index columns point at patch 0: gathered, then dropped by `valid`.
     cols = torch.arange(keep.shape[1], device=keep.device)
@@ -164,8 +167,12 @@ def packed_forward(model: nn.Module, images: torch.Tensor, keep_idx: torch.Tenso
             x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask=mask, use_reentrant=False)
         else:
             x = blk(x, attn_mask=mask)
-    x = m.norm(x).reshape(p.rows * p.budget, d)[dest]
-    pooled = torch.cat([m.pool(s[None]) for s in torch.split(x, list(p.length))])
+    x = m.norm(x).reshape(p.rows * p.budget, d)
+    if m.global_pool == "token":  # each sample's CLS: its first position (one gather, no loop)
+        starts = torch.tensor([r * p.budget + s for r, s in zip(p.row, p.start)], device=x.device)
+        pooled = x[starts]
+    else:
+        pooled = torch.cat([m.pool(s[None]) for s in torch.split(x[dest], list(p.length))])
     return m.head(m.head_drop(m.fc_norm(pooled)))
 
 
@@ -198,7 +205,7 @@ def packed_macs(model: nn.Module, counts, budget: int | None = None) -> dict:
     m = check_model(model)
     row, embed, head = _cost(m)
     lengths = [m.num_prefix_tokens + int(k) for k in counts]
-    p = pack(lengths, budget or m.num_prefix_tokens + int(m.patch_embed.num_patches))
+    p = pack(lengths, budget or max(lengths))
     packed, attn = row(p.budget)
     b = len(lengths)
     return dict(total=b * (embed + head) + p.rows * packed, attention=p.rows * attn, rows=p.rows, budget=p.budget,
