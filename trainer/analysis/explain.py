@@ -106,7 +106,7 @@ def _draw(path: Path, rgb: np.ndarray, rows: list[dict], title: str) -> None:
 
 
 def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int, ...] = (), samples: int = 300,
-                 n_segments: int = 40, top: int = 5, seed: int = 0) -> list[dict]:
+                 n_segments: int = 40, top: int = 5, seed: int = 0, crop_pct: float = 0.875) -> list[dict]:
     """Write the figures and overlap.csv; return the csv rows."""
     from dynavit.trainer.analysis.lime import superpixels
     from dynavit.trainer.infer.predict import _decode
@@ -120,7 +120,7 @@ def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int,
     out.mkdir(parents=True, exist_ok=True)
     table = []
     for n, path in enumerate(images):
-        d, err = _decode(path, size, patch, 1.0)
+        d, err = _decode(path, size, patch, crop_pct)  # as predict: dynaprep's resize of the training images
         if d is None:
             click.echo(f"explain: skipping {path}: {err}", err=True)
             continue
@@ -159,8 +159,10 @@ def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int,
               help="SLIC superpixels asked for per image.")
 @click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="Top superpixels drawn and used for the overlap.")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
+              help="Center-crop fraction, as `predict` (resize short side to size/crop_pct): match the dataset's.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def explain_command(run, images, out, more_runs, ks, samples, segments, top, seed):
+def explain_command(run, images, out, more_runs, ks, samples, segments, top, crop_pct, seed):
     """LIME explanations of RUN (and --run ...) on IMAGES beside the kept patches, with the
     overlap between the two per K (our implementation of Ribeiro et al. 2016's LIME)."""
     from dynavit.trainer.infer.predict import PredictError, list_images
@@ -171,7 +173,7 @@ def explain_command(run, images, out, more_runs, ks, samples, segments, top, see
     if not files:
         raise click.BadParameter("no images found", param_hint="IMAGES")
     try:
-        table = explain_runs([run, *more_runs], files, out, tuple(ks), samples, segments, top, seed)
+        table = explain_runs([run, *more_runs], files, out, tuple(ks), samples, segments, top, seed, crop_pct)
     except RuntimeError as e:  # scikit-image missing
         raise click.ClickException(str(e)) from None
     for key in sorted({(r["run"], r["k"]) for r in table}):
