@@ -24,6 +24,8 @@ import click
 import numpy as np
 import torch
 
+from dynavit.pipeline.cli_types import FiniteFloat, out_dir
+
 __all__ = ["explain_command", "explain_runs"]
 
 
@@ -147,7 +149,7 @@ def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int,
 @click.command("explain", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=out_dir,
               help="Folder for the figures (one PNG per image) and overlap.csv.")
 @click.option("--run", "more_runs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Another run to draw beside RUN (repeatable).")
@@ -159,7 +161,7 @@ def explain_runs(runs: list[Path], images: list[Path], out: Path, ks: tuple[int,
               help="SLIC superpixels asked for per image.")
 @click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="Top superpixels drawn and used for the overlap.")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
+@click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=0.875, show_default=True,
               help="Center-crop fraction, as `predict` (resize short side to size/crop_pct): match the dataset's.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def explain_command(run, images, out, more_runs, ks, samples, segments, top, crop_pct, seed):
