@@ -21,6 +21,7 @@ from dynavit.manifests.locations import TRUST_OPTION
 from dynavit.pipeline.cli_types import MAX_IMAGE_SIZE, AmpType, DeviceType, FiniteFloat, json_object, out_dir, renamed
 from dynavit.trainer.data import DataError
 from dynavit.trainer import cli_tools
+from dynavit.trainer.analysis.explain import explain_command
 from dynavit.trainer.bench import compare as bench_compare, infer as bench_infer, report as bench_report
 from dynavit.trainer.bench import step as bench_step, throughput as bench_throughput
 from dynavit.trainer.config import SCHEDULES, SELECTS, ConfigError, TrainConfig, resume_config
@@ -101,6 +102,10 @@ def cli():
 @click.option("--shards", type=click.Path(file_okay=False), help="Dataset directory written by `dynaprep index` (holds dataset.json).")
 @click.option("--out", type=click.Path(file_okay=False), callback=out_dir, help="Run directory: config.json, metrics.jsonl, last.pt, best.pt, summary.json. Must be empty or new unless --overwrite.")
 @click.option("--k", "k", type=click.IntRange(1, 100), help="Percent of patches kept in training: one of the dataset's ks, or 100 for the dense model (any 1..100 with --select random/center or a cropping --input-size).")
+@click.option("--k-rule", "k_rule", default=None, metavar="mass:TAU|budget:K[,floor=F,ceil=C]",
+              help="Adaptive K per image from the stored scores instead of --k: mass:TAU keeps the fewest patches "
+                   "holding TAU of the image's score mass; budget:K calibrates TAU so the mean kept count is K's; "
+                   "floor/ceil in percent. Samples run packed (docs/ADAPTIVE_K.md).")
 @click.option("--eval-k", type=click.IntRange(1, 100), help="Percent of patches kept in evaluation (one of the dataset's ks, or 100 = dense; any 1..100 with --select random/center or a cropping --input-size). [default: --k]")
 @click.option("--scorer", default=None, help="Saliency scorer whose index shards pick the patches (l2, sobel, entropy, contrast, distinct; must be in the dataset; definitions in docs/FORMAT.md). [default: the dataset's first scorer]")
 @click.option("--select", type=click.Choice(SELECTS), default="saliency", show_default=True,
@@ -202,7 +207,7 @@ for _command in (cli_tools.flops_command, cli_tools.report_command, cli_tools.pr
                  cli_tools.evaluate_command, cli_tools.compare_command,
                  bench_throughput.bench_command, bench_step.bench_step_command,
                  bench_report.bench_report_command, bench_infer.bench_infer_command,
-                 bench_compare.bench_compare_command):
+                 bench_compare.bench_compare_command, explain_command):
     cli.add_command(_command)
 
 

@@ -190,6 +190,21 @@ def _check_predict_out(ctx, param, value):
     return p
 
 
+def _online_rule(text):
+    """The KRule of --k-rule for online use: mass:τ only (a budget's τ* comes from a data set)."""
+    if text is None:
+        return None
+    from dynavit.trainer.adaptive_k import parse_k_rule
+    try:
+        rule = parse_k_rule(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--k-rule") from None
+    if rule.tau is None:
+        raise click.BadParameter("budget:K needs a data set to calibrate its τ; online, give mass:TAU "
+                                 "(the τ* a budget run recorded in its eval output works)", param_hint="--k-rule")
+    return rule
+
+
 @click.command("predict", short_help="Classify image files with a run's model.", context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
 @click.argument("checkpoint", metavar="RUN|CHECKPOINT", type=click.Path(exists=True), callback=_checkpoint_of)
@@ -198,6 +213,9 @@ def _check_predict_out(ctx, param, value):
               help="Output table, one row per input image (format from the extension).")
 @click.option("--k", type=click.IntRange(1, 100), default=None,
               help="Percent of patches kept (100 = dense, no scoring). [default: the K a Dyna-ViT run evaluated at, else 100]")
+@click.option("--k-rule", default=None, metavar="mass:TAU[,floor=F,ceil=C]",
+              help="Adaptive K instead of --k: each image keeps the fewest top patches holding TAU of its "
+                   "score mass (floor/ceil in percent); images run packed; the table gets a 'kept' column.")
 @click.option("--scorer", type=click.Choice(SCORERS), default=None,
               help="Patch saliency score (docs/FORMAT.md), computed online on the device. "
                    "[default: the scorer the checkpoint's run trained with, else l2]")
@@ -229,7 +247,7 @@ def _check_predict_out(ctx, param, value):
 @click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, type=click.IntRange(min=1),
               help="Images larger than this are failed rows, not read; only regular files are read "
                    "(a FIFO or a link to a device is a failed row).")
-def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_size, model_name,
+def predict_command(checkpoint, images, out, k, k_rule, scorer, round_to, device, batch_size, model_name,
                     model_kwargs, num_classes, image_size, crop_pct, mean, std, top, overwrite, progress,
                     max_file_bytes):
     """Classify IMAGES (files or folders) with a trained ViT, pruning tokens online.
@@ -240,6 +258,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
     """
     if out.exists() and not overwrite:
         raise click.BadParameter(f"{out} exists (pass --overwrite to replace it)", param_hint="--out")
+    rule = _online_rule(k_rule)
     try:
         vit, classes, info = load_model(checkpoint, model_name, num_classes, image_size, model_kwargs)
     except PredictError as e:
@@ -268,14 +287,14 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
     try:
         rows = predict(vit, files, k=k, scorer=scorer, device=device, batch_size=batch_size,
                        mean=mean, std=std, top=top, classes=classes, round_to=round_to,
-                       crop_pct=crop_pct, progress=progress, max_file_bytes=max_file_bytes)
+                       crop_pct=crop_pct, progress=progress, max_file_bytes=max_file_bytes, k_rule=rule)
     except PredictError as e:
         raise click.UsageError(str(e)) from None
     write_rows(rows, out, top)
     ok = sum(r["status"] == "ok" for r in rows)
     dt = time.perf_counter() - t0
     click.echo(f"predict: {len(rows)} images, {ok} ok, {len(rows) - ok} failed, "
-               f"{info['model_name']} K={k} {scorer} on {device}, {dt:.1f}s "
+               f"{info['model_name']} {'k-rule ' + rule.text if rule else f'K={k}'} {scorer} on {device}, {dt:.1f}s "
                f"({len(rows) / max(dt, 1e-9):.1f} img/s) -> {out}", err=True)
 
 
@@ -289,6 +308,9 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
 @click.option("--k", type=click.IntRange(1, 100), default=None,
               help="Percent of patches kept (100 = dense). Without --online it must be indexed in the "
                    "dataset. [default: the run's eval K]")
+@click.option("--k-rule", default=None, metavar="mass:TAU|budget:K[,floor=F,ceil=C]",
+              help="Adaptive K from the stored scores (each image its own count, run packed); the JSON records "
+                   "every sample's count and the mean GMACs. [default: the run's --k-rule, unless --k]")
 @click.option("--scorer", type=click.Choice(SCORERS), default=None,
               help="Saliency scorer: online, computed on the device; otherwise the stored index shards "
                    "of that scorer. [default: the run's]")
@@ -309,7 +331,7 @@ def predict_command(checkpoint, images, out, k, scorer, round_to, device, batch_
 @click.option(TRUST_OPTION, "trust_urls", is_flag=True,
               help="Let the run's config.json and the dataset's dataset.json / shards.parquet name remote URLs "
                    "and pipe: commands for the image tars (without it: local paths only).")
-def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, workers, round_to, json_path,
+def evaluate_command(run, online, k, k_rule, scorer, split, shards, device, batch_size, workers, round_to, json_path,
                      progress, trust_urls):
     """Top-1 / top-5 / loss of RUN's best.pt on a split, with the stored kept-patch indices
     (the training path) or, with --online, with the patches scored and selected on the fly.
@@ -325,7 +347,7 @@ def evaluate_command(run, online, k, scorer, split, shards, device, batch_size, 
     try:
         result = evaluate_run(run, online=online, k=k, scorer=scorer, split=split, shards=shards, device=device,
                               batch_size=batch_size, workers=workers, round_to=round_to, progress=progress,
-                              trust_urls=trust_urls)
+                              trust_urls=trust_urls, k_rule=k_rule)
     except EvaluateError as e:
         raise click.BadParameter(str(e), param_hint=f"'{e.param}'" if e.param else None) from None
     except DataError as e:

@@ -38,7 +38,7 @@ RESUME_SAFE_FIELDS = {"epochs", "device", "shards", "out", "resume", "overwrite"
 # Options that decide what the weights are (architecture, which tokens they see, the
 # method's parameter): a resume that changed them would relabel the run's weights.
 RESUME_FIXED_FIELDS = {"model", "model_kwargs", "k", "select", "scorer", "method", "input_size", "pretrained",
-                       "checkpoint"}
+                       "checkpoint", "k_rule"}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint: str | None = None        # local weights file
     k: int | None = None                 # percent of patches kept in training (100 = dense)
     eval_k: int | None = None            # percent kept in evaluation (default: k)
+    k_rule: str | None = None            # adaptive K per image (adaptive_k.py): mass:TAU | budget:K[,floor=,ceil=]
     scorer: str | None = None            # None: the dataset's first scorer (dynaprep's default)
     select: str = "saliency"
     method: str = "dynavit"              # dynavit (before the encoder) | tome | evit (inside it), at K's MACs
@@ -194,6 +195,8 @@ def _selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
                 raise ConfigError(f"--method {cfg.method} needs --k (the budget: Dyna-ViT's MACs at K)", "--k")
             dense = resolve_selection(info, None, "dense")
             return Checked(info, val_split, dense, dense)
+        if cfg.k_rule is not None:
+            return _adaptive_selections(cfg, info, val_split)
         train = resolve_selection(info, cfg.k, cfg.select, cfg.input_size, param="--k")
         k = train.k if cfg.eval_k is None else cfg.eval_k
         evaluation = resolve_selection(info, k, "dense" if k == 100 else cfg.select, cfg.input_size,
@@ -201,6 +204,26 @@ def _selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
     except SelectionError as e:
         raise ConfigError(str(e), e.param) from None
     return Checked(info, val_split, train, evaluation)
+
+
+def _adaptive_selections(cfg: TrainConfig, info: DatasetInfo, val_split: str) -> Checked:
+    """--k-rule: each image's kept set comes from its scores.npy under the rule (the loader
+    applies it, evaluation records it); the selection is a nominal one (adaptive_loader)."""
+    from dynavit.trainer.adaptive_k import parse_k_rule
+    try:
+        rule = parse_k_rule(cfg.k_rule)
+    except ValueError as e:
+        raise ConfigError(str(e), "--k-rule") from None
+    if cfg.method != "dynavit" or cfg.select != "saliency":
+        raise ConfigError("--k-rule is Dyna-ViT's saliency selection (--method dynavit, --select saliency)", "--k-rule")
+    if cfg.eval_k is not None or cfg.k is not None:
+        raise ConfigError("--k-rule decides each image's K; leave out --k and --eval-k", "--k-rule")
+    if cfg.mixup or cfg.cutmix or cfg.reprob:
+        raise ConfigError("--k-rule does not combine with --mixup/--cutmix/--reprob yet (they re-select or "
+                          "erase fixed-size kept sets)", "--k-rule")
+    from dynavit.trainer.adaptive_loader import nominal_selection
+    sel = nominal_selection(info, rule, cfg.input_size)
+    return Checked(info, val_split, sel, sel)
 
 
 def _check_dataset(cfg: TrainConfig) -> DatasetInfo:

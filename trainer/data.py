@@ -32,6 +32,7 @@ pure functions: flips of the indices, the centre selection, the seeded draws), `
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -45,7 +46,9 @@ from dynavit.trainer.selection import Selection, SelectionError, resolve_selecti
 from dynavit.trainer.patches import center_indices, hflip_indices, vflip_indices
 from dynavit.trainer.batch import Batch, DataError, TooFewSamples, normalize  # noqa: F401 (the loader's API)
 from dynavit.trainer.loader import Loader  # noqa: F401 (the loader's API)
-from dynavit.trainer.reader import ReadPlan
+from dynavit.trainer.reader import BatchReader, ReadPlan
+from dynavit.trainer.adaptive_loader import nominal_selection, resolve_rule
+from dynavit.trainer.adaptive_k import parse_k_rule
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                  flip: bool | None = None, hflip: float = 0.5, vflip: float = 0.0, skip_bad_samples: bool = False, pin_memory: bool = False,
                  selection: Selection | None = None, recycle_buffers: bool = False,
                  images_root: str | None = None, trust_urls: bool = False,
-                 with_scores: bool = False, stream: bool = False, stream_buffer: int = 1000) -> Loader:
+                 with_scores: bool = False, stream: bool = False, stream_buffer: int = 1000,
+                 k_rule=None) -> Loader:
     """The loader of one split for one rank. Every argument error is a one-line DataError.
     Pass a resolved `selection`, or `k`/`select`/`input_size` to resolve one here.
     `images_root`: where a user's WebDataset (`--data wds`) lies now, if it moved (the
@@ -78,7 +82,9 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     flips); `flip=False` turns both off, `flip=True` flips an eval loader too. `with_scores`:
     batches carry the scores of every sample's shown window (Batch.scores; saliency
     selections only), for re-selection after mixing. `stream`: read the tars front to back
-    instead of by offset (trainer/stream.py; `stream_buffer` samples in its shuffle buffer)."""
+    instead of by offset (trainer/stream.py; `stream_buffer` samples in its shuffle buffer).
+    `k_rule` (a --k-rule text or KRule): adaptive K from scores.npy with ragged batches
+    (adaptive_loader.py); a budget rule is calibrated on this split here."""
     info = open_dataset(dataset_dir)
     if split not in info.splits:
         raise DataError(f"{dataset_dir}: no split {split!r} (available: {', '.join(info.splits) or 'none'})")
@@ -87,6 +93,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     if batch_size < 1 or workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"bad loader arguments: batch_size={batch_size}, workers={workers}, "
                         f"rank={rank}, world_size={world_size}")
+    if selection is None and k_rule is not None:  # adaptive: a nominal selection (adaptive_loader)
+        try:
+            selection = nominal_selection(info, parse_k_rule(k_rule) if isinstance(k_rule, str) else k_rule,
+                                          input_size)
+        except (SelectionError, ValueError) as e:
+            raise DataError(f"{dataset_dir}: {e}") from None
     if selection is None:
         try:
             selection = resolve_selection(info, None if select == "dense" else k, select, input_size)
@@ -99,6 +111,8 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                     skip_bad_samples, info.external_images, recycle_buffers,
                     (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
                     float(vflip) if flips else 0.0, bool(with_scores))
+    if stream and k_rule is not None:
+        raise DataError("--k-rule reads each sample's scores by offset: it does not work with --stream yet")
     if stream:
         from dynavit.trainer.stream import build_stream_loader  # here: the random-access path needs none of it
         return build_stream_loader(dataset_dir, info, split, scorer, plan, batch_size=batch_size, workers=workers,
@@ -123,6 +137,12 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
                     skip_bad_samples, info.external_images, recycle_buffers,
                     (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
                     float(vflip) if flips else 0.0, bool(with_scores))
+    if k_rule is not None:
+        try:
+            rule, _ = resolve_rule(k_rule, BatchReader(table, plan), skip_bad_samples)
+        except ValueError as e:
+            raise DataError(f"{dataset_dir}: split {split!r}: {e}") from None
+        plan = dataclasses.replace(plan, k_rule=rule)
     return Loader(table, plan, info, batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
                   pin_memory=pin_memory)
 

@@ -16,6 +16,7 @@ from dynavit.trainer.rundir import load_error
 from dynavit.trainer.selection import METHODS  # noqa: F401 (re-exported for the CLI)
 from dynavit.trainer.methods.counts import method_macs  # noqa: F401 (callers import it from here too)
 from dynavit.trainer.methods.sparse import check_model, sparse_forward
+from dynavit.trainer.methods.packing import RaggedKeep, packed_forward
 
 
 class SparseViT(nn.Module):
@@ -56,6 +57,8 @@ def method_forward(vit: nn.Module, images: torch.Tensor, keep_idx, method: str =
     if method == "cropr":
         from dynavit.trainer.methods.cropr import cropr_forward
         return cropr_forward(vit, heads, images, param, training=training)
+    if isinstance(keep_idx, RaggedKeep):  # adaptive K: each sample its own count, run packed
+        return packed_forward(vit, images, keep_idx.idx, keep_idx.counts)
     if method == "svit":  # param (rho) only sets the training targets: the rate is dynamic
         from dynavit.trainer.methods.svit import svit_forward
         return svit_forward(vit, heads, images, training=training)

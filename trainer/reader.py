@@ -20,6 +20,8 @@ from dynavit.pipeline.topk import select_topk
 
 from dynavit.trainer.selection import Selection
 from dynavit.trainer.batch import Batch, DataError
+from dynavit.trainer.adaptive_loader import sample_keep
+from dynavit.trainer.methods.packing import RaggedKeep
 from dynavit.trainer.patches import (_CROP, _FLIP, _SELECT, _VFLIP, _sample_bits, _sample_rng, center_indices, draw,
                                      hflip_indices, vflip_indices)
 
@@ -43,6 +45,7 @@ class ReadPlan:
     resize: tuple = ("center-crop", 0.875)  # external images: dataset.json's resize, as dynaprep applied it
     vflip: float = 0.0  # probability of a vertical flip per sample (train only)
     scores: bool = False  # also deliver each sample's scores.npy window, flipped as its pixels
+    k_rule: object = None  # adaptive K (adaptive_k.KRule, τ known): kept sets from scores.npy, ragged batches
 
 
 class BatchReader:
@@ -93,7 +96,8 @@ class BatchReader:
             scores.append(score)
             labels.append(self.table.label[i])
             keys.append(self.table.keys[i])
-        batch = collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle)
+        batch = collate(images, keeps, labels, keys, skipped, recycle=self.plan.recycle,
+                        ragged=self.plan.k_rule is not None)
         if images and scores[0] is not None:
             batch.scores = torch.from_numpy(np.stack(scores))
         return batch
@@ -141,6 +145,8 @@ class BatchReader:
             keep = np.sort(_sample_rng(p.seed, epoch, key, _SELECT).choice(sel.num_patches, sel.kept, replace=False))
         elif sel.mode == "center":
             keep = center_indices(sel.window, sel.kept)
+        elif p.k_rule is not None:
+            keep = sample_keep(self, i, shard, key, r0, c0)
         else:
             keep = self._saliency(i, shard, key, r0, c0)
 
@@ -222,7 +228,8 @@ def _shared_buffer(shape: tuple) -> torch.Tensor:
     return ring[-1]
 
 
-def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: int, recycle: bool = False) -> Batch:
+def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: int, recycle: bool = False,
+            ragged: bool = False) -> Batch:
     if not images:
         return Batch(torch.empty(0, dtype=torch.uint8), None, torch.empty(0, dtype=torch.int64), [], skipped)
     # A channels-last view, no copy: the CPU only stacks; the layout change happens on the
@@ -237,7 +244,10 @@ def collate(images: list, keeps: list, labels: list, keys: list[str], skipped: i
         np.stack(images, out=buf.numpy())
     else:
         buf = torch.from_numpy(np.stack(images))
-    keep = None if keeps[0] is None else torch.from_numpy(np.stack(keeps))
+    if keeps[0] is None:
+        keep = None
+    else:  # adaptive K: kept sets of different lengths, run packed (methods/packing.py)
+        keep = RaggedKeep.from_list(keeps) if ragged else torch.from_numpy(np.stack(keeps))
     return Batch(buf.permute(0, 3, 1, 2), keep, torch.tensor(labels, dtype=torch.int64), keys, skipped)
 
 

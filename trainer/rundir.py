@@ -94,6 +94,11 @@ class EpochRecord:
     method: str = "dynavit"   # where tokens are reduced (K is the MAC budget of tome / evit)
     method_param: str = ""    # e.g. "K=70", "r=10 (-1.5% MACs vs K=70)"
     ema_acc1: float | None = None  # --model-ema-decay: top-1 of the EMA weights
+    # --k-rule (adaptive K): the evaluation split's mean kept patches and mean GMACs per image
+    # (each image's own sparse-forward MACs), and how many images kept each count.
+    eval_mean_kept: float | None = None
+    eval_mean_gmacs: float | None = None
+    eval_kept_hist: dict | None = None
 
     def line(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"

@@ -44,6 +44,7 @@ from dynavit.trainer.model import (SparseViT, budget_record, build_model, load_w
 from dynavit.trainer.methods.recipes import FROM_SCRATCH, Recipe, keep_rate_at, recipe_for, with_recipe_schedule
 from dynavit.trainer.rundir import RUN_FILES, Checkpoint, EpochRecord, RunDirError, RunInfo, read_metrics, remove_stale_temp_files
 from dynavit.trainer.epoch import evaluate, train_one_epoch
+from dynavit.trainer.adaptive_loader import describe, eval_record
 from dynavit.trainer.runtime import Dist, init_distributed, resolve_amp, seed_everything, set_rng_state
 
 
@@ -69,11 +70,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     seed_everything(cfg.seed)
     fresh: list[str] = []  # classifier keys --checkpoint could not load
     vit = build_model(cfg, info, checked.train.input_size, log, fresh).to(device)
-    method_recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
-    cfg, taken = with_recipe_schedule(cfg, method_recipe)
-    if taken:
-        log(f"{cfg.method}'s fine-tuning recipe: " + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in taken.items()))
-    teacher = make_teacher(cfg, vit, method_recipe, fresh, log)  # before resume: the start weights
+    cfg, method_recipe, teacher = method_setup(cfg, vit, fresh, log)
     sel = dataclasses.replace(checked.train, num_prefix=vit.num_prefix_tokens)
     eval_sel = dataclasses.replace(checked.eval, num_prefix=vit.num_prefix_tokens)
     budget_k = sel.k if cfg.method == "dynavit" else cfg.k  # in-encoder methods read every patch, at K's MACs
@@ -87,6 +84,9 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     model = wrap_model(SparseViT(vit, cfg.method, param, heads), cfg, ctx)
     mixer = Mixer.from_config(cfg, len(info.classes), info.patch_size, None if sel.dense else sel.k)
     train_loader, val_loader = make_loaders(cfg, ctx, checked, sel, eval_sel, with_scores=mixer is not None)
+    adaptive = eval_record(vit, val_loader)  # --k-rule: the eval split's kept counts and mean MACs
+    if adaptive:
+        described = describe(train_loader, val_loader)
     opt_steps = recipe.optimizer_steps(cfg, train_loader.steps)  # per epoch, with --accum-steps
     optimizer, scheduler, scaler = make_optimizer(cfg, vit, heads, amp_dtype, device, opt_steps,
                                                   method_recipe, fresh)
@@ -118,6 +118,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         ema_val = None if ema is None else evaluate(ema.vit, val_loader, ctx, amp_dtype, len(info.classes),
                                                     cfg.method, param, ema.heads)
         record = epoch_record(epoch, epoch_start, stats, val, ema_val, cfg, sel, eval_sel, budget_k, described)
+        record = dataclasses.replace(record, **adaptive)
         history.append(record)
         is_best = record.acc1 > best_acc1
         if is_best:
@@ -132,6 +133,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
         val = evaluate(vit, val_loader, ctx, amp_dtype, len(info.classes), cfg.method, param, heads)
     summary = run_summary(out, history, best_acc1, best_epoch, val, cfg, sel, eval_sel, budget_k, budget,
                           info.classes)
+    summary.update(adaptive, **({"k_rule": described} if adaptive else {}))
     if ctx.main:
         write_json_atomic(out / "summary.json", summary)
         log(f"done: best acc1 {best_acc1:.2f}% (epoch {best_epoch}) · {plural(len(history), 'epoch')} · "
@@ -191,13 +193,23 @@ def make_loaders(cfg: TrainConfig, ctx: Dist, checked: Checked, sel, eval_sel,
                             hflip=cfg.hflip, vflip=cfg.vflip, with_scores=with_scores and is_train,
                             pin_memory=ctx.device.type == "cuda", recycle_buffers=True,
                             images_root=cfg.images_root, trust_urls=cfg.trust_dataset_urls,
-                            stream=cfg.stream, stream_buffer=cfg.stream_buffer)
+                            stream=cfg.stream, stream_buffer=cfg.stream_buffer, k_rule=cfg.k_rule)
     try:
         return loader("train", sel, True), loader(checked.val_split, eval_sel, False)
     except TooFewSamples as e:
         raise ConfigError(str(e), "--batch-size") from None
     except DataError as e:  # e.g. every shard of a split unreadable
         raise ConfigError(str(e)) from None
+
+
+def method_setup(cfg: TrainConfig, vit: nn.Module, fresh: list[str], log: Callable[[str], None]):
+    """The method's authors' recipe (its schedule where the options leave it open) and the
+    teacher it distils from, taken from the start weights (before any resume)."""
+    method_recipe = recipe_for(cfg.method, bool(cfg.checkpoint or cfg.pretrained))
+    cfg, taken = with_recipe_schedule(cfg, method_recipe)
+    if taken:
+        log(f"{cfg.method}'s fine-tuning recipe: " + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in taken.items()))
+    return cfg, method_recipe, make_teacher(cfg, vit, method_recipe, fresh, log)
 
 
 def make_teacher(cfg: TrainConfig, vit: nn.Module, method_recipe: Recipe, fresh: list[str],

@@ -28,6 +28,7 @@ from dynavit.trainer.methods.budget_limit import LIMIT_NOTE, at_limit
 from dynavit.trainer.methods.flops import build_meta_model
 from dynavit.trainer.model import make_heads, match_method, method_forward, method_macs  # noqa: F401 (method_macs re-exported)
 from dynavit.trainer.analysis.report import load_run
+from dynavit.trainer.analysis.adaptive import adaptive_keep_batch, adaptive_parameter
 from dynavit.trainer.selection import DENSE_K
 
 FIELDS = ("run", "method", "parameter", "seed", "gmacs", "train_img_s", "infer_img_s", "infer_img_s_min",
@@ -56,11 +57,16 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         num_classes = run.meta["dataset"]["num_classes"]
         meta_model = _model(cfg, run.meta, "meta")
         meta_heads = make_heads(meta_model, cfg.method, num_classes)
-        param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
-        limit = at_limit(meta_model, cfg.method, k, macs, method_macs(meta_model, "dynavit", k, None), meta_heads)
+        if cfg.k_rule is not None:  # adaptive K: its recorded mean MACs (analysis/adaptive.py)
+            param, source = None, "recorded"
+            described, macs = adaptive_parameter(cfg.k_rule, run.metrics[-1])
+            limit = False
+        else:
+            param, described, macs, source = run_budget(run, cfg, k, meta_model, meta_heads)
+            limit = at_limit(meta_model, cfg.method, k, macs, method_macs(meta_model, "dynavit", k, None), meta_heads)
         best = max(run.metrics, key=lambda m: (m["acc1"], -m["epoch"]))
-        rows.append({"run": run.name, "method": cfg.method if cfg.select == "saliency" or cfg.method != "dynavit"
-                     else f"dynavit ({cfg.select})", "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
+        method = cfg.method if cfg.select == "saliency" or cfg.method != "dynavit" else f"dynavit ({cfg.select})"
+        rows.append({"run": run.name, "method": method + (" adaptive" if cfg.k_rule else ""), "parameter": described, "seed": cfg.seed, "gmacs": macs / 1e9,
                      "train_img_s": statistics.mean(m["images_per_s"] for m in run.metrics),
                      "infer_img_s": None, "best_acc1": best["acc1"], "budget_source": source,
                      "at_limit": limit})
@@ -69,7 +75,9 @@ def compare_runs(run_dirs, *, batch: int = 32, steps: int = 3, repeats: int = 3,
         heads = None if heads is None else heads.to(device).eval()
         n = model.patch_embed.num_patches
         keep = None
-        if cfg.method == "dynavit" and k != DENSE_K:
+        if cfg.k_rule is not None:
+            keep = adaptive_keep_batch(run.metrics[-1], batch, n, device)
+        elif cfg.method == "dynavit" and k != DENSE_K:
             gen = torch.Generator().manual_seed(0)
             keep = torch.stack([torch.randperm(n, generator=gen)[:k_count(k, n)].sort().values
                                 for _ in range(batch)]).to(device)
@@ -140,6 +148,11 @@ def _limit_mark(row: dict) -> str:
     return f" **({LIMIT_NOTE})**" if row.get("at_limit") else ""
 
 
+def _gm(gmacs: float) -> str:
+    """GMACs with 4 significant digits: tiny test models cost a few MMACs."""
+    return f"{gmacs:.3f}" if gmacs >= 1 else f"{gmacs:.4g}"
+
+
 def write_compare(rows: list[dict], out_dir) -> list[Path]:
     """compare.md (one row per method and parameter, mean ± std over its runs, then one row per
     run), compare.csv (per run), compare_groups.csv and (with matplotlib) acc_vs_gmacs.png."""
@@ -151,14 +164,14 @@ def write_compare(rows: list[dict], out_dir) -> list[Path]:
     for g in groups:
         mark = ("" if g["budget_source"] == "recorded" else " †") + _limit_mark(g)
         std = "n = 1, no std" if g["acc1_std"] is None else f"± {g['acc1_std']:.1f}"
-        lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {g['gmacs']:.3f} | "
+        lines.append(f"| {g['method']} | {g['parameter']}{mark} | {g['n']} ({g['seeds']}) | {_gm(g['gmacs'])} | "
                      f"{g['train_img_s']:.1f} | {g['infer_img_s']:.1f} ({g['infer_img_s_min']:.1f}–"
                      f"{g['infer_img_s_max']:.1f}) | {g['acc1_mean']:.1f} % {std} |")
     lines += ["", "Per run:", "", "| run | method | parameter | seed | GMACs | train img/s | inference img/s | best top-1 |",
               "|:--|:--|:--|--:|--:|--:|--:|--:|"]
     for r in rows:
         mark = ("" if r.get("budget_source", "recorded") == "recorded" else " †") + _limit_mark(r)
-        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {r['gmacs']:.3f} | "
+        lines.append(f"| {r['run']} | {r['method']} | {r['parameter']}{mark} | {r.get('seed')} | {_gm(r['gmacs'])} | "
                      f"{r['train_img_s']:.1f} | "
                      f"{r['infer_img_s']:.1f} | {r['best_acc1']:.1f} % |")
     lines.append("")

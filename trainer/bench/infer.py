@@ -10,6 +10,10 @@ For one model, batch size and precision it measures, side by side in one process
 - ``online <scorer>``: ``DynaViT(model, k, scorer)(x)``: scoring + top-K + sparse forward,
   all on the device, per scorer;
 
+- ``adaptive <rule>`` (``--k-rule``, repeatable): ``DynaViT(model, k_rule=rule)(x)``, each
+  image keeping its own count (trainer/adaptive_k.py), the batch run packed
+  (methods/packing.py); S is the mean over the batch;
+
 each per K, with and without rounding the sequence length S up to a multiple of
 ``--round-to`` (8). Reported: images/s at ``--batch``, the speed-up over dense measured in
 the same run, the share of the online step spent on scoring + selection
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from dynavit.trainer.data import normalize
+from dynavit.trainer.adaptive_k import parse_k_rule
 from dynavit.trainer.infer.online import DynaViT
 from dynavit.trainer.runtime import autocast
 from dynavit.trainer.infer.scoring import IMAGENET_MEAN, IMAGENET_STD, SCORERS, keep_count
@@ -92,7 +97,7 @@ def run_bench(model_name: str = "vit_tiny_patch16_224", batch: int = 32, ks=(100
               scorers=SCORERS, device: str = "cpu", precision: str = "fp32", round_to: int = 8,
               reps: int = 3, iters: int = 1, warmup: int = 1, latency: bool = True,
               image_size=None, model_kwargs=None, compile: bool = False,
-              log=lambda s: None) -> dict:
+              log=lambda s: None, k_rules=()) -> dict:
     """Measure every configuration; returns {'meta': ..., 'rows': [...]} (see format_table)."""
     dev = torch.device(device)
     vit = _build_vit(model_name, image_size, model_kwargs, dev)
@@ -113,6 +118,7 @@ def run_bench(model_name: str = "vit_tiny_patch16_224", batch: int = 32, ks=(100
     for b, x in xs.items():
         # The scoring share (select-*) is measured at the main batch size only.
         fns, info = _configs(bench, x, ks, scorers, round_to, with_select=b == batch)
+        _adaptive_configs(bench, x, k_rules, scorers, fns, info)
         log(f"  timing {len(fns)} configurations at batch {b} ...")
         t = _time_round_robin(fns, reps=reps, iters=iters, warmup=warmup, sync=_sync(dev))
         for key, sec in t.items():
@@ -187,6 +193,25 @@ def _configs(bench: _Bench, x: torch.Tensor, ks, scorers, round_to,
                     add(f"select-{k}-{sc}-{r}", lambda sel=sel: sel(x), K=k, mode="select",
                         scorer=sc, round_to=r, S=prefix + kept)
     return fns, info
+
+
+def _adaptive_configs(bench: _Bench, x: torch.Tensor, rules, scorers, fns: dict, info: dict) -> None:
+    """Add the online adaptive-K configurations (one per rule and scorer) to fns/info."""
+    for rule in rules:
+        for sc in scorers:
+            net = DynaViT(bench.vit, scorer=sc, k_rule=rule).to(bench.dev).eval()
+            with torch.inference_mode():
+                net(x)
+            s_mean = bench.prefix + float(net.last_counts.float().mean())
+            cnet = bench.wrap(net)
+
+            def run(cnet=cnet):
+                with torch.inference_mode(), bench.ctx():
+                    return cnet(x)
+            key = f"adaptive-{rule.text}-{sc}"
+            fns[key] = run
+            info[key] = dict(K=rule.text, mode="online adaptive (packed)", scorer=sc, round_to=None,
+                             S=round(s_mean, 1))
 
 
 class _Sparse(torch.nn.Module):  # so --compile can wrap the precomputed-index path too
@@ -292,13 +317,15 @@ def _bench_infer_list(ctx, param, value):
 @click.option("--iters", type=click.IntRange(min=1), default=1, show_default=True, help="Forwards per timing.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
               help="Untimed forwards per configuration first.")
+@click.option("--k-rule", "k_rules", multiple=True, metavar="mass:TAU[,floor=F,ceil=C]",
+              help="Also time online adaptive K with this rule (repeatable; images run packed).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Also time batch 1.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile every module first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=out_file,
               help="Also write the raw timings to this JSON file.")
 def bench_infer_command(model, model_kwargs, batch_size, k, scorers, device, amp, round_to, repeats, iters, warmup,
-                        latency, compile_, threads, json_out):
+                        k_rules, latency, compile_, threads, json_out):
     """Images/s of dense vs sparse (precomputed indices) vs online Dyna-ViT per scorer and K."""
     try:
         kwargs = json.loads(model_kwargs)
@@ -306,13 +333,21 @@ def bench_infer_command(model, model_kwargs, batch_size, k, scorers, device, amp
     except (json.JSONDecodeError, AssertionError):
         raise click.BadParameter("must be a JSON object", param_hint="--model-kwargs") from None
     precision = {"off": "fp32"}.get(resolve_amp_name(amp, device), resolve_amp_name(amp, device))  # run_bench's names
+    rules = []
+    for text in k_rules:
+        try:
+            rules.append(parse_k_rule(text))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--k-rule") from None
+        if rules[-1].tau is None:
+            raise click.BadParameter("budget:K needs a data set to calibrate τ; give mass:TAU", param_hint="--k-rule")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     click.echo(f"bench_infer: {model} batch {batch_size} K={k} on {device} ...", err=True)
     res = run_bench(model, batch_size, k, scorers, device, precision, round_to or None, repeats, iters,
                     warmup, latency, model_kwargs=kwargs, compile=compile_,
-                    log=lambda s: click.echo(s, err=True))
+                    log=lambda s: click.echo(s, err=True), k_rules=tuple(rules))
     click.echo(format_table(res))
     if json_out:
         with open(json_out, "w") as f:

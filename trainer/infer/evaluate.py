@@ -44,6 +44,11 @@ from dynavit.trainer.runtime import autocast, resolve_amp, to_device
 from dynavit.trainer.infer.scoring import SCORERS
 from dynavit.trainer.selection import SelectionError, resolve_selection
 from dynavit.trainer.methods.sparse import sparse_forward
+from dynavit.trainer.methods.packing import RaggedKeep
+from dynavit.trainer.model import method_forward
+from dynavit.trainer.adaptive_k import parse_k_rule
+from dynavit.trainer.adaptive_loader import nominal_selection
+from dynavit.trainer.infer.adaptive import kept_summary
 
 __all__ = ["EvaluateError", "evaluate_run", "format_result"]
 
@@ -86,7 +91,7 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
                  split: Optional[str] = None, shards: Optional[str] = None, device: str = "auto",
                  batch_size: Optional[int] = None, workers: Optional[int] = None,
                  round_to: Optional[int] = None, predictions: bool = False,
-                 progress: bool = False, trust_urls: bool = False) -> dict[str, Any]:
+                 progress: bool = False, trust_urls: bool = False, k_rule: Optional[str] = None) -> dict[str, Any]:
     """Evaluate `run_dir`/best.pt on `split` (default: the run's validation split).
 
     Returns a JSON-ready dict: mode ("stored" | "online"), split, k, scorer, select, kept
@@ -94,7 +99,10 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
     images_per_s, device, amp, the checkpoint's epoch and the acc1 training logged for it
     (``trained_acc1``, measured on the run's val split at its eval K). With `predictions`,
     also ``keys``, ``y_true`` and ``y_pred`` per labelled sample, in file order.
-    Unlabelled samples are left out. `workers` defaults to the run's loader workers."""
+    Unlabelled samples are left out. `workers` defaults to the run's loader workers.
+    `k_rule` (default: the run's --k-rule, unless --k is given): adaptive K from the stored
+    scores, run packed; the result adds k_rule, tau, mean_kept, mean_gmacs, kept_hist and
+    kept_per_sample (key -> count)."""
     # Every argument is checked (in this order, so the first bad one is the one reported)
     # before the checkpoint is read or a model is built.
     run = Path(run_dir)
@@ -102,6 +110,7 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
     dataset, info = _open_run_dataset(run, meta, cfg, shards)
     split = _resolve_split(meta, cfg, info, dataset, split)
     run_k = _run_eval_k(cfg)
+    k_given = k is not None
     k, scorer = _check_k_scorer(cfg, run_k if k is None else k, scorer)
     _check_options(online, round_to, batch_size, workers)
     dev = _device(device)
@@ -111,9 +120,14 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
     except RunDirError as e:
         raise EvaluateError(str(e), "RUN") from None
 
-    sel, select = _selection(info, cfg, dataset, k, scorer, online)
+    rule = _k_rule(cfg, k_rule, k_given, online, info)
+    sel, select = (nominal_selection(info, rule, cfg.input_size), "saliency") if rule else \
+        _selection(info, cfg, dataset, k, scorer, online)
     vit, sel = _rebuild_model(run, best, cfg, info, sel, ckpt, dev)
-    if online:
+    if rule is not None:
+        kept, seq_len = sel.kept, sel.seq_len  # nominal; the per-sample counts are recorded below
+        forward = (lambda images, keep_idx: method_forward(vit, images, keep_idx))
+    elif online:
         net = _online_net(vit, k, scorer, info, round_to, dev)
         kept, seq_len = net.keep, net.seq_len
         forward = (lambda images, keep_idx: net(images))
@@ -122,7 +136,7 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
         seq_len = sel.seq_len
         forward = (lambda images, keep_idx: sparse_forward(vit, images, keep_idx, validate=False))
     amp_dtype = _eval_amp(cfg, dev)
-    loader = _labelled_loader(dataset, split, sel, scorer, info, cfg, batch_size, workers, run, trust_urls)
+    loader = _labelled_loader(dataset, split, sel, scorer, info, cfg, batch_size, workers, run, trust_urls, rule)
 
     tally = _score(loader, forward, dev, amp_dtype, info, predictions, progress)
     loss, hits1, hits5, n = tally["sums"]
@@ -141,6 +155,9 @@ def evaluate_run(run_dir, *, online: bool = False, k: Optional[int] = None, scor
         "device": str(dev), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "batch_size": loader.batch_size,
     }
+    if rule is not None:  # each image has its own K: no single k / kept / seq_len
+        result.update(k=None, select="saliency", scorer=scorer, kept=None, seq_len=None)
+        result.update(kept_summary(vit, loader.plan.k_rule, tally["kept"], tally["kept_keys"]))
     if predictions:
         cat = (lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64))
         result.update(keys=tally["keys"], y_true=cat(tally["y_true"]).tolist(),
@@ -208,6 +225,22 @@ def _check_k_scorer(cfg: TrainConfig, k, scorer: Optional[str]) -> tuple[int, st
     return int(k), scorer
 
 
+def _k_rule(cfg: TrainConfig, k_rule: Optional[str], k_given: bool, online: bool, info):
+    """The KRule to evaluate with (--k-rule, else the run's own unless --k is given), or None."""
+    text = k_rule if k_rule is not None else (None if k_given else cfg.k_rule)
+    if text is None:
+        return None
+    if k_rule is not None and k_given:
+        raise EvaluateError("--k-rule decides each image's K; leave out --k", "--k-rule")
+    if online:
+        raise EvaluateError("--k-rule evaluates from the stored scores; online adaptive K is `predict --k-rule`",
+                            "--k-rule")
+    try:
+        return parse_k_rule(text)
+    except ValueError as e:
+        raise EvaluateError(str(e), "--k-rule") from None
+
+
 def _check_options(online: bool, round_to, batch_size, workers) -> None:
     if round_to is not None and not online:
         raise EvaluateError("--round-to changes the online selection; it needs --online", "--round-to")
@@ -269,7 +302,7 @@ def _eval_amp(cfg: TrainConfig, dev: torch.device) -> Optional[torch.dtype]:
 
 
 def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConfig, batch_size, workers,
-                     run=None, trust_urls: bool = False):
+                     run=None, trust_urls: bool = False, rule=None):
     """The eval loader of `split`; a split whose samples are all unlabelled is refused.
     The run's config.json is data like a dataset folder: an images_root URL or command in
     it is used only with --trust-dataset-urls."""
@@ -284,7 +317,7 @@ def _labelled_loader(dataset, split: str, sel, scorer: str, info, cfg: TrainConf
     loader = build_loader(dataset, split, selection=sel, scorer=loader_scorer,
                           batch_size=batch_size or cfg.batch_size,
                           workers=cfg.workers if workers is None else workers, train=False, seed=cfg.seed,
-                          images_root=images_root, trust_urls=trust_urls,
+                          images_root=images_root, trust_urls=trust_urls, k_rule=rule,
                           stream=own and cfg.stream)  # a --stream run's images may exist only as a stream
     stored_labels = getattr(getattr(loader, "table", None), "label", None)  # -1 = unlabelled
     if stored_labels is not None and len(stored_labels) and bool((np.asarray(stored_labels) < 0).all()):
@@ -302,6 +335,8 @@ def _score(loader, forward, dev: torch.device, amp_dtype, info, predictions: boo
     # Summed on the device, read back once at the end (no per-batch host sync).
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top-1 hits, top-5 hits, count
     keys: list[str] = []
+    kept: list[int] = []  # adaptive K: every sample's count, with its key
+    kept_keys: list[str] = []
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
     bar = tqdm(total=loader.steps, unit="batch", desc="evaluate", disable=not progress, dynamic_ncols=True,
@@ -313,6 +348,9 @@ def _score(loader, forward, dev: torch.device, amp_dtype, info, predictions: boo
             with autocast(dev, amp_dtype):
                 logits = forward(images, keep_idx)
             mask, labels, pred = _add_batch(sums, logits.float(), labels, top)
+            if isinstance(keep_idx, RaggedKeep):
+                kept.extend(keep_idx.counts.tolist())
+                kept_keys.extend(batch.keys)
             if predictions:
                 m = mask.cpu().numpy()
                 keys.extend(key for key, ok in zip(batch.keys, m) if ok)
@@ -323,7 +361,8 @@ def _score(loader, forward, dev: torch.device, amp_dtype, info, predictions: boo
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     bar.close()
-    return {"sums": sums.tolist(), "seconds": seconds, "keys": keys, "y_true": y_true, "y_pred": y_pred}
+    return {"sums": sums.tolist(), "seconds": seconds, "keys": keys, "y_true": y_true, "y_pred": y_pred,
+            "kept": kept, "kept_keys": kept_keys}
 
 
 def _add_batch(sums: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, top: int):
@@ -349,7 +388,11 @@ def format_result(r: dict[str, Any]) -> str:
     else:
         how = r["select"]
     rounding = f" round-to {r['round_to']}" if r.get("round_to") else ""
+    size = f"K={r['k']}{rounding} (S={r['seq_len']})"
+    if r.get("k_rule"):
+        size = f"k-rule {r['k_rule']} (τ={r['tau']:.4g}, mean kept {r.get('mean_kept', 0):.1f}, " \
+               f"{r.get('mean_gmacs', 0):.4f} GMACs/image)"
     return (f"evaluate: {r['run']} best.pt (epoch {r['epoch']}) on {r['split']} · {r['mode']} {how} "
-            f"K={r['k']}{rounding} (S={r['seq_len']}) · {r['images']} images · top-1 {r['acc1']:.2f}% · "
+            f"{size} · {r['images']} images · top-1 {r['acc1']:.2f}% · "
             f"top-5 {r['acc5']:.2f}% · loss {r['loss']:.4f} · {r['device']} {r['seconds']:.1f}s "
             f"({r['images_per_s']:.0f} img/s)")

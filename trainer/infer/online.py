@@ -45,6 +45,7 @@ from dynavit.trainer.infer.scoring import (IMAGENET_MEAN, IMAGENET_STD, SCORERS,
                                      l2_of_normalized, score, score_entropy, score_sobel, to_pixels,
                                      topk_indices)
 from dynavit.trainer.methods.sparse import check_model, num_patches, sparse_forward
+from dynavit.trainer.methods.packing import packed_forward
 
 __all__ = ["DynaViT"]
 
@@ -76,7 +77,7 @@ class DynaViT(nn.Module):
     """Saliency token pruning in front of an unmodified timm ViT, computed online."""
 
     def __init__(self, model: nn.Module, k: int = 70, scorer: str = "l2", mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, round_to: Optional[int] = None, validate: bool = True):
+                 std=IMAGENET_STD, round_to: Optional[int] = None, validate: bool = True, k_rule=None):
         super().__init__()
         vit = check_model(model)  # unwraps DDP / torch.compile, refuses unsupported ViTs
         if scorer not in SCORERS:
@@ -94,6 +95,12 @@ class DynaViT(nn.Module):
         self.num_prefix = int(vit.num_prefix_tokens)
         self.round_to = round_to
         self.validate = bool(validate)
+        # Adaptive K (trainer/adaptive_k.py, a KRule with its τ known): each image keeps its
+        # own count, the samples run packed (methods/packing.py); `k` is then unused.
+        if k_rule is not None and getattr(k_rule, "tau", None) is None:
+            raise ValueError("k_rule must be a KRule whose τ is known (mass:τ, or a calibrated budget)")
+        self.k_rule = k_rule
+        self.last_counts: Optional[torch.Tensor] = None  # kept counts of the last adaptive forward
         mean_t = torch.tensor([float(v) for v in torch.as_tensor(mean).reshape(-1)])
         std_t = torch.tensor([float(v) for v in torch.as_tensor(std).reshape(-1)])
         if mean_t.shape != (3,) or std_t.shape != (3,) or not torch.isfinite(mean_t).all() \
@@ -121,6 +128,8 @@ class DynaViT(nn.Module):
         return self.num_prefix + self.keep
 
     def extra_repr(self) -> str:
+        if self.k_rule is not None:
+            return f"k_rule={self.k_rule.text!r}, tau={self.k_rule.tau:g}, scorer={self.scorer!r}, n={self.n}"
         return (f"k={self.k}, scorer={self.scorer!r}, keep={self.keep}/{self.n}, "
                 f"seq_len={self.seq_len}, round_to={self.round_to}")
 
@@ -142,6 +151,11 @@ class DynaViT(nn.Module):
     def forward(self, x: torch.Tensor, keep_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         if keep_idx is not None:
             return sparse_forward(self.vit, x, keep_idx, validate=self.validate)
+        if self.k_rule is not None:
+            from dynavit.trainer.infer.adaptive import adaptive_keep
+            keep, counts = adaptive_keep(self.scores(x), self.k_rule)
+            self.last_counts = counts
+            return packed_forward(self.vit, x, keep, counts)
         if self.keep >= self.n:
             return self.vit(x)
         return sparse_forward(self.vit, x, self.keep_indices(x), validate=False)

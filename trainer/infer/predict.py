@@ -252,8 +252,10 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
             device="cpu", batch_size: int = 32, image_size=None, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, top: int = 5, classes: Optional[Sequence[str]] = None,
             round_to: Optional[int] = None, crop_pct: float = 0.875, progress: bool = False,
-            workers: Optional[int] = None, max_file_bytes: Optional[int] = None) -> list[dict[str, Any]]:
+            workers: Optional[int] = None, max_file_bytes: Optional[int] = None,
+            k_rule=None) -> list[dict[str, Any]]:
     """One dict per input image (see the module docstring for the columns), in input order.
+    ``k_rule``: adaptive K (a KRule with τ known); each row then records its ``kept`` count.
 
     ``model`` is a timm VisionTransformer (or a DynaViT, whose ViT is used); ``paths`` are
     files and folders as for the command line."""
@@ -268,7 +270,7 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
         if tuple(hw) != model_hw:
             raise PredictError(f"image size {hw} differs from the model's input size {model_hw}")
     dev = torch.device(device)
-    net = DynaViT(vit, k=k, scorer=scorer, mean=mean, std=std, round_to=round_to).to(dev).eval()
+    net = DynaViT(vit, k=k, scorer=scorer, mean=mean, std=std, round_to=round_to, k_rule=k_rule).to(dev).eval()
     num_classes = int(getattr(vit, "num_classes", 0) or 0)
     if num_classes < 1:
         raise PredictError("the model has no classifier head (num_classes=0)")
@@ -309,6 +311,9 @@ def predict(model: nn.Module, paths: Sequence, *, k: int = 100, scorer: str = "l
                 p, idx = probs.topk(ntop, dim=-1)
                 p, idx = p.cpu().numpy(), idx.cpu().numpy()
                 ok_rows = [r for r in batch_rows if r["status"] == "ok"]
+                if net.last_counts is not None:
+                    for r, c in zip(ok_rows, net.last_counts.tolist()):
+                        r["kept"] = int(c)
                 for r, pi, ii in zip(ok_rows, p, idx):
                     for j in range(ntop):
                         r[f"top{j + 1}_index"] = int(ii[j])
@@ -324,6 +329,8 @@ def write_rows(rows: list[dict[str, Any]], out, top: int) -> None:
     """Write rows to out (.csv or .parquet) atomically (temp file + rename)."""
     out = Path(out)
     cols = _columns(top)
+    kept = any("kept" in r for r in rows)  # adaptive K: each image's kept patch count
+    cols = cols + ["kept"] if kept else cols
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -344,6 +351,8 @@ def write_rows(rows: list[dict[str, Any]], out, top: int) -> None:
             for i in range(1, top + 1):
                 fields += [pa.field(f"top{i}_index", pa.int32()), pa.field(f"top{i}_name", pa.string()),
                            pa.field(f"top{i}_prob", pa.float32())]
+            if kept:
+                fields.append(pa.field("kept", pa.int32()))
             schema = pa.schema(fields)
             table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows], schema=schema)
             pq.write_table(table, tmp)
