@@ -172,3 +172,20 @@ def calibrate_budget(rule: KRule, scores, iters: int = 60) -> tuple[KRule, float
             a = mid
     best = min((abs(mean_at(t) - target), t) for t in (a, b))[1]
     return rule.with_tau(best), mean_at(best)
+
+
+def kept_summary(vit, rule: KRule, kept, keys=None) -> dict:
+    """What an evaluation records for an adaptive rule: the rule and its τ, the mean kept
+    count, the mean GMACs per image (each image's own sparse-forward MACs, exact closed form
+    of methods/packing.py), the histogram of counts and, with `keys`, each sample's count."""
+    from dynavit.trainer.methods.packing import sample_macs
+    kept = [int(c) for c in kept]
+    if not kept:
+        return {"k_rule": rule.text, "tau": rule.tau}
+    values, freq = np.unique(kept, return_counts=True)
+    out = {"k_rule": rule.text, "tau": rule.tau, "mean_kept": float(np.mean(kept)),
+           "mean_gmacs": sample_macs(vit, kept) / len(kept) / 1e9,
+           "kept_hist": {int(v): int(f) for v, f in zip(values, freq)}}
+    if keys is not None:
+        out["kept_per_sample"] = dict(zip(keys, kept))
+    return out

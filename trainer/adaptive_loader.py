@@ -76,8 +76,7 @@ def eval_record(vit, loader) -> dict:
     rule = loader.plan.k_rule
     if rule is None:
         return {}
-    from dynavit.trainer.adaptive_k import rule_counts
-    from dynavit.trainer.infer.adaptive import kept_summary
+    from dynavit.trainer.adaptive_k import kept_summary, rule_counts
     s = kept_summary(vit, rule, rule_counts(rule, split_scores(loader.reader, loader.plan.skip_bad)))
     return {"eval_mean_kept": s["mean_kept"], "eval_mean_gmacs": s["mean_gmacs"], "eval_kept_hist": s["kept_hist"]}
 

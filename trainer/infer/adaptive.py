@@ -11,10 +11,9 @@ the run; an uncalibrated one is refused here.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from dynavit.trainer.adaptive_k import KRule, bounds
+from dynavit.trainer.adaptive_k import KRule, bounds, kept_summary  # noqa: F401 (evaluate's record of a rule)
 
 __all__ = ["adaptive_keep", "adaptive_counts", "kept_summary"]
 
@@ -62,20 +61,3 @@ def adaptive_keep(scores: torch.Tensor, rule: KRule) -> tuple[torch.Tensor, torc
     top = torch.where(cols < counts[:, None], top, torch.full_like(top, n))
     keep = torch.sort(top, dim=1).values
     return torch.where(keep == n, torch.zeros_like(keep), keep), counts
-
-
-def kept_summary(vit, rule: KRule, kept, keys=None) -> dict:
-    """What an evaluation records for an adaptive rule: the rule and its τ, the mean kept
-    count, the mean GMACs per image (each image's own sparse-forward MACs, exact closed form
-    of methods/packing.py), the histogram of counts and, with `keys`, each sample's count."""
-    from dynavit.trainer.methods.packing import sample_macs
-    kept = [int(c) for c in kept]
-    if not kept:
-        return {"k_rule": rule.text, "tau": rule.tau}
-    values, freq = np.unique(kept, return_counts=True)
-    out = {"k_rule": rule.text, "tau": rule.tau, "mean_kept": float(np.mean(kept)),
-           "mean_gmacs": sample_macs(vit, kept) / len(kept) / 1e9,
-           "kept_hist": {int(v): int(f) for v, f in zip(values, freq)}}
-    if keys is not None:
-        out["kept_per_sample"] = dict(zip(keys, kept))
-    return out
