@@ -124,3 +124,14 @@ def test_learned_method_at_its_limit_is_flagged_in_its_budget_record():
     assert not budget_record(m, "dynamicvit", 50, DynamicViTHeads.for_model(m))["at_limit"]
     # above the target, but a cheaper setting exists (ToMe at r=1 vs its r = N // 2): not a limit
     assert not at_limit(m, "tome", 10, count_tome_macs(m, 1), target)
+
+
+def test_every_method_has_a_cheapest_parameter_for_the_limit_check():
+    """at_limit compares with the method's cheapest setting: a method missing from
+    cheapest_param (SViT was, after it joined) made budget_record fail for it."""
+    from dynavit.trainer.methods.budget_limit import cheapest_param
+    from dynavit.trainer.selection import METHODS
+
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    assert cheapest_param(m, "dynavit") is None
+    assert all(cheapest_param(m, method) is not None for method in METHODS if method != "dynavit")

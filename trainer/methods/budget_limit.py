@@ -21,11 +21,12 @@ def cheapest_param(vit: nn.Module, method: str):
     """The method's cheapest parameter on ``vit`` (None for Dyna-ViT, whose K is exact)."""
     from dynavit.trainer.methods.budget import EVIT_STEP
     from dynavit.trainer.methods.dynamicvit import RHO_STEP
+    from dynavit.trainer.methods.svit import RHO_STEP as SVIT_RHO_STEP
     from dynavit.trainer.methods.tnt import KEEP_STEP
 
     gh, gw = vit.patch_embed.grid_size
     n = int(gh) * int(gw)
-    return {"tome": n // 2, "evit": EVIT_STEP, "dynamicvit": RHO_STEP, "tnt": KEEP_STEP,
+    return {"tome": n // 2, "evit": EVIT_STEP, "dynamicvit": RHO_STEP, "svit": SVIT_RHO_STEP, "tnt": KEEP_STEP,
             "cropr": n - 1}.get(method)
 
 
@@ -37,4 +38,6 @@ def at_limit(vit: nn.Module, method: str, k: int, macs: int, target: int,
 
     if method == "dynavit" or macs <= target:
         return False
+    if cheapest_param(vit, method) is None:  # a method added without its floor here: say so, not guess
+        raise ValueError(f"budget_limit.cheapest_param does not know {method!r}")
     return method_macs(vit, method, k, cheapest_param(vit, method), heads) >= macs
