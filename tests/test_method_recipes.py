@@ -92,6 +92,9 @@ def test_dynamicvit_loss_with_teacher_is_the_authors_sum():
     mse = (aux["tokens"].reshape(-1, 64)[mask] - t[1].reshape(-1, 64)[mask]).pow(2).mean()
     ref = F.cross_entropy(logits, y) + 2 * ratio + 0.5 * kl + 0.5 * mse
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    # --ratio-weight: the authors' --ratio_weight (5 for DeiT-B) scales only the ratio term
+    got5 = training_loss("dynamicvit", 0.7, (logits, aux), y, F.cross_entropy, teacher=t, ratio_weight=5.0)
+    assert got5.item() == pytest.approx((ref + 3 * ratio).item(), rel=1e-6)
     dense_logits = teacher(x)
     assert torch.allclose(t[0], dense_logits, atol=1e-6)  # the teacher is the dense forward
 
@@ -107,7 +110,8 @@ def test_cli_rejects_a_missing_teacher_and_a_negative_scale(dataset, tmp_path, c
     base = ["--shards", str(dataset), "--k", "50", "--method", "dynamicvit", "--model", "vit_tiny_patch16_224",
             "--model-kwargs", json.dumps({k: v for k, v in KW.items() if k != "num_classes"}), "--workers", "0"]
     for extra, word in ((["--teacher", str(tmp_path / "nope")], "--teacher"),
-                        (["--backbone-lr-scale", "-1"], "backbone-lr-scale")):
+                        (["--backbone-lr-scale", "-1"], "backbone-lr-scale"),
+                        (["--ratio-weight", "-1"], "ratio-weight")):
         out = tmp_path / "run"
         with pytest.raises(SystemExit) as exc:
             main(base + ["--out", str(out)] + extra)

@@ -72,6 +72,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     teacher: str = "auto"                # auto (the method's recipe) | none | a weights file or run dir
     backbone_lr_scale: float | None = None  # × lr for the backbone (default: the method's recipe)
+    ratio_weight: float = 2.0            # DynamicViT's keep-ratio loss weight (its --ratio_weight)
     seed: int = 42
     compile: bool = False
     device: str = "auto"
@@ -277,7 +278,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
               ("--label-smoothing", cfg.label_smoothing, False, lambda v: 0 <= v < 1),
               ("--clip-grad", 1.0 if cfg.clip_grad is None else cfg.clip_grad, False, lambda v: v > 0),
               ("--backbone-lr-scale", 1.0 if cfg.backbone_lr_scale is None else cfg.backbone_lr_scale, False,
-               lambda v: v >= 0))
+               lambda v: v >= 0),
+              ("--ratio-weight", cfg.ratio_weight, False, lambda v: 0 <= v <= 1e6))
     for name, value, integer, ok in checks:
         if not _number(value, integer) or not ok(value):
             raise ConfigError(f"{name} {value!r} is out of range", name)

@@ -77,7 +77,8 @@ def teacher_outputs(teacher: nn.Module | None, images: torch.Tensor):
         return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
 
 
-def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teacher=None) -> torch.Tensor:
+def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teacher=None,
+                  ratio_weight: float = 2.0) -> torch.Tensor:
     """The method's training objective on the forward's output: the task loss, plus
     DynamicViT's keep-ratio loss (weight 2, as its code) or Token Cropr's auxiliary-head
     losses, or SViT's dynamic ratio loss (weight 4, its paper). TNT's training forward adds its noise and needs nothing more. ``teacher``:
@@ -89,7 +90,7 @@ def training_loss(method: str, param, out, labels: torch.Tensor, criterion, teac
         logits, aux = out
         t_logits, t_tokens = teacher if teacher is not None else (None, None)
         return dynamicvit_loss(logits, aux, labels, param, teacher_logits=t_logits,
-                               teacher_tokens=t_tokens, criterion=criterion)
+                               teacher_tokens=t_tokens, criterion=criterion, ratio_weight=ratio_weight)
     if method == "svit":
         from dynavit.trainer.methods.svit import svit_loss
         logits, aux = out

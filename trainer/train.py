@@ -93,7 +93,7 @@ def run(cfg: TrainConfig, ctx: Dist) -> dict[str, Any]:
     ema = recipe.make_ema(vit, heads, cfg)
     aug = Augment.from_config(cfg, info.patch_size)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loss_fn = partial(training_loss, cfg.method, param, criterion=criterion)
+    loss_fn = partial(training_loss, cfg.method, param, criterion=criterion, ratio_weight=cfg.ratio_weight)
 
     start_epoch, best_acc1, best_epoch, history = 0, -1.0, 0, []
     if cfg.resume:
