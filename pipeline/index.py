@@ -135,6 +135,10 @@ def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict
     was writing (multiprocessing.Pool would wait for its result forever)."""
     ctx = mp.get_context("spawn")  # fork after numba/torch threads start is not safe
     counter = ctx.Value("q", 0)
+    # The parent reads the count without its lock: a worker SIGKILLed inside `counter.value +=
+    # n` dies holding the lock, and a locked read here then waited forever instead of
+    # reporting the dead worker (seen once in CI). The workers still add under the lock.
+    seen = counter.get_obj()
     slots = ctx.Array("q", max(1, len(todo)), lock=False)
     ok = failed = 0
     pieces_left: dict = {}
@@ -149,7 +153,7 @@ def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            bar.update(counter.value - bar.n)
+            bar.update(seen.value - bar.n)
             processes.update(getattr(pool, "_processes", None) or {})
             for future in done:
                 job = todo[futures[future]]
@@ -176,7 +180,7 @@ def _run_pool(cfg: IndexConfig, source, todo: list, workers: int, bar, cut: dict
             process.terminate()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    bar.update(counter.value - bar.n)
+    bar.update(seen.value - bar.n)
     return ok, failed
 
 
