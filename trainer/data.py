@@ -130,13 +130,6 @@ def build_loader(dataset_dir, split, *, k: int | None = None, scorer: str = "l2"
     if train and len(table) < world_size * batch_size:
         raise TooFewSamples(f"{dataset_dir}: split {split!r} has {len(table)} usable samples, fewer than one step "
                             f"(world size {world_size} × batch size {batch_size}); lower --batch-size")
-    if not (0 <= hflip <= 1 and 0 <= vflip <= 1):
-        raise DataError(f"flip probabilities must be in [0, 1], got hflip={hflip}, vflip={vflip}")
-    flips = train if flip is None else bool(flip)
-    plan = ReadPlan(selection, tuple(info.image_size), train, float(hflip) if flips else 0.0, int(seed),
-                    skip_bad_samples, info.external_images, recycle_buffers,
-                    (info.resize.get("policy", "center-crop"), float(info.resize.get("crop_pct", 0.875))),
-                    float(vflip) if flips else 0.0, bool(with_scores))
     if k_rule is not None:
         try:
             rule, _ = resolve_rule(k_rule, BatchReader(table, plan), skip_bad_samples)
