@@ -11,27 +11,16 @@ from dynavit.trainer.methods.cropr import (CroprRouters, count_cropr_macs, cropr
                                    match_cropr_budget)
 from dynavit.trainer.methods.flops import build_meta_model
 from dynavit.trainer.methods.learned import param_snapshot
-
-KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds spin-waits on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_vits import KW, one_thread, tiny_vit  # noqa: F401,E402 (one_thread: autouse, one intra-op thread)
+from tiny_vits import images as shared_images  # noqa: E402
 
 
 def tiny(depth=5, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth,
-                             **{**KW, **kw}).eval()
+    return tiny_vit(depth, **kw)
 
 
 def images(b=3):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return shared_images(b)
 
 
 # ---- hand-written reference of the inference path -------------------------------------------

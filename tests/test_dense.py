@@ -2,7 +2,6 @@
 timm's dense forward_features and hand-written references of each fill rule."""
 
 import pytest
-import timm
 import torch
 
 from dynavit.trainer.methods.dense import forward_dense
@@ -11,35 +10,19 @@ from dynavit.trainer.methods.learned import topk_sorted
 from dynavit.trainer.methods.sparse import sparse_forward_features
 from dynavit.trainer.methods.svit import SViTSelectors, svit_forward
 from dynavit.trainer.methods.tome import tome_forward_features
+from tiny_vits import KW, one_thread, tiny_vit  # noqa: F401,E402 (one_thread: autouse, one intra-op thread)
+from tiny_vits import images as shared_images  # noqa: E402
+from tiny_vits import randomize  # noqa: E402
 
-KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
 N, G = 64, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(depth=4, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth,
-                             **{**KW, **kw}).eval()
+    return tiny_vit(depth, **kw)
 
 
 def images(b=2):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def randomize(heads, scale=0.5):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return heads
+    return shared_images(b)
 
 
 def dense_patches(m, x):

@@ -19,6 +19,7 @@ from dynavit.trainer.cli import main
 from dynavit.trainer.data import build_loader, normalize, open_dataset
 from dynavit.trainer.infer.evaluate import EvaluateError, evaluate_run
 from dynavit.trainer.infer.online import DynaViT
+from tiny_vits import one_thread  # noqa: F401,E402 (autouse: this module on one intra-op thread)
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS),
@@ -34,14 +35,6 @@ def run_cli(args) -> int:
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])
     return exc.value.code
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

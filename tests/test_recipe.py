@@ -19,6 +19,7 @@ from dynavit.trainer.cli import main
 from dynavit.trainer.config import TrainConfig
 from dynavit.trainer.train import make_optimizer
 from tiny_dataset import make_tiny_dataset
+from tiny_vits import one_thread  # noqa: F401,E402 (autouse: this module on one intra-op thread)
 
 MODEL = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 SEED, LR, WD = 7, 1e-3, 0.05
@@ -31,14 +32,6 @@ def ds(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "ds"
     make_tiny_dataset(out, splits=(("train", 64), ("val", 8)), shard_size=16)  # 8x8 grid, 4 classes
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(args) -> int:

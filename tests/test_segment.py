@@ -19,6 +19,7 @@ from PIL import Image
 from dynavit.pipeline.cli import main as dynaprep
 from dynavit.trainer.cli import main as dynatrain
 from dynavit.trainer.segment.metrics import confusion, iou_per_class, mean_iou
+from tiny_vits import one_thread  # noqa: F401,E402 (autouse: this module on one intra-op thread)
 
 pytest.importorskip("skimage")
 
@@ -27,14 +28,6 @@ HEAD_MACS = 32 * 21  # the timm classifier (D x classes): in the budget, not in 
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
          json.dumps({"img_size": SIZE, "patch_size": PATCH, "embed_dim": 32, "depth": 4, "num_heads": 2}),
          "--batch-size", "5", "--workers", "0", "--lr", "3e-3", "--weight-decay", "0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

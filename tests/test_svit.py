@@ -4,7 +4,6 @@ classification/selective_vit.py) and a closed form of its MACs."""
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -13,34 +12,17 @@ from dynavit.trainer.methods.flops import build_meta_model
 from dynavit.trainer.methods.svit import (SViTSelectors, count_svit_macs, default_layers,
                                           default_stages, match_svit_budget, svit_forward,
                                           svit_keep_counts, svit_loss, svit_ratio_loss)
-
-KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_vits import KW, one_thread, tiny_vit  # noqa: F401,E402 (one_thread: autouse, one intra-op thread)
+from tiny_vits import images as shared_images  # noqa: E402
+from tiny_vits import randomize  # noqa: E402
 
 
 def tiny(depth=4, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth,
-                             **{**KW, **kw}).eval()
+    return tiny_vit(depth, **kw)
 
 
 def images(b=3):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def randomize(heads, scale=0.5):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return heads
+    return shared_images(b)
 
 
 # ---- references written from the paper / the authors' code ----------------------------------

@@ -1,6 +1,5 @@
 """TNT (Training Noise Token pruning) over an unmodified timm ViT (dynavit.trainer.methods.tnt)."""
 
-import math
 
 import pytest
 import timm
@@ -14,35 +13,21 @@ from dynavit.trainer.methods.tnt import (TNTHeads, count_tnt_macs, default_s, ma
                                  similarity_prune, tnt_forward, tnt_plan,
                                  tnt_token_counts,
                                  tnt_trainable)
-
-KW = dict(img_size=32, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds spin-waits on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_vits import KW, one_thread, tiny_vit  # noqa: F401,E402 (one_thread: autouse, one intra-op thread)
+from tiny_vits import images as shared_images  # noqa: E402
+from tiny_vits import randomize as shared_randomize  # noqa: E402
 
 
 def tiny(depth=6, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=depth,
-                             **{**KW, **kw}).eval()
+    return tiny_vit(depth, **kw)
 
 
 def images(b=3):
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return shared_images(b)
 
 
 def randomize(heads):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return heads
+    return shared_randomize(heads, scale=1.0)
 
 
 # ---- hand-written reference of the inference path -------------------------------------------

@@ -17,6 +17,7 @@ from tiny_dataset import make_tiny_dataset
 from dynavit.trainer.cli import main
 from dynavit.trainer.config import ConfigError, TrainConfig
 from dynavit.trainer.model import load_weights
+from tiny_vits import one_thread  # noqa: F401,E402 (autouse: this module on one intra-op thread)
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS),
@@ -34,15 +35,6 @@ def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "ds"
     make_tiny_dataset(out, splits=(("train", 48), ("val", 16)))
     return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores: a second intra-op thread only adds contention (~8× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(args: list[str]) -> int:
