@@ -144,3 +144,9 @@ def test_bench_gpu_commands_parse_and_the_section_is_replaced(tmp_path):
     doc.write_text(f"# B\n\nabove\n\n{bench_gpu.BEGIN}\nold\n{bench_gpu.END}\n\nbelow\n")
     bench_gpu.write_section(doc, ["## GPU: new", "figures"])
     assert doc.read_text() == f"# B\n\nabove\n\n{bench_gpu.BEGIN}\n## GPU: new\nfigures\n{bench_gpu.END}\n\nbelow\n"
+    # a doc without the markers gets the section appended below the hand-kept line, once
+    from dynavit.trainer.bench.report import KEPT
+    fresh = tmp_path / "sub" / "C.md"
+    bench_gpu.write_section(fresh, ["x"])
+    bench_gpu.write_section(fresh, ["y"])
+    assert fresh.read_text() == f"\n\n{KEPT}\n\n{bench_gpu.BEGIN}\ny\n{bench_gpu.END}\n"

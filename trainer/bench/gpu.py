@@ -91,20 +91,9 @@ def section(a: argparse.Namespace, log: list, total: float) -> list[str]:
 
 
 def write_section(doc: Path, lines: list[str]) -> None:
-    from dynavit.trainer.bench.report import KEPT
+    from dynavit.trainer.bench.report import write_marked_section
 
-    text = doc.read_text() if doc.exists() else ""
-    body = "\n".join([BEGIN, *lines, END])
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-    else:
-        if KEPT not in text:
-            text = text.rstrip() + "\n\n" + KEPT + "\n"
-        text = text.rstrip() + "\n\n" + body + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(doc.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    write_marked_section(doc, BEGIN, END, lines)
 
 
 def parse(argv) -> argparse.Namespace:

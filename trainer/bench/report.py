@@ -38,6 +38,23 @@ def _cpu_model() -> str:
 KEPT = "<!-- measured by hand below this line: kept by make bench -->"
 
 
+def write_marked_section(doc: Path, begin: str, end: str, lines: list[str]) -> None:
+    """Put `lines` between the markers `begin` and `end` of `doc`, in place (atomically); a
+    doc without them gets the section appended below KEPT, which `make bench` keeps."""
+    text = doc.read_text() if doc.exists() else ""
+    body = "\n".join([begin, *lines, end])
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
+    else:
+        if KEPT not in text:
+            text = text.rstrip() + "\n\n" + KEPT + "\n"
+        text = text.rstrip() + "\n\n" + body + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_suffix(doc.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
 class BenchmarkFailed(RuntimeError):
     """A benchmark command exited non-zero; the message has its command and stderr tail."""
 

@@ -199,19 +199,9 @@ def table(results: dict, flat: dict, sets, selections, seeds) -> list[str]:
 
 
 def write_section(out: Path, lines: list[str]) -> None:
-    from dynavit.trainer.bench.report import KEPT
+    from dynavit.trainer.bench.report import write_marked_section
 
-    text = out.read_text() if out.exists() else ""
-    body = "\n".join([BEGIN, *lines, END])
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-    else:
-        if KEPT not in text:
-            text = text.rstrip() + "\n\n" + KEPT + "\n"
-        text = text.rstrip() + "\n\n" + body + "\n"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_marked_section(out, BEGIN, END, lines)
 
 
 def plot(results: dict, path) -> Path:
