@@ -66,12 +66,30 @@ def label_from_xml(data: bytes) -> int | None:
     return max(pool, key=lambda c: (c[1], -c[2]))[3]
 
 
-def _find_root(src: str) -> str:
+def find_voc_root(src: str, layout: str, folders: tuple[str, ...]) -> str:
+    """The VOC2012 folder under SRC (SRC itself, SRC/VOC2012 or SRC/VOCdevkit/VOC2012) that
+    holds `folders`; voc5 and voc-seg read the same devkit."""
     for cand in (src, os.path.join(src, "VOC2012"), os.path.join(src, "VOCdevkit", "VOC2012")):
-        if os.path.isdir(os.path.join(cand, "JPEGImages")) and os.path.isdir(os.path.join(cand, "Annotations")):
+        if all(os.path.isdir(os.path.join(cand, d)) for d in folders):
             return cand
-    raise SourceError(f"voc5: no JPEGImages/ and Annotations/ in {src}, {src}/VOC2012"
-                      f" or {src}/VOCdevkit/VOC2012")
+    need = " and ".join(f"{d}/" for d in folders)
+    raise SourceError(f"{layout}: no {need} in {src}, {src}/VOC2012 or {src}/VOCdevkit/VOC2012")
+
+
+def read_image_ids(sets_dir: str, split: str, layout: str) -> list[str]:
+    """The image ids of ImageSets/<task>/<split>.txt, sorted and unique. An id is data: one
+    with a path separator or a leading dot is refused, not joined into a path."""
+    path = os.path.join(sets_dir, f"{split}.txt")
+    ids = []
+    with open_text(path) as f:
+        for n, ln in enumerate(f, 1):
+            tok = ln.split()
+            if not tok:
+                continue
+            if "/" in tok[0] or "\\" in tok[0] or tok[0].startswith("."):
+                raise SourceError(f"{layout}: {path}:{n}: {tok[0]!r} is not an image id")
+            ids.append(tok[0])
+    return sorted(set(ids))
 
 
 class Voc5Source(Source):
@@ -79,7 +97,7 @@ class Voc5Source(Source):
 
     def __init__(self, src: str):
         self.src = require_dir(src, self.name)
-        self.root = _find_root(self.src)
+        self.root = find_voc_root(self.src, self.name, ("JPEGImages", "Annotations"))
         self._sets = os.path.join(self.root, "ImageSets", "Main")
         self._splits = [s for s in _SPLITS if os.path.isfile(os.path.join(self._sets, f"{s}.txt"))]
         if not self._splits:
@@ -91,22 +109,9 @@ class Voc5Source(Source):
     def classes(self) -> list[str]:
         return list(CLASSES)
 
-    def _ids(self, split: str) -> list[str]:
-        path = os.path.join(self._sets, f"{split}.txt")
-        ids = []
-        with open_text(path) as f:
-            for n, ln in enumerate(f, 1):
-                tok = ln.split()
-                if not tok:
-                    continue
-                if "/" in tok[0] or "\\" in tok[0] or tok[0].startswith("."):
-                    raise SourceError(f"voc5: {path}:{n}: {tok[0]!r} is not an image id")
-                ids.append(tok[0])
-        return sorted(set(ids))
-
     def _list(self, split: str):
         items, excluded = [], 0
-        for image_id in self._ids(split):
+        for image_id in read_image_ids(self._sets, split, self.name):
             data, err = read_bytes(os.path.join(self.root, "Annotations", f"{image_id}.xml"))
             label = None
             if err is None:

@@ -20,22 +20,14 @@ import os
 
 import numpy as np
 
-from dynavit.manifests.inputs import open_text
 
 from .base import RawSample, Source, SourceError, make_key, read_bytes, require_dir
+from .voc import find_voc_root, read_image_ids
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
            "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
            "sheep", "sofa", "train", "tvmonitor")
 _SPLITS = ("train", "val")
-
-
-def _find_root(src: str) -> str:
-    for cand in (src, os.path.join(src, "VOC2012"), os.path.join(src, "VOCdevkit", "VOC2012")):
-        if all(os.path.isdir(os.path.join(cand, d)) for d in ("JPEGImages", "SegmentationClass")):
-            return cand
-    raise SourceError(f"voc-seg: no JPEGImages/ and SegmentationClass/ in {src}, {src}/VOC2012"
-                      f" or {src}/VOCdevkit/VOC2012")
 
 
 def image_label(mask: np.ndarray) -> int:
@@ -49,7 +41,7 @@ class VocSegSource(Source):
 
     def __init__(self, src: str):
         self.src = require_dir(src, self.name)
-        self.root = _find_root(self.src)
+        self.root = find_voc_root(self.src, self.name, ("JPEGImages", "SegmentationClass"))
         self._sets = os.path.join(self.root, "ImageSets", "Segmentation")
         self._splits = [s for s in _SPLITS if os.path.isfile(os.path.join(self._sets, f"{s}.txt"))]
         if not self._splits:
@@ -62,17 +54,7 @@ class VocSegSource(Source):
         return list(CLASSES)
 
     def _list(self, split: str):
-        path = os.path.join(self._sets, f"{split}.txt")
-        ids = []
-        with open_text(path) as f:
-            for n, ln in enumerate(f, 1):
-                tok = ln.split()
-                if not tok:
-                    continue
-                if "/" in tok[0] or "\\" in tok[0] or tok[0].startswith("."):
-                    raise SourceError(f"voc-seg: {path}:{n}: {tok[0]!r} is not an image id")
-                ids.append(tok[0])
-        return sorted(set(ids))
+        return read_image_ids(self._sets, split, self.name)
 
     def read_entry(self, split, ordinal, image_id) -> RawSample:
         from dynavit.pipeline.decode import DecodeError
