@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from test_train import TINY, VENV_BIN, read_metrics
+from loopback import serve_directory
 from tiny_dataset import make_tiny_dataset
 
 TIMEOUT_S = 150  # per launch: a hung rendezvous or collective fails the test instead of the suite
@@ -165,30 +166,15 @@ def test_stream_over_http_two_ranks_equal_steps(dataset, tmp_path):
     http server and absent from the folder the ranks read: 5 uneven shards (10,10,10,10,4)
     give the ranks 3 and 2 whole shards, yet both take 44 // (2 × 8) = 2 steps per epoch
     (unequal steps would hang the all-reduce, and metrics record every rank's count)."""
-    import functools
-    import http.server
     import shutil
-    import threading
 
     light = tmp_path / "light"
     shutil.copytree(dataset, light, ignore=shutil.ignore_patterns("images-*.tar"))
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serve_directory(dataset) as url:
         run = tmp_path / "run"
         results = launch(1, ["--shards", light, "--images-root", url, "--stream", "--stream-buffer", 8, "--k", 50,
                              "--seed", 3, *TINY, "--workers", 1, "--epochs", 2, "--out", run], tmp_path / "log")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
     metrics = read_metrics(run)
     assert [m["steps_per_rank"] for m in metrics] == [[2, 2], [2, 2]]
     assert all(m["train_images"] == 32 and m["val_images"] == 8 for m in metrics)

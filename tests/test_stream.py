@@ -9,11 +9,8 @@ webdataset's own pipeline reading the same tars.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import http.server
 import json
 import shutil
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from dynavit.manifests.io import read_manifest
 from dynavit.pipeline.cli import main as dynaprep_main
 from dynavit.trainer import stream
 from dynavit.trainer.data import DataError, build_loader
+from loopback import serve_directory  # noqa: E402
 
 CLASSES, PER_CLASS, VAL_PER_CLASS, SHARD = 6, 16, 4, 12  # 96 train samples in 8 shards of 12
 BATCH = 8
@@ -66,25 +64,14 @@ def indexed(tmp_path_factory):
     return full, light, served
 
 
-class _Logged(http.server.SimpleHTTPRequestHandler):
-    requests: list = []
-
-    def log_message(self, fmt, *args):
-        type(self).requests.append(self.path)
+REQUESTS: list = []  # paths the loopback server was asked for
 
 
 @pytest.fixture
 def http_root(indexed):
-    _Logged.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Logged, directory=str(indexed[2])))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    REQUESTS.clear()
+    with serve_directory(indexed[2], REQUESTS) as url:
+        yield url
 
 
 def epoch_batches(dataset, url, rank, world, epoch, workers=0, **kw):
@@ -120,7 +107,7 @@ def test_two_ranks_two_epochs_over_http(indexed, http_root):
                 for j, k in enumerate(b["keys"]):
                     assert torch.equal(b["images"][j], reference[k][0]) and torch.equal(b["keep"][j], reference[k][1])
         assert set(seen) == all_keys == set(reference) and set(seen.values()) == {1}, epoch
-    assert {p for p in _Logged.requests if "images-" in p} == {f"/train/images-{i:06d}.tar" for i in range(8)}
+    assert {p for p in REQUESTS if "images-" in p} == {f"/train/images-{i:06d}.tar" for i in range(8)}
 
     # Class mix: dynaprep wrote the class-sorted folder in a seeded random order, so streamed
     # batches mix classes about as a random draw does; read in the source's order they would not.

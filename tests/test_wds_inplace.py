@@ -6,12 +6,9 @@ from photos of 150–900 px, samples not in key order, gaps for failed downloads
 broken members. Everything is checked against independent readers: the fixture's own
 record of each sample, `webdataset` for the index shards, pyarrow for the manifests.
 """
-import functools
-import http.server
 import json
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from dynavit.pipeline.cli import main
 from dynavit.pipeline.padding import map_box, padding_patches
 from dynavit.pipeline.saliency import score_patches
 from dynavit.pipeline.topk import select_topk
+from loopback import serve_directory  # noqa: E402
 
 SIZE, PATCH = 64, 8  # an 8×8 grid: small enough for CPU tests, fine enough to see letterboxing
 COMMON = ["--image-size", SIZE, "--patch-size", PATCH, "--k", "70,25", "--no-progress", "--scorer", "l2"]
@@ -193,23 +191,10 @@ def test_recorded_offsets_are_where_tarfile_and_webdataset_find_the_image(crawl,
         assert data[r["image_offset"]:r["image_offset"] + r["image_bytes"]] == raw[key][ext], r["key"]
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http_root(crawl):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Quiet, directory=str(crawl.root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_directory(crawl.root) as url:
+        yield url
 
 
 def test_http_source_index_verify_train(crawl, indexed, http_root, tmp_path, monkeypatch):
