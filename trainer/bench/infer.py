@@ -332,7 +332,8 @@ def bench_infer_command(model, model_kwargs, batch_size, k, scorers, device, amp
         assert isinstance(kwargs, dict)
     except (json.JSONDecodeError, AssertionError):
         raise click.BadParameter("must be a JSON object", param_hint="--model-kwargs") from None
-    precision = {"off": "fp32"}.get(resolve_amp_name(amp, device), resolve_amp_name(amp, device))  # run_bench's names
+    amp = resolve_amp_name(amp, device)
+    precision = "fp32" if amp == "off" else amp  # run_bench's names
     rules = []
     for text in k_rules:
         try:

@@ -38,6 +38,7 @@ def at_limit(vit: nn.Module, method: str, k: int, macs: int, target: int,
 
     if method == "dynavit" or macs <= target:
         return False
-    if cheapest_param(vit, method) is None:  # a method added without its floor here: say so, not guess
+    cheapest = cheapest_param(vit, method)
+    if cheapest is None:  # a method added without its floor here: say so, not guess
         raise ValueError(f"budget_limit.cheapest_param does not know {method!r}")
-    return method_macs(vit, method, k, cheapest_param(vit, method), heads) >= macs
+    return method_macs(vit, method, k, cheapest, heads) >= macs
